@@ -1,0 +1,5 @@
+//! Logging, tracing and metrics setup shared by Meridian's binaries.
+#![deny(missing_docs)]
+
+pub mod logging;
+pub mod metrics;

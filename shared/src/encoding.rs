@@ -1,0 +1,87 @@
+//! Canonical binary encoding of key states (postcard), used on disk, on the wire and for hashing.
+//!
+//! `crdts` keeps sets in `HashMap`s and register siblings in arrival order, so encoding its types
+//! directly would give equal states different bytes. Encoding goes through mirror types with the
+//! same serde shape but sorted contents: equal states always encode to identical bytes (the
+//! Merkle tree relies on it), and the bytes decode straight back into the `crdts` types.
+
+use crate::state::{KeyState, LwwStamp};
+use crate::Actor;
+use crdts::{LWWReg, PNCounter, VClock};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Leading byte of every encoded state: the on-disk format version.
+pub const STATE_FORMAT_V1: u8 = 1;
+
+/// Why bytes could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Written by a format version this build does not know.
+    #[error("unknown state format version {0}")]
+    UnknownVersion(u8),
+    /// Not a valid encoding.
+    #[error("corrupt state encoding: {0}")]
+    Corrupt(String),
+}
+
+/// Mirror of `KeyState` with sorted collections; variant order must match.
+#[derive(Serialize, Deserialize)]
+enum CanonicalState {
+    Register(Vec<(VClock<Actor>, Option<String>)>),
+    Lww(LWWReg<Option<String>, LwwStamp>),
+    Counter(PNCounter<Actor>),
+    Set(CanonicalSet),
+}
+
+/// Mirror of `Orswot` (fields in declaration order: clock, entries, deferred).
+#[derive(Serialize, Deserialize)]
+struct CanonicalSet {
+    clock: VClock<Actor>,
+    entries: BTreeMap<String, VClock<Actor>>,
+    deferred: Vec<(VClock<Actor>, BTreeSet<String>)>,
+}
+
+/// Encodes a state canonically: equal states give identical bytes.
+pub fn encode_state(state: &KeyState) -> Vec<u8> {
+    // Serializing in-memory maps and strings into a Vec cannot fail; an empty result would be
+    // refused by `decode_state`, never silently accepted.
+    let direct = postcard::to_allocvec(state).unwrap_or_default();
+    let mut canonical: CanonicalState = match postcard::from_bytes(&direct) {
+        Ok(c) => c,
+        Err(_) => return Vec::new(),
+    };
+    match &mut canonical {
+        CanonicalState::Register(vals) => {
+            vals.sort_by(|a, b| a.0.dots.cmp(&b.0.dots).then_with(|| a.1.cmp(&b.1)))
+        }
+        CanonicalState::Set(set) => set.deferred.sort_by(|a, b| a.0.dots.cmp(&b.0.dots)),
+        CanonicalState::Lww(_) | CanonicalState::Counter(_) => {}
+    }
+    let mut out = Vec::with_capacity(direct.len() + 1);
+    out.push(STATE_FORMAT_V1);
+    match postcard::to_extend(&canonical, out) {
+        Ok(out) => out,
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Decodes bytes produced by [`encode_state`].
+pub fn decode_state(bytes: &[u8]) -> Result<KeyState, DecodeError> {
+    match bytes.split_first() {
+        Some((&STATE_FORMAT_V1, body)) => {
+            let (state, rest) = postcard::take_from_bytes::<KeyState>(body)
+                .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+            if rest.is_empty() {
+                Ok(state)
+            } else {
+                Err(DecodeError::Corrupt(format!(
+                    "{} trailing bytes",
+                    rest.len()
+                )))
+            }
+        }
+        Some((&version, _)) => Err(DecodeError::UnknownVersion(version)),
+        None => Err(DecodeError::Corrupt("empty".into())),
+    }
+}

@@ -1,0 +1,33 @@
+//! Replication-log entries: what a region commits alongside every write, in sequence order.
+
+use crate::BucketDef;
+use serde::{Deserialize, Serialize};
+
+/// One committed change, keyed in the log by the origin's region sequence number.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum LogEntry {
+    /// A key's full state after the write (state-based replication: merging it is idempotent).
+    Key {
+        /// Bucket name.
+        bucket: String,
+        /// Key name.
+        key: String,
+        /// Canonical encoding of the state ([`crate::encoding::encode_state`]).
+        state: Vec<u8>,
+    },
+    /// A bucket definition was created.
+    Bucket(BucketDef),
+}
+
+impl LogEntry {
+    /// Binary form for the log table and the wire.
+    pub fn encode(&self) -> Vec<u8> {
+        // Strings and byte vectors into a Vec: cannot fail.
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Reads an entry written by [`LogEntry::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        postcard::from_bytes(bytes)
+    }
+}

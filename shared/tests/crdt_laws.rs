@@ -1,0 +1,251 @@
+//! Property tests: join laws of every bucket type and canonical encoding round trips.
+
+use crdts::CmRDT;
+use meridian_shared::encoding::{decode_state, encode_state};
+use meridian_shared::state::View;
+use meridian_shared::{Actor, BucketType, KeyState, Op};
+use proptest::prelude::*;
+
+const REPLICAS: usize = 3;
+
+/// One step of a replicated history: a local op at a replica, or a merge between replicas.
+#[derive(Debug, Clone)]
+enum Step {
+    Local(usize, Op),
+    Merge { into: usize, from: usize },
+}
+
+fn member() -> impl Strategy<Value = String> {
+    prop::sample::select(vec!["a", "b", "c", "d", "e"]).prop_map(String::from)
+}
+
+fn op_for(kind: BucketType) -> BoxedStrategy<Op> {
+    match kind {
+        BucketType::Register | BucketType::Lww => prop_oneof![
+            4 => (0u32..100).prop_map(|v| Op::Put { value: v.to_string(), context: None }),
+            1 => Just(Op::Delete { context: None }),
+        ]
+        .boxed(),
+        BucketType::Counter => (-50i64..50).prop_map(|by| Op::Increment { by }).boxed(),
+        BucketType::Set => prop_oneof![
+            3 => prop::collection::vec(member(), 1..3).prop_map(|members| Op::Add { members }),
+            2 => prop::collection::vec(member(), 1..3).prop_map(|members| Op::Remove { members }),
+            1 => Just(Op::Delete { context: None }),
+        ]
+        .boxed(),
+    }
+}
+
+fn step(kind: BucketType) -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0..REPLICAS, op_for(kind)).prop_map(|(r, op)| Step::Local(r, op)),
+        1 => (0..REPLICAS, 0..REPLICAS).prop_map(|(into, from)| Step::Merge { into, from }),
+    ]
+}
+
+/// Runs a random history over three replicas, each with its own actor, and returns their states.
+fn replicas(kind: BucketType) -> impl Strategy<Value = Vec<KeyState>> {
+    prop::collection::vec(step(kind), 0..40).prop_map(move |steps| {
+        let mut states = vec![KeyState::empty(kind); REPLICAS];
+        for (hlc, step) in steps.into_iter().enumerate() {
+            match step {
+                Step::Local(r, op) => states[r]
+                    .apply(op, Actor::from_u128(r as u128 + 1), hlc as u64 + 1)
+                    .expect("op fits type"),
+                Step::Merge { into, from } => {
+                    let other = states[from].clone();
+                    states[into].merge(other).expect("same type");
+                }
+            }
+        }
+        states
+    })
+}
+
+fn any_kind() -> impl Strategy<Value = BucketType> {
+    prop::sample::select(vec![
+        BucketType::Register,
+        BucketType::Lww,
+        BucketType::Counter,
+        BucketType::Set,
+    ])
+}
+
+fn any_replicas() -> impl Strategy<Value = Vec<KeyState>> {
+    any_kind().prop_flat_map(replicas)
+}
+
+fn join(a: &KeyState, b: &KeyState) -> KeyState {
+    let mut out = a.clone();
+    out.merge(b.clone()).expect("same type");
+    out
+}
+
+/// States compare by canonical bytes: the strongest equality, and what the Merkle tree uses.
+fn same(a: &KeyState, b: &KeyState) -> bool {
+    encode_state(a) == encode_state(b)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn join_is_commutative(s in any_replicas()) {
+        prop_assert!(same(&join(&s[0], &s[1]), &join(&s[1], &s[0])));
+    }
+
+    #[test]
+    fn join_is_associative(s in any_replicas()) {
+        let left = join(&join(&s[0], &s[1]), &s[2]);
+        let right = join(&s[0], &join(&s[1], &s[2]));
+        prop_assert!(same(&left, &right));
+    }
+
+    #[test]
+    fn join_is_idempotent(s in any_replicas()) {
+        prop_assert!(same(&join(&s[0], &s[0]), &s[0]));
+        let joined = join(&s[0], &s[1]);
+        prop_assert!(same(&join(&joined, &s[1]), &joined));
+    }
+
+    #[test]
+    fn encoding_round_trips(s in any_replicas()) {
+        for state in &s {
+            let bytes = encode_state(state);
+            let decoded = decode_state(&bytes).expect("decodes");
+            prop_assert_eq!(&decoded, state);
+            prop_assert_eq!(encode_state(&decoded), bytes);
+        }
+    }
+
+    #[test]
+    fn counter_converges_to_the_sum_of_all_increments(
+        incs in prop::collection::vec((0..REPLICAS, -1000i64..1000), 0..50)
+    ) {
+        let mut states = vec![KeyState::empty(BucketType::Counter); REPLICAS];
+        for (r, by) in &incs {
+            states[*r].apply(Op::Increment { by: *by }, Actor::from_u128(*r as u128 + 1), 0).unwrap();
+        }
+        let all = states.iter().fold(KeyState::empty(BucketType::Counter), |acc, s| join(&acc, s));
+        prop_assert_eq!(all.view(), View::Counter(incs.iter().map(|(_, by)| by).sum()));
+    }
+}
+
+#[test]
+fn decoding_refuses_garbage_and_unknown_versions() {
+    assert!(decode_state(&[]).is_err());
+    assert!(decode_state(&[99, 1, 2]).is_err());
+    assert!(decode_state(&[1, 200, 200, 200]).is_err());
+    let mut bytes = encode_state(&KeyState::empty(BucketType::Set));
+    bytes.push(0);
+    assert!(decode_state(&bytes).is_err());
+}
+
+#[test]
+fn concurrent_register_writes_stay_siblings_until_resolved_with_their_context() {
+    let (a, b) = (Actor::from_u128(1), Actor::from_u128(2));
+    let mut left = KeyState::empty(BucketType::Register);
+    let mut right = KeyState::empty(BucketType::Register);
+    left.apply(
+        Op::Put {
+            value: "1".into(),
+            context: None,
+        },
+        a,
+        1,
+    )
+    .unwrap();
+    right
+        .apply(
+            Op::Put {
+                value: "2".into(),
+                context: None,
+            },
+            b,
+            2,
+        )
+        .unwrap();
+    left.merge(right).unwrap();
+    let View::Register { values, context } = left.view() else {
+        panic!("register")
+    };
+    assert_eq!(values, vec!["1", "2"]);
+
+    // A stale context (covering only "1") leaves "2" as a sibling of the new write.
+    let mut stale = left.clone();
+    let mut only_first = crdts::VClock::new();
+    only_first.apply(crdts::Dot::new(a, 1));
+    stale
+        .apply(
+            Op::Put {
+                value: "3".into(),
+                context: Some(only_first),
+            },
+            a,
+            3,
+        )
+        .unwrap();
+    let View::Register { values, .. } = stale.view() else {
+        panic!("register")
+    };
+    assert_eq!(values, vec!["2", "3"]);
+
+    // The full context resolves both siblings.
+    left.apply(
+        Op::Put {
+            value: "3".into(),
+            context: Some(context),
+        },
+        b,
+        3,
+    )
+    .unwrap();
+    let View::Register { values, .. } = left.view() else {
+        panic!("register")
+    };
+    assert_eq!(values, vec!["3"]);
+}
+
+#[test]
+fn deleted_register_reads_absent_and_a_later_put_revives_it() {
+    let a = Actor::from_u128(1);
+    let mut s = KeyState::empty(BucketType::Register);
+    s.apply(
+        Op::Put {
+            value: "1".into(),
+            context: None,
+        },
+        a,
+        1,
+    )
+    .unwrap();
+    s.apply(Op::Delete { context: None }, a, 2).unwrap();
+    assert_eq!(s.view(), View::Absent);
+    s.apply(
+        Op::Put {
+            value: "2".into(),
+            context: None,
+        },
+        a,
+        3,
+    )
+    .unwrap();
+    assert!(matches!(s.view(), View::Register { values, .. } if values == vec!["2"]));
+}
+
+#[test]
+fn operations_that_do_not_fit_the_type_are_refused() {
+    let a = Actor::from_u128(1);
+    let mut s = KeyState::empty(BucketType::Counter);
+    assert!(s
+        .apply(
+            Op::Put {
+                value: "1".into(),
+                context: None
+            },
+            a,
+            1
+        )
+        .is_err());
+    assert!(s.merge(KeyState::empty(BucketType::Set)).is_err());
+}
