@@ -188,6 +188,15 @@ impl KeyState {
         Ok(())
     }
 
+    /// The causal context a client passes back to supersede what it has seen (registers);
+    /// other types need none, so theirs is empty.
+    pub fn context(&self) -> VClock<Actor> {
+        match self {
+            KeyState::Register(reg) => reg.read_ctx().add_clock,
+            KeyState::Lww(_) | KeyState::Counter(_) | KeyState::Set(_) => VClock::new(),
+        }
+    }
+
     /// The client's view of the state.
     pub fn view(&self) -> View {
         match self {

@@ -1,1 +1,63 @@
-fn main() {}
+//! `meridian`: run one region (`serve`) or a multi-region demo on loopback (`demo`).
+
+use clap::{Parser, Subcommand};
+use meridian_region::config::Config;
+use meridian_region::{demo, server};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "meridian",
+    version,
+    about = "Meridian: multi-region replicated key-value store"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one region.
+    Serve {
+        /// TOML config file (fields can be overridden by MERIDIAN_<FIELD>).
+        #[arg(long, env = "MERIDIAN_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Run N regions on 127.0.0.1, ready to curl; Ctrl-C stops them.
+    Demo {
+        /// How many regions (us-east, eu-west, ap-south, then region-4, ...).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+        regions: u16,
+        /// Port of the first region; the others follow.
+        #[arg(long, default_value_t = 7001)]
+        base_port: u16,
+        /// Where the regions keep their data (kept between runs).
+        #[arg(long, default_value = ".meridian-demo")]
+        data_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    meridian_observability::logging::init("info,actix_server=warn");
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => Config::load(config.as_deref())
+            .map_err(anyhow::Error::from)
+            .and_then(|config| actix_web::rt::System::new().block_on(server::serve(config))),
+        Command::Demo {
+            regions,
+            base_port,
+            data_dir,
+        } => demo::run(regions as usize, base_port, &data_dir),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("meridian: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

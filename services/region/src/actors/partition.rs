@@ -1,0 +1,232 @@
+//! Partition actors: each owns a fixed hash range of keys and serializes their read-merge-write.
+//!
+//! A write is applied to the key's latest state, handed to the storage writer, and answered
+//! once its group commit is durable. While that commit is in flight the new state stays in the
+//! actor's `pending` map, so the next write to the same key builds on it rather than on the
+//! older committed state; the actor never waits for the commit itself (no lock held across an
+//! await), so writes to other keys keep flowing into the same group commit.
+
+use crate::metrics::Metrics;
+use crate::storage::{IdempotencyRecord, KeyWrite, PendingIdempotency, Storage, StorageError};
+use actix::prelude::*;
+use meridian_shared::encoding::encode_state;
+use meridian_shared::hlc::Hlc;
+use meridian_shared::home::key_hash;
+use meridian_shared::{BucketType, KeyState, Op, StateError};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use tracing::Instrument;
+
+/// Builds the answer stored with an idempotency record: (HTTP status, JSON body).
+pub type Responder = fn(&KeyState) -> (u16, Vec<u8>);
+
+/// What every partition actor shares.
+pub struct PartitionShared {
+    /// Durable storage.
+    pub storage: Storage,
+    /// Hybrid clock for last-writer-wins timestamps.
+    pub hlc: Arc<Hlc>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// A client write to one key.
+pub struct Write {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key name.
+    pub key: String,
+    /// The bucket's type (checked by the caller against the bucket definition).
+    pub kind: BucketType,
+    /// The operation.
+    pub op: Op,
+    /// `Idempotency-Key` and request fingerprint, with the responder that builds the answer.
+    pub idempotency: Option<(u128, u64, Responder)>,
+    /// The request's span, carried across the mailbox.
+    pub span: tracing::Span,
+}
+
+/// What a write did.
+#[derive(Debug)]
+pub enum WriteOutcome {
+    /// Applied and durable, with its region sequence number and the key's new state.
+    Applied {
+        /// Region sequence number.
+        seq: u64,
+        /// The key's state after the write.
+        state: KeyState,
+    },
+    /// A retry of a write already applied: the stored answer.
+    Replayed(IdempotencyRecord),
+}
+
+/// Why a write was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The operation does not fit the key's type.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Storage refused or failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The idempotency key is in flight or was used for another request.
+    #[error("{0}")]
+    IdempotencyConflict(&'static str),
+    /// The partition actor is gone (shutdown).
+    #[error("partition actor stopped")]
+    Stopped,
+}
+
+impl Message for Write {
+    type Result = Result<WriteOutcome, WriteError>;
+}
+
+/// Owns the keys whose hash falls in its range.
+pub struct PartitionActor {
+    shared: Arc<PartitionShared>,
+    /// States written but not yet durable: key → (write version, state).
+    pending: HashMap<(String, String), (u64, KeyState)>,
+    /// Idempotency keys whose first write is still being committed.
+    idempotency_in_flight: HashSet<u128>,
+    next_version: u64,
+}
+
+impl Actor for PartitionActor {
+    type Context = Context<Self>;
+}
+
+impl PartitionActor {
+    fn new(shared: Arc<PartitionShared>) -> Self {
+        Self {
+            shared,
+            pending: HashMap::new(),
+            idempotency_in_flight: HashSet::new(),
+            next_version: 0,
+        }
+    }
+
+    /// Applies the write to the latest state and queues it; returns the ticket and new state.
+    fn prepare(
+        &mut self,
+        msg: &mut Write,
+    ) -> Result<Result<(crate::storage::WriteTicket<u64>, KeyState, u64), WriteOutcome>, WriteError>
+    {
+        if let Some((id, fingerprint, _)) = msg.idempotency {
+            if self.idempotency_in_flight.contains(&id) {
+                return Err(WriteError::IdempotencyConflict(
+                    "a request with this Idempotency-Key is still in flight; retry shortly",
+                ));
+            }
+            if let Some(record) = self.shared.storage.idempotency(id)? {
+                if record.fingerprint != fingerprint {
+                    return Err(WriteError::IdempotencyConflict(
+                        "this Idempotency-Key was already used for a different request",
+                    ));
+                }
+                return Ok(Err(WriteOutcome::Replayed(record)));
+            }
+        }
+
+        let slot = (msg.bucket.clone(), msg.key.clone());
+        let mut state = match self.pending.get(&slot) {
+            Some((_, state)) => state.clone(),
+            None => self
+                .shared
+                .storage
+                .key_state(&msg.bucket, &msg.key)?
+                .unwrap_or_else(|| KeyState::empty(msg.kind)),
+        };
+        let actor = self.shared.storage.identity().incarnation;
+        let hlc = self.shared.hlc.tick(crate::storage::now_ms());
+        let op = std::mem::replace(&mut msg.op, Op::Increment { by: 0 });
+        state.apply(op, actor, hlc)?;
+
+        let idempotency = msg.idempotency.map(|(id, fingerprint, respond)| {
+            let (status, body) = respond(&state);
+            PendingIdempotency {
+                id,
+                fingerprint,
+                status,
+                body,
+            }
+        });
+        let ticket = self.shared.storage.submit_key(KeyWrite {
+            bucket: msg.bucket.clone(),
+            key: msg.key.clone(),
+            state: encode_state(&state),
+            idempotency,
+        })?;
+        self.next_version += 1;
+        let version = self.next_version;
+        self.pending.insert(slot, (version, state.clone()));
+        if let Some((id, _, _)) = msg.idempotency {
+            self.idempotency_in_flight.insert(id);
+        }
+        Ok(Ok((ticket, state, version)))
+    }
+}
+
+impl Handler<Write> for PartitionActor {
+    type Result = ResponseActFuture<Self, Result<WriteOutcome, WriteError>>;
+
+    fn handle(&mut self, mut msg: Write, _ctx: &mut Self::Context) -> Self::Result {
+        let span = tracing::debug_span!(parent: &msg.span, "partition_write", bucket = %msg.bucket);
+        let prepared = span.in_scope(|| self.prepare(&mut msg));
+        let (ticket, state, version) = match prepared {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(replayed)) => return Box::pin(fut::ready(Ok(replayed))),
+            Err(error) => return Box::pin(fut::ready(Err(error))),
+        };
+        self.shared.metrics.partition_pending_writes.inc();
+        let slot = (msg.bucket, msg.key);
+        let idempotency_id = msg.idempotency.map(|(id, _, _)| id);
+        let wait =
+            async move { ticket.await.unwrap_or(Err(StorageError::WriterGone)) }.instrument(span);
+        Box::pin(wait.into_actor(self).map(move |committed, actor, _ctx| {
+            actor.shared.metrics.partition_pending_writes.dec();
+            // Drop the pending state unless a newer write to the same key replaced it.
+            if actor.pending.get(&slot).is_some_and(|(v, _)| *v == version) {
+                actor.pending.remove(&slot);
+            }
+            if let Some(id) = idempotency_id {
+                actor.idempotency_in_flight.remove(&id);
+            }
+            let seq = committed?;
+            Ok(WriteOutcome::Applied { seq, state })
+        }))
+    }
+}
+
+/// Routes each key to its partition actor: `hash(bucket, key) mod P`.
+#[derive(Clone)]
+pub struct PartitionRouter {
+    partitions: Arc<Vec<Addr<PartitionActor>>>,
+}
+
+impl PartitionRouter {
+    /// Starts `count` partition actors spread over `threads` arbiters.
+    pub fn start(count: usize, threads: usize, shared: Arc<PartitionShared>) -> Self {
+        let arbiters: Vec<Arbiter> = (0..threads.max(1)).map(|_| Arbiter::new()).collect();
+        let partitions = (0..count.max(1))
+            .map(|i| {
+                let shared = shared.clone();
+                let arbiter = &arbiters[i % arbiters.len()];
+                PartitionActor::start_in_arbiter(&arbiter.handle(), move |_| {
+                    PartitionActor::new(shared)
+                })
+            })
+            .collect();
+        Self {
+            partitions: Arc::new(partitions),
+        }
+    }
+
+    /// Sends a write to the actor owning its key and waits for the durable outcome.
+    pub async fn write(&self, msg: Write) -> Result<WriteOutcome, WriteError> {
+        let index = (key_hash(&msg.bucket, &msg.key) % self.partitions.len() as u64) as usize;
+        self.partitions[index]
+            .send(msg)
+            .await
+            .unwrap_or(Err(WriteError::Stopped))
+    }
+}

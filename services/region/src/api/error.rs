@@ -1,0 +1,139 @@
+//! API errors: every failure is `{"error": {"code", "message"}}` with a fitting status.
+
+use crate::actors::partition::WriteError;
+use crate::storage::StorageError;
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use meridian_shared::StateError;
+use serde::Serialize;
+use std::fmt;
+
+/// A client-facing error with a stable, greppable code.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable snake_case code (README lists them).
+    pub code: &'static str,
+    /// Human sentence.
+    pub message: String,
+    /// Seconds for `Retry-After` (429/503).
+    pub retry_after: Option<u32>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorDetail<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl ApiError {
+    /// An error with the given status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 400 with a code.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 422 `invalid_body`: well-formed JSON of the wrong shape.
+    pub fn invalid_body(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", message)
+    }
+
+    /// 404 with a code.
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// 503 `unavailable` with `Retry-After`.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+        }
+    }
+
+    /// 404 `bucket_not_found`.
+    pub fn no_bucket(bucket: &str) -> Self {
+        Self::not_found(
+            "bucket_not_found",
+            format!("bucket {bucket:?} does not exist"),
+        )
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status);
+        if let Some(seconds) = self.retry_after {
+            response.insert_header((header::RETRY_AFTER, seconds.to_string()));
+        }
+        response.json(ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+            },
+        })
+    }
+}
+
+impl From<StateError> for ApiError {
+    fn from(e: StateError) -> Self {
+        Self::new(StatusCode::CONFLICT, "type_mismatch", e.to_string())
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Overloaded => {
+                Self::unavailable("the region is at its write capacity; retry shortly")
+            }
+            StorageError::WriterGone => Self::unavailable("the region is shutting down"),
+            other => {
+                tracing::error!(error = %other, "storage failure");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "storage_failure",
+                    "the region could not read or write its storage; the write was not applied",
+                )
+            }
+        }
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::State(e) => e.into(),
+            WriteError::Storage(e) => e.into(),
+            WriteError::IdempotencyConflict(message) => {
+                Self::new(StatusCode::CONFLICT, "idempotency_conflict", message)
+            }
+            WriteError::Stopped => Self::unavailable("the region is shutting down"),
+        }
+    }
+}

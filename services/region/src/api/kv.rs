@@ -1,0 +1,435 @@
+//! Key routes: registers, counters, sets and listing.
+
+use super::error::ApiError;
+use super::extract::{self, ReadQuery, WriteQuery, CONTEXT_HEADER, SESSION_HEADER};
+use crate::actors::partition::{Responder, Write, WriteOutcome};
+use crate::region::Region;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use meridian_shared::context::encode_context;
+use meridian_shared::session::SessionToken;
+use meridian_shared::state::View;
+use meridian_shared::{BucketDef, KeyState, Op, RegionName};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use utoipa::ToSchema;
+
+/// Answer to a register write or delete.
+#[derive(Serialize, ToSchema)]
+pub struct ContextBody {
+    /// Causal context covering the write: send it back as `X-Meridian-Context`.
+    pub context: String,
+}
+
+/// A register's values (more than one = concurrent siblings).
+#[derive(Serialize, ToSchema)]
+pub struct RegisterBody<'a> {
+    /// The values, sorted by their JSON text.
+    #[schema(value_type = Vec<Object>)]
+    pub values: Vec<&'a RawValue>,
+    /// Causal context covering every value.
+    pub context: String,
+    /// The key's home region.
+    pub home_region: &'a str,
+}
+
+/// A counter's value.
+#[derive(Serialize, ToSchema)]
+pub struct CounterBody<'a> {
+    /// Current value.
+    pub value: i64,
+    /// The key's home region (on reads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub home_region: Option<&'a str>,
+}
+
+/// A set's members.
+#[derive(Serialize, ToSchema)]
+pub struct SetBody<'a> {
+    /// Members, sorted.
+    pub members: Vec<String>,
+    /// The key's home region (on reads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub home_region: Option<&'a str>,
+}
+
+/// Body of `POST .../increment`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncrementBody {
+    /// Amount to add; may be negative.
+    pub by: i64,
+}
+
+/// Body of `POST .../add` and `.../remove`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MembersBody {
+    /// Set members.
+    pub members: Vec<String>,
+}
+
+/// A page of keys.
+#[derive(Serialize, ToSchema)]
+pub struct KeyListBody {
+    /// Keys in byte order.
+    pub keys: Vec<String>,
+    /// Pass as `after` for the next page; null on the last page.
+    pub next: Option<String>,
+}
+
+/// Query of the key listing.
+#[derive(Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    prefix: String,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Plain structs of strings and numbers: serialization cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn respond_context(state: &KeyState) -> (u16, Vec<u8>) {
+    let context = encode_context(&state.context());
+    (200, to_json(&ContextBody { context }))
+}
+
+fn respond_counter(state: &KeyState) -> (u16, Vec<u8>) {
+    let value = match state.view() {
+        View::Counter(value) => value,
+        _ => 0,
+    };
+    (
+        200,
+        to_json(&CounterBody {
+            value,
+            home_region: None,
+        }),
+    )
+}
+
+fn respond_members(state: &KeyState) -> (u16, Vec<u8>) {
+    let members = match state.view() {
+        View::Set(members) => members,
+        _ => Vec::new(),
+    };
+    (
+        200,
+        to_json(&SetBody {
+            members,
+            home_region: None,
+        }),
+    )
+}
+
+/// Headers every key answer carries.
+fn key_response(
+    region: &Region,
+    status: u16,
+    body: Vec<u8>,
+    home: &RegionName,
+    session: SessionToken,
+) -> HttpResponse {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    let mut response = HttpResponse::build(status);
+    response
+        .content_type("application/json")
+        .insert_header(("X-Meridian-Region", region.name().as_str()))
+        .insert_header(("X-Meridian-Home", home.as_str()))
+        .insert_header((SESSION_HEADER, session.encode()));
+    if home != region.name() {
+        // No forwarding yet: a write for another region's key is accepted here, as failover.
+        response.insert_header(("X-Meridian-Failover", "true"));
+    }
+    response.body(body)
+}
+
+/// Names, bucket definition and home of a `/v1/kv/{bucket}/{key}[/...]` request.
+fn target(region: &Region, req: &HttpRequest) -> Result<(BucketDef, String), ApiError> {
+    let bucket = extract::name_at(req, 3)?;
+    let key = extract::name_at(req, 4)?;
+    Ok((region.bucket(&bucket)?, key))
+}
+
+/// Runs a write through the key's partition actor and answers it.
+async fn write(
+    region: &Region,
+    req: &HttpRequest,
+    def: BucketDef,
+    key: String,
+    op: Op,
+    body: &[u8],
+    respond: Responder,
+) -> Result<HttpResponse, ApiError> {
+    let WriteQuery { ack } = extract::query(req)?;
+    let session = extract::session(req)?;
+    region.check_ack(ack)?;
+    let idempotency = extract::idempotency_key(req)?.map(|id| {
+        (
+            id,
+            fingerprint(req, op.name(), &def.name, &key, body),
+            respond,
+        )
+    });
+    let home = region.home_of(&def, &key).clone();
+    let outcome = region
+        .partitions
+        .write(Write {
+            bucket: def.name.clone(),
+            key,
+            kind: def.kind,
+            op,
+            idempotency,
+            span: tracing::Span::current(),
+        })
+        .await?;
+    Ok(match outcome {
+        WriteOutcome::Applied { seq, state } => {
+            let (status, body) = respond(&state);
+            key_response(
+                region,
+                status,
+                body,
+                &home,
+                region.session_after(session, Some(seq)),
+            )
+        }
+        WriteOutcome::Replayed(record) => {
+            let token = region.session_after(session, Some(record.seq));
+            let mut response = key_response(region, record.status, record.body, &home, token);
+            response.headers_mut().insert(
+                actix_web::http::header::HeaderName::from_static("idempotency-replayed"),
+                actix_web::http::header::HeaderValue::from_static("true"),
+            );
+            response
+        }
+    })
+}
+
+/// Identifies a request for idempotency: same key + different request = conflict.
+fn fingerprint(req: &HttpRequest, op: &str, bucket: &str, key: &str, body: &[u8]) -> u64 {
+    let context = req
+        .headers()
+        .get(CONTEXT_HEADER)
+        .map_or(&b""[..], |v| v.as_bytes());
+    let mut buf =
+        Vec::with_capacity(op.len() + bucket.len() + key.len() + body.len() + context.len() + 4);
+    for part in [
+        op.as_bytes(),
+        bucket.as_bytes(),
+        key.as_bytes(),
+        body,
+        context,
+    ] {
+        buf.extend_from_slice(part);
+        buf.push(0xff);
+    }
+    xxhash_rust::xxh3::xxh3_64(&buf)
+}
+
+/// Writes a register value.
+#[utoipa::path(put, path = "/v1/kv/{bucket}/{key}", tag = "keys",
+    params(("bucket" = String, Path), ("key" = String, Path),
+           ("ack" = Option<String>, Query, description = "local | quorum | all"),
+           ("X-Meridian-Context" = Option<String>, Header, description = "context that this write supersedes"),
+           ("Idempotency-Key" = Option<String>, Header, description = "UUID; a retry is applied once")),
+    request_body(content = Object, description = "any JSON value"),
+    responses((status = 200, body = ContextBody), (status = 400, body = super::error::ErrorBody),
+              (status = 404, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody),
+              (status = 413, body = super::error::ErrorBody)))]
+pub async fn put(
+    region: web::Data<Region>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (def, key) = target(&region, &req)?;
+    let body = extract::read_body(&req, payload, region.config.max_body_bytes).await?;
+    let value = extract::json_value_text(&body)?;
+    let context = extract::context(&req)?;
+    let op = Op::Put { value, context };
+    write(&region, &req, def, key, op, &body, respond_context).await
+}
+
+/// Deletes a register (tombstone) or every observed member of a set.
+#[utoipa::path(delete, path = "/v1/kv/{bucket}/{key}", tag = "keys",
+    params(("bucket" = String, Path), ("key" = String, Path),
+           ("X-Meridian-Context" = Option<String>, Header, description = "context that this delete supersedes")),
+    responses((status = 200, body = ContextBody), (status = 404, body = super::error::ErrorBody),
+              (status = 409, body = super::error::ErrorBody)))]
+pub async fn delete(region: web::Data<Region>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let (def, key) = target(&region, &req)?;
+    let context = extract::context(&req)?;
+    let respond: Responder = match def.kind {
+        meridian_shared::BucketType::Set => respond_members,
+        _ => respond_context,
+    };
+    write(
+        &region,
+        &req,
+        def,
+        key,
+        Op::Delete { context },
+        b"",
+        respond,
+    )
+    .await
+}
+
+/// Adds to a counter.
+#[utoipa::path(post, path = "/v1/kv/{bucket}/{key}/increment", tag = "keys",
+    params(("bucket" = String, Path), ("key" = String, Path),
+           ("Idempotency-Key" = Option<String>, Header, description = "UUID; a retry is applied once")),
+    request_body = IncrementBody,
+    responses((status = 200, body = CounterBody), (status = 409, body = super::error::ErrorBody),
+              (status = 422, body = super::error::ErrorBody)))]
+pub async fn increment(
+    region: web::Data<Region>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (def, key) = target(&region, &req)?;
+    let body = extract::read_body(&req, payload, region.config.max_body_bytes).await?;
+    let IncrementBody { by } = extract::json(&body)?;
+    write(
+        &region,
+        &req,
+        def,
+        key,
+        Op::Increment { by },
+        &body,
+        respond_counter,
+    )
+    .await
+}
+
+/// Adds members to a set.
+#[utoipa::path(post, path = "/v1/kv/{bucket}/{key}/add", tag = "keys",
+    params(("bucket" = String, Path), ("key" = String, Path)),
+    request_body = MembersBody,
+    responses((status = 200, body = SetBody), (status = 409, body = super::error::ErrorBody),
+              (status = 422, body = super::error::ErrorBody)))]
+pub async fn add(
+    region: web::Data<Region>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (def, key) = target(&region, &req)?;
+    let body = extract::read_body(&req, payload, region.config.max_body_bytes).await?;
+    let MembersBody { members } = extract::json(&body)?;
+    write(
+        &region,
+        &req,
+        def,
+        key,
+        Op::Add { members },
+        &body,
+        respond_members,
+    )
+    .await
+}
+
+/// Removes observed members from a set.
+#[utoipa::path(post, path = "/v1/kv/{bucket}/{key}/remove", tag = "keys",
+    params(("bucket" = String, Path), ("key" = String, Path)),
+    request_body = MembersBody,
+    responses((status = 200, body = SetBody), (status = 409, body = super::error::ErrorBody),
+              (status = 422, body = super::error::ErrorBody)))]
+pub async fn remove(
+    region: web::Data<Region>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let (def, key) = target(&region, &req)?;
+    let body = extract::read_body(&req, payload, region.config.max_body_bytes).await?;
+    let MembersBody { members } = extract::json(&body)?;
+    write(
+        &region,
+        &req,
+        def,
+        key,
+        Op::Remove { members },
+        &body,
+        respond_members,
+    )
+    .await
+}
+
+/// Reads a key.
+#[utoipa::path(get, path = "/v1/kv/{bucket}/{key}", tag = "keys",
+    params(("bucket" = String, Path), ("key" = String, Path),
+           ("consistency" = Option<String>, Query, description = "local | home | session | quorum | all"),
+           ("X-Meridian-Session" = Option<String>, Header, description = "session token for consistency=session")),
+    responses((status = 200, description = "register: {values, context, home_region}; counter: {value}; set: {members}"),
+              (status = 404, body = super::error::ErrorBody)))]
+pub async fn get(region: web::Data<Region>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let (def, key) = target(&region, &req)?;
+    let ReadQuery { consistency } = extract::query(&req)?;
+    let session = extract::session(&req)?;
+    let home = region.home_of(&def, &key).clone();
+    region.check_read(consistency, &home, &session)?;
+    let state = region
+        .storage
+        .key_state(&def.name, &key)?
+        .unwrap_or_else(|| KeyState::empty(def.kind));
+    let home_region = Some(home.as_str());
+    let body = match state.view() {
+        View::Absent => {
+            return Err(ApiError::not_found(
+                "key_not_found",
+                format!("key {key:?} does not exist in bucket {:?}", def.name),
+            ))
+        }
+        View::Register { values, context } => {
+            let raw: Vec<&RawValue> = values
+                .iter()
+                .filter_map(|v| serde_json::from_str::<&RawValue>(v).ok())
+                .collect();
+            to_json(&RegisterBody {
+                values: raw,
+                context: encode_context(&context),
+                home_region: home.as_str(),
+            })
+        }
+        View::Counter(value) => to_json(&CounterBody { value, home_region }),
+        View::Set(members) => to_json(&SetBody {
+            members,
+            home_region,
+        }),
+    };
+    Ok(key_response(
+        &region,
+        200,
+        body,
+        &home,
+        region.session_after(session, None),
+    ))
+}
+
+/// Lists a bucket's keys in byte order.
+#[utoipa::path(get, path = "/v1/kv/{bucket}", tag = "keys",
+    params(("bucket" = String, Path),
+           ("prefix" = Option<String>, Query), ("after" = Option<String>, Query),
+           ("limit" = Option<usize>, Query, description = "1..=1000, default 100")),
+    responses((status = 200, body = KeyListBody), (status = 404, body = super::error::ErrorBody)))]
+pub async fn list(region: web::Data<Region>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let bucket = extract::name_at(&req, 3)?;
+    let def = region.bucket(&bucket)?;
+    let q: ListQuery = extract::query(&req)?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "limit must be between 1 and 1000",
+        ));
+    }
+    let page = region
+        .storage
+        .list_keys(&def.name, &q.prefix, q.after.as_deref(), limit)?;
+    Ok(HttpResponse::Ok().json(KeyListBody {
+        keys: page.keys,
+        next: page.next,
+    }))
+}

@@ -1,0 +1,163 @@
+//! The public REST API (API.md): routes, middleware and JSON errors.
+
+pub mod buckets;
+pub mod error;
+pub mod extract;
+pub mod kv;
+pub mod openapi;
+pub mod ops;
+
+use crate::region::Region;
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{header, StatusCode};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, HttpResponse, ResponseError};
+use error::ApiError;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Registers every route on an actix app.
+pub fn configure(cfg: &mut web::ServiceConfig, openapi: Arc<String>) {
+    let not_allowed = || web::to(method_not_allowed);
+    cfg.service(
+        web::scope("/v1")
+            .wrap(from_fn(require_client_token))
+            .service(
+                web::resource("/buckets")
+                    .route(web::get().to(buckets::list))
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/buckets/{bucket}")
+                    .route(web::put().to(buckets::put))
+                    .route(web::get().to(buckets::get))
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/kv/{bucket}")
+                    .route(web::get().to(kv::list))
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/kv/{bucket}/{key}")
+                    .route(web::get().to(kv::get))
+                    .route(web::put().to(kv::put))
+                    .route(web::delete().to(kv::delete))
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/kv/{bucket}/{key}/increment")
+                    .route(web::post().to(kv::increment))
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/kv/{bucket}/{key}/add")
+                    .route(web::post().to(kv::add))
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/kv/{bucket}/{key}/remove")
+                    .route(web::post().to(kv::remove))
+                    .default_service(not_allowed()),
+            )
+            .service(
+                web::resource("/cluster")
+                    .route(web::get().to(ops::cluster))
+                    .default_service(not_allowed()),
+            ),
+    )
+    .route("/healthz", web::get().to(ops::healthz))
+    .route("/readyz", web::get().to(ops::readyz))
+    .route("/metrics", web::get().to(ops::metrics))
+    .route(
+        "/openapi.json",
+        web::get().to(move || {
+            let doc = openapi.clone();
+            async move {
+                HttpResponse::Ok()
+                    .content_type("application/json")
+                    .body(doc.as_str().to_owned())
+            }
+        }),
+    );
+}
+
+/// JSON 404 for unknown routes (install with `App::default_service`).
+pub async fn not_found() -> HttpResponse {
+    ApiError::not_found("not_found", "no such route; see /openapi.json").error_response()
+}
+
+async fn method_not_allowed() -> HttpResponse {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept that method; see /openapi.json",
+    )
+    .error_response()
+}
+
+/// Refuses `/v1/*` without a configured client token (when any are configured).
+async fn require_client_token(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    if let Some(region) = req.app_data::<web::Data<Region>>() {
+        let tokens = &region.config.security.client_tokens;
+        if !tokens.is_empty() {
+            let presented = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !presented.is_some_and(|p| tokens.iter().any(|t| constant_time_eq(t, p))) {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "send a valid token as 'Authorization: Bearer <token>'",
+                )
+                .into());
+            }
+        }
+    }
+    next.call(req).await
+}
+
+/// Compares secrets without leaking where they differ through timing.
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// Counts and times every request by method, route pattern and status.
+pub async fn record_metrics(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let region = req.app_data::<web::Data<Region>>().cloned();
+    let method = req.method().clone();
+    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+    let response = next.call(req).await;
+    if let Some(region) = region {
+        let status = match &response {
+            Ok(r) => r.status(),
+            Err(e) => e.as_response_error().status_code(),
+        };
+        let labels = [method.as_str(), route.as_str(), status.as_str()];
+        region
+            .metrics
+            .http_requests
+            .with_label_values(&labels)
+            .inc();
+        region
+            .metrics
+            .http_duration
+            .with_label_values(&labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
+    response
+}

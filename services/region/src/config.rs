@@ -1,0 +1,156 @@
+//! Region configuration: a TOML file, every field overridable by `MERIDIAN_<FIELD>`.
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use meridian_shared::RegionName;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Everything a region needs to start. Defaults are documented in the README.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This region's name.
+    pub region: RegionName,
+    /// Address the HTTP server binds.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Directory holding the region's redb file.
+    pub data_dir: PathBuf,
+    /// Regions refuse peers and data directories of another cluster.
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
+    /// Every other region: name → base URL.
+    #[serde(default)]
+    pub peers: BTreeMap<RegionName, String>,
+    /// Optional authentication; enforced when set.
+    #[serde(default)]
+    pub security: Security,
+    /// Number of partition actors (keys are spread by hash).
+    #[serde(default = "default_partitions")]
+    pub partitions: usize,
+    /// Largest accepted request body, in bytes.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Most writes carried by one group commit.
+    #[serde(default = "default_commit_max_batch")]
+    pub commit_max_batch: usize,
+    /// HTTP worker threads; 0 = one per CPU.
+    #[serde(default)]
+    pub workers: usize,
+    /// How long an `Idempotency-Key` answer is kept.
+    #[serde(default = "default_idempotency_ttl_secs")]
+    pub idempotency_ttl_secs: u64,
+}
+
+/// Bearer tokens for clients and peers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Security {
+    /// Accepted `Authorization: Bearer` tokens on `/v1/*`; empty = open.
+    #[serde(default)]
+    pub client_tokens: Vec<String>,
+    /// Token required on `/internal/*` between regions.
+    #[serde(default)]
+    pub peer_token: Option<String>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 7001))
+}
+fn default_cluster_id() -> String {
+    "default".into()
+}
+fn default_partitions() -> usize {
+    64
+}
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+fn default_commit_max_batch() -> usize {
+    4096
+}
+fn default_idempotency_ttl_secs() -> u64 {
+    24 * 3600
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an override did not parse.
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    /// The values parse but do not describe a usable region.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads `path` (if given), then applies `MERIDIAN_*` environment overrides, then validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        // CONFIG names the file and LOG_FORMAT the log style: neither is a config field.
+        figment = figment.merge(Env::prefixed("MERIDIAN_").ignore(&["config", "log_format"]));
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: relations between fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.cluster_id.is_empty() || self.cluster_id.len() > 64 {
+            return invalid("cluster_id must be 1 to 64 characters".into());
+        }
+        if self.peers.contains_key(&self.region) {
+            return invalid(format!("region {} lists itself as a peer", self.region));
+        }
+        if let Some((name, url)) = self
+            .peers
+            .iter()
+            .find(|(_, url)| !(url.starts_with("http://") || url.starts_with("https://")))
+        {
+            return invalid(format!(
+                "peer {name} has URL {url:?}; expected http(s)://host:port"
+            ));
+        }
+        if !(1..=4096).contains(&self.partitions) {
+            return invalid("partitions must be between 1 and 4096".into());
+        }
+        if self.max_body_bytes < 1024 {
+            return invalid("max_body_bytes must be at least 1024".into());
+        }
+        if self.commit_max_batch == 0 {
+            return invalid("commit_max_batch must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Every region of the cluster, this one included, sorted by name.
+    pub fn regions(&self) -> Vec<RegionName> {
+        let mut all: Vec<RegionName> = self.peers.keys().cloned().collect();
+        all.push(self.region.clone());
+        all.sort();
+        all
+    }
+
+    /// HTTP worker threads to start.
+    pub fn worker_threads(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! `meridian demo`: N regions as child processes on 127.0.0.1, each a real `meridian serve`.
+
+use anyhow::{bail, Context};
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NAMES: [&str; 3] = ["us-east", "eu-west", "ap-south"];
+
+/// One demo region.
+struct DemoRegion {
+    name: String,
+    port: u16,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+/// Region names for a demo of `count` regions.
+pub fn region_names(count: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| {
+            NAMES
+                .get(i)
+                .map_or_else(|| format!("region-{}", i + 1), |n| n.to_string())
+        })
+        .collect()
+}
+
+/// Starts the regions, prints how to use them, and stops them on Ctrl-C / SIGTERM.
+pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize()?;
+    let names = region_names(count);
+    let regions: Vec<DemoRegion> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| DemoRegion {
+            name: name.clone(),
+            port: base_port + i as u16,
+            config: data_dir.join(format!("{name}.toml")),
+            log: data_dir.join(format!("{name}.log")),
+        })
+        .collect();
+    for region in &regions {
+        fs::write(&region.config, config_for(region, &regions, &data_dir))?;
+    }
+
+    let exe = std::env::current_exe().context("cannot find the meridian binary")?;
+    let mut children: Vec<Child> = Vec::new();
+    for region in &regions {
+        let log = fs::File::create(&region.log)?;
+        let child = Command::new(&exe)
+            .arg("serve")
+            .arg("--config")
+            .arg(&region.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start region {}", region.name))?;
+        children.push(child);
+    }
+
+    let started = wait_ready(&regions, &mut children);
+    if let Err(error) = started {
+        stop(&mut children);
+        return Err(error);
+    }
+    print_banner(&regions, &data_dir);
+
+    let outcome = wait_for_stop(&regions, &mut children);
+    stop(&mut children);
+    println!("demo stopped; data kept in {}", data_dir.display());
+    outcome
+}
+
+fn config_for(region: &DemoRegion, all: &[DemoRegion], data_dir: &Path) -> String {
+    let mut config = format!(
+        "region = \"{}\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ncluster_id = \"demo\"\n\n[peers]\n",
+        region.name,
+        region.port,
+        data_dir.join(&region.name).display()
+    );
+    for peer in all.iter().filter(|p| p.name != region.name) {
+        config.push_str(&format!(
+            "{} = \"http://127.0.0.1:{}\"\n",
+            peer.name, peer.port
+        ));
+    }
+    config
+}
+
+/// Waits (bounded) until every region answers `/readyz` with 200.
+fn wait_ready(regions: &[DemoRegion], children: &mut [Child]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (region, child) in regions.iter().zip(children.iter_mut()) {
+        loop {
+            if let Some(status) = child.try_wait()? {
+                let log = fs::read_to_string(&region.log).unwrap_or_default();
+                bail!(
+                    "region {} exited ({status}) before it was ready:\n{log}",
+                    region.name
+                );
+            }
+            if readyz(region.port) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "region {} was not ready within 30 s; see {}",
+                    region.name,
+                    region.log.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+/// A one-shot `GET /readyz` over a plain socket (the server crate has no HTTP client).
+fn readyz(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    if stream.write_all(request).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.ends_with(b" 200")
+}
+
+fn wait_for_stop(regions: &[DemoRegion], children: &mut [Child]) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = term.recv() => return Ok(()),
+                _ = tick.tick() => {
+                    for (region, child) in regions.iter().zip(children.iter_mut()) {
+                        if let Some(status) = child.try_wait()? {
+                            bail!("region {} exited unexpectedly ({status}); see {}", region.name, region.log.display());
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// SIGTERM every child (graceful: in-flight writes finish), then SIGKILL stragglers after 10 s.
+fn stop(children: &mut [Child]) {
+    for child in children.iter() {
+        // SAFETY: sending a signal to our own child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for child in children.iter_mut() {
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn print_banner(regions: &[DemoRegion], data_dir: &Path) {
+    println!(
+        "Meridian demo: {} regions on 127.0.0.1 (cluster \"demo\")",
+        regions.len()
+    );
+    for region in regions {
+        println!(
+            "  {:<10} http://127.0.0.1:{}   log: {}",
+            region.name,
+            region.port,
+            region.log.display()
+        );
+    }
+    let url = format!("http://127.0.0.1:{}", regions[0].port);
+    println!(
+        "\nTry:\n  curl -X PUT {url}/v1/buckets/users -d '{{\"type\":\"register\"}}'\n  \
+         curl -X PUT {url}/v1/kv/users/alice -d '{{\"name\":\"Alice\"}}'\n  \
+         curl {url}/v1/kv/users/alice\n  \
+         curl {url}/v1/cluster\n\nData: {}\nCtrl-C stops every region.",
+        data_dir.display()
+    );
+}

@@ -1,0 +1,14 @@
+//! One Meridian region: configuration, storage (redb), actors and the public API.
+//!
+//! Read top-down: `api/` validates requests and hands writes to `actors/partition.rs`, which
+//! applies them to the key's CRDT state and hands them to `storage/` for group commit.
+#![deny(missing_docs)]
+
+pub mod actors;
+pub mod api;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod region;
+pub mod server;
+pub mod storage;

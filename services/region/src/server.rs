@@ -1,0 +1,45 @@
+//! `meridian serve`: open the region and serve HTTP until SIGTERM/SIGINT.
+
+use crate::api;
+use crate::config::Config;
+use crate::region::Region;
+use actix_web::middleware::from_fn;
+use actix_web::{web, App, HttpServer};
+use anyhow::Context;
+use std::sync::Arc;
+
+/// Runs one region until it is asked to stop. In-flight requests finish before it exits.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let workers = config.worker_threads();
+    let region = web::Data::new(Region::open(config)?);
+    let identity = region.storage.identity().clone();
+    tracing::info!(
+        region = %identity.region,
+        cluster = %identity.cluster_id,
+        incarnation = %identity.incarnation,
+        last_seq = region.storage.last_seq(),
+        %listen,
+        "region ready"
+    );
+    let openapi = Arc::new(api::openapi::document());
+    let app_region = region.clone();
+    HttpServer::new(move || {
+        let openapi = openapi.clone();
+        App::new()
+            .app_data(app_region.clone())
+            .wrap(from_fn(api::record_metrics))
+            .configure(|cfg| api::configure(cfg, openapi))
+            .default_service(web::to(api::not_found))
+    })
+    .workers(workers)
+    .backlog(4096)
+    .shutdown_timeout(10)
+    .bind(listen)
+    .with_context(|| format!("cannot listen on {listen}"))?
+    .run()
+    .await
+    .context("HTTP server failed")?;
+    tracing::info!("region stopped");
+    Ok(())
+}

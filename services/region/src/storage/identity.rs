@@ -1,0 +1,114 @@
+//! The data directory's identity stamp (DESIGN.md, "Identity").
+
+use super::tables::{
+    meta, APPLIED, BUCKETS, IDEMPOTENCY, KEYS, LOG, META, PEER_CURSORS, SCHEMA_VERSION,
+};
+use super::StorageError;
+use meridian_shared::{Actor, RegionName};
+use redb::{Database, ReadableDatabase};
+
+/// Who a data directory belongs to, and which incarnation of that region it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Region name stamped at creation.
+    pub region: RegionName,
+    /// Cluster id stamped at creation.
+    pub cluster_id: String,
+    /// Incarnation minted at creation; the CRDT actor for this region's writes.
+    pub incarnation: Actor,
+}
+
+/// Stamps a fresh database or checks an existing stamp; returns the identity and last sequence.
+pub fn stamp_or_check(
+    db: &Database,
+    region: &RegionName,
+    cluster_id: &str,
+) -> Result<(Identity, u64), StorageError> {
+    let read = db.begin_read()?;
+    let stamped = match read.open_table(META) {
+        Ok(table) => {
+            let get = |k: &str| -> Result<Option<Vec<u8>>, StorageError> {
+                Ok(table.get(k)?.map(|v| v.value().to_vec()))
+            };
+            match (
+                get(meta::REGION)?,
+                get(meta::CLUSTER_ID)?,
+                get(meta::INCARNATION)?,
+            ) {
+                (Some(r), Some(c), Some(i)) => {
+                    Some((r, c, i, get(meta::SCHEMA)?, get(meta::LAST_SEQ)?))
+                }
+                _ => None,
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    drop(read);
+
+    let Some((r, c, i, schema, last_seq)) = stamped else {
+        return create(db, region, cluster_id);
+    };
+    let stamped_region = String::from_utf8_lossy(&r).into_owned();
+    let stamped_cluster = String::from_utf8_lossy(&c).into_owned();
+    if stamped_region != region.as_str() || stamped_cluster != cluster_id {
+        return Err(StorageError::WrongOwner(format!(
+            "data directory belongs to region {stamped_region:?} of cluster {stamped_cluster:?}, \
+             not region {:?} of cluster {cluster_id:?}",
+            region.as_str()
+        )));
+    }
+    if schema.as_deref() != Some(&[SCHEMA_VERSION][..]) {
+        return Err(StorageError::WrongOwner(format!(
+            "data directory has schema version {schema:?}; this build reads {SCHEMA_VERSION}"
+        )));
+    }
+    let incarnation = Actor::from_slice(&i)
+        .map_err(|_| StorageError::Corrupt("incarnation stamp is not a UUID".into()))?;
+    let last_seq = match last_seq {
+        Some(bytes) => u64::from_be_bytes(
+            bytes
+                .try_into()
+                .map_err(|_| StorageError::Corrupt("last_seq is not 8 bytes".into()))?,
+        ),
+        None => 0,
+    };
+    let identity = Identity {
+        region: region.clone(),
+        cluster_id: cluster_id.to_string(),
+        incarnation,
+    };
+    Ok((identity, last_seq))
+}
+
+/// Creates every table and stamps a new incarnation, in one durable transaction.
+fn create(
+    db: &Database,
+    region: &RegionName,
+    cluster_id: &str,
+) -> Result<(Identity, u64), StorageError> {
+    // v7 UUIDs sort by creation time, which makes incarnations easy to read in clocks and logs.
+    let incarnation = Actor::now_v7();
+    let txn = db.begin_write()?;
+    {
+        let mut meta_table = txn.open_table(META)?;
+        meta_table.insert(meta::REGION, region.as_str().as_bytes())?;
+        meta_table.insert(meta::CLUSTER_ID, cluster_id.as_bytes())?;
+        meta_table.insert(meta::INCARNATION, &incarnation.as_bytes()[..])?;
+        meta_table.insert(meta::SCHEMA, &[SCHEMA_VERSION][..])?;
+        meta_table.insert(meta::LAST_SEQ, &0u64.to_be_bytes()[..])?;
+        txn.open_table(KEYS)?;
+        txn.open_table(LOG)?;
+        txn.open_table(BUCKETS)?;
+        txn.open_table(IDEMPOTENCY)?;
+        txn.open_table(PEER_CURSORS)?;
+        txn.open_table(APPLIED)?;
+    }
+    txn.commit()?;
+    let identity = Identity {
+        region: region.clone(),
+        cluster_id: cluster_id.to_string(),
+        incarnation,
+    };
+    Ok((identity, 0))
+}
