@@ -14,6 +14,7 @@ pub mod log;
 pub mod names;
 pub mod session;
 pub mod state;
+pub mod wire;
 
 pub use bucket::{BucketDef, BucketType};
 pub use ids::{Actor, RegionName};

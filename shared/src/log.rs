@@ -19,14 +19,26 @@ pub enum LogEntry {
     Bucket(BucketDef),
 }
 
-impl LogEntry {
+/// A log entry with its commit time, as stored in the log table and shipped to peers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// Wall-clock milliseconds of the commit at the origin (replication lag is measured from it).
+    pub committed_ms: u64,
+    /// Bytes of log written before this record by the same incarnation: the difference between
+    /// two records' offsets is the size of the hints between them, without scanning.
+    pub log_offset: u64,
+    /// The change.
+    pub entry: LogEntry,
+}
+
+impl LogRecord {
     /// Binary form for the log table and the wire.
     pub fn encode(&self) -> Vec<u8> {
         // Strings and byte vectors into a Vec: cannot fail.
         postcard::to_allocvec(self).unwrap_or_default()
     }
 
-    /// Reads an entry written by [`LogEntry::encode`].
+    /// Reads a record written by [`LogRecord::encode`].
     pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
         postcard::from_bytes(bytes)
     }

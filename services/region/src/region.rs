@@ -5,7 +5,7 @@ use crate::api::error::ApiError;
 use crate::api::extract::{Ack, ReadConsistency};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::storage::{Storage, StorageError};
+use crate::storage::{OpenedDb, Storage, StorageError};
 use meridian_shared::hlc::Hlc;
 use meridian_shared::home::rendezvous;
 use meridian_shared::session::SessionToken;
@@ -42,13 +42,8 @@ impl Region {
     /// Opens storage and starts the partition actors. Must run inside an actix system.
     pub fn open(config: Config) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new(config.region.as_str())?);
-        let storage = Storage::open(
-            &config.data_dir,
-            &config.region,
-            &config.cluster_id,
-            config.commit_max_batch,
-            metrics.clone(),
-        )?;
+        let opened = OpenedDb::open(&config.data_dir, &config.region, &config.cluster_id)?;
+        let storage = Storage::start(opened, config.commit_max_batch, metrics.clone())?;
         let shared = Arc::new(PartitionShared {
             storage: storage.clone(),
             hlc: Arc::new(Hlc::new()),

@@ -154,6 +154,7 @@ impl PartitionActor {
             bucket: msg.bucket.clone(),
             key: msg.key.clone(),
             state: encode_state(&state),
+            logged: true,
             idempotency,
         })?;
         self.next_version += 1;

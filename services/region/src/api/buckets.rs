@@ -3,7 +3,7 @@
 use super::error::ApiError;
 use super::extract;
 use crate::region::Region;
-use crate::storage::BucketOutcome;
+use crate::storage::{BucketOutcome, BucketSource};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use meridian_shared::{BucketDef, BucketType, RegionName};
@@ -91,26 +91,30 @@ pub async fn put(
         kind,
         home_region,
     };
-    let ticket = region.storage.submit_bucket(def.clone())?;
+    let ticket = region
+        .storage
+        .submit_bucket(def.clone(), BucketSource::Client)?;
     let outcome = ticket
         .await
         .unwrap_or(Err(crate::storage::StorageError::WriterGone))?;
     match outcome {
         BucketOutcome::Created => Ok(HttpResponse::Created().json(BucketInfo::from(&def))),
         BucketOutcome::Identical => Ok(HttpResponse::Ok().json(BucketInfo::from(&def))),
-        BucketOutcome::Conflict(existing) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "bucket_conflict",
-            format!(
-                "bucket {:?} already exists as type {} with home region {}",
-                existing.name,
-                existing.kind,
-                existing
-                    .home_region
-                    .as_ref()
-                    .map_or("(rendezvous)".to_string(), |r| r.to_string())
-            ),
-        )),
+        BucketOutcome::Conflict(existing) | BucketOutcome::Resolved(existing) => {
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "bucket_conflict",
+                format!(
+                    "bucket {:?} already exists as type {} with home region {}",
+                    existing.name,
+                    existing.kind,
+                    existing
+                        .home_region
+                        .as_ref()
+                        .map_or("(rendezvous)".to_string(), |r| r.to_string())
+                ),
+            ))
+        }
     }
 }
 

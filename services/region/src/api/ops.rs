@@ -26,7 +26,7 @@ pub async fn readyz(region: web::Data<Region>) -> Result<HttpResponse, ApiError>
 /// Prometheus metrics in the text format.
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, content_type = "text/plain")))]
 pub async fn metrics(region: web::Data<Region>) -> HttpResponse {
-    let size = region.storage.file_size(&region.config.data_dir);
+    let size = region.storage.file_size();
     region.metrics.storage_size_bytes.set(size as i64);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")

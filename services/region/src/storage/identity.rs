@@ -112,3 +112,21 @@ fn create(
     };
     Ok((identity, 0))
 }
+
+/// Mints a new incarnation: new id, empty log, sequence and cursors reset, in one transaction.
+pub fn reincarnate(db: &Database) -> Result<Actor, StorageError> {
+    let incarnation = Actor::now_v7();
+    let txn = db.begin_write()?;
+    {
+        let mut meta_table = txn.open_table(META)?;
+        meta_table.insert(meta::INCARNATION, &incarnation.as_bytes()[..])?;
+        meta_table.insert(meta::LAST_SEQ, &0u64.to_be_bytes()[..])?;
+        meta_table.insert(meta::LOG_BYTES, &0u64.to_be_bytes()[..])?;
+        txn.delete_table(LOG)?;
+        txn.open_table(LOG)?;
+        txn.delete_table(PEER_CURSORS)?;
+        txn.open_table(PEER_CURSORS)?;
+    }
+    txn.commit()?;
+    Ok(incarnation)
+}

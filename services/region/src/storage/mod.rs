@@ -10,16 +10,19 @@ mod writer;
 
 pub use idempotency::IdempotencyRecord;
 pub use identity::Identity;
-pub use writer::{now_ms, BucketOutcome, KeyWrite, PendingIdempotency, WriteTicket};
+pub use writer::{now_ms, BucketOutcome, BucketSource, KeyWrite, PendingIdempotency, WriteTicket};
 
 use crate::metrics::Metrics;
 use meridian_shared::encoding::{decode_state, DecodeError};
-use meridian_shared::{BucketDef, KeyState, RegionName};
+use meridian_shared::log::LogRecord;
+use meridian_shared::state::View;
+use meridian_shared::{Actor, BucketDef, KeyState, RegionName};
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use tables::{BUCKETS, IDEMPOTENCY, KEYS};
+use tables::{meta, APPLIED, BUCKETS, IDEMPOTENCY, KEYS, LOG, META, PEER_CURSORS};
+use tokio::sync::watch;
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -71,10 +74,60 @@ impl From<DecodeError> for StorageError {
 /// Bucket definitions, mirrored in memory for per-request checks; updated after each commit.
 pub type BucketCache = Arc<RwLock<BTreeMap<String, BucketDef>>>;
 
+/// An opened, stamped database whose writer has not started yet (see [`Storage::start`]).
+pub struct OpenedDb {
+    db: Arc<Database>,
+    path: PathBuf,
+    identity: Identity,
+    last_seq: u64,
+}
+
+impl OpenedDb {
+    /// Opens (or creates and stamps) the data directory.
+    pub fn open(
+        data_dir: &Path,
+        region: &RegionName,
+        cluster_id: &str,
+    ) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| StorageError::Redb(e.into()))?;
+        let path = data_dir.join("meridian.redb");
+        let db = Arc::new(Database::create(&path)?);
+        let (identity, last_seq) = identity::stamp_or_check(&db, region, cluster_id)?;
+        Ok(Self {
+            db,
+            path,
+            identity,
+            last_seq,
+        })
+    }
+
+    /// The directory's identity stamp.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Highest sequence number committed under the current incarnation.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Starts a new incarnation: peers have seen more of the old one than this copy holds, so
+    /// its sequence numbers and dots must never be reused. The old log is dropped with it.
+    pub fn reincarnate(&mut self) -> Result<(), StorageError> {
+        let incarnation = identity::reincarnate(&self.db)?;
+        tracing::warn!(old = %self.identity.incarnation, new = %incarnation,
+            "data directory is behind what peers have seen from it: new incarnation");
+        self.identity.incarnation = incarnation;
+        self.last_seq = 0;
+        Ok(())
+    }
+}
+
 /// Handle to the region's storage; cheap to clone.
 #[derive(Clone)]
 pub struct Storage {
     db: Arc<Database>,
+    path: PathBuf,
     identity: Arc<Identity>,
     writer: writer::WriterHandle,
     buckets: BucketCache,
@@ -90,29 +143,32 @@ pub struct KeyPage {
 }
 
 impl Storage {
-    /// Opens (or creates and stamps) the data directory and starts the writer thread.
-    pub fn open(
-        data_dir: &Path,
-        region: &RegionName,
-        cluster_id: &str,
+    /// Starts the writer thread on an opened database.
+    pub fn start(
+        opened: OpenedDb,
         commit_max_batch: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| StorageError::Redb(e.into()))?;
-        let db = Arc::new(Database::create(data_dir.join("meridian.redb"))?);
-        let (identity, last_seq) = identity::stamp_or_check(&db, region, cluster_id)?;
-        let buckets: BucketCache = Arc::new(RwLock::new(load_buckets(&db)?));
-        metrics.last_sequence.set(last_seq as i64);
-        let writer = writer::spawn(
-            db.clone(),
+        let OpenedDb {
+            db,
+            path,
+            identity,
             last_seq,
-            commit_max_batch,
-            buckets.clone(),
-            metrics,
-        )
-        .map_err(|e| StorageError::Redb(e.into()))?;
+        } = opened;
+        let buckets: BucketCache = Arc::new(RwLock::new(load_buckets(&db)?));
+        let (log_bytes, applied) = load_progress(&db)?;
+        metrics.last_sequence.set(last_seq as i64);
+        let start = writer::WriterStart {
+            last_seq,
+            log_bytes,
+            applied,
+            max_batch: commit_max_batch,
+        };
+        let writer = writer::spawn(db.clone(), start, buckets.clone(), metrics)
+            .map_err(|e| StorageError::Redb(e.into()))?;
         Ok(Self {
             db,
+            path,
             identity: Arc::new(identity),
             writer,
             buckets,
@@ -126,7 +182,17 @@ impl Storage {
 
     /// Highest region sequence number committed so far.
     pub fn last_seq(&self) -> u64 {
+        *self.writer.last_seq().borrow()
+    }
+
+    /// Watches the last committed sequence number.
+    pub fn last_seq_watch(&self) -> watch::Receiver<u64> {
         self.writer.last_seq()
+    }
+
+    /// Watches the applied vector (peers' origins only; this region's own is `last_seq`).
+    pub fn applied_watch(&self) -> watch::Receiver<BTreeMap<Actor, u64>> {
+        self.writer.applied()
     }
 
     /// Whether the writer thread is still accepting writes.
@@ -139,12 +205,38 @@ impl Storage {
         self.writer.submit_key(write)
     }
 
-    /// Queues a bucket creation; the writer decides created / identical / conflicting.
+    /// Queues a bucket definition; the writer decides created / identical / conflicting.
     pub fn submit_bucket(
         &self,
         def: BucketDef,
+        source: BucketSource,
     ) -> Result<WriteTicket<BucketOutcome>, StorageError> {
-        self.writer.submit_bucket(def)
+        self.writer.submit_bucket(def, source)
+    }
+
+    /// Records that `origin`'s log is applied up to `seq` (never moves backwards).
+    pub fn submit_applied(
+        &self,
+        origin: Actor,
+        seq: u64,
+    ) -> Result<WriteTicket<u64>, StorageError> {
+        self.writer.submit_applied(origin, seq)
+    }
+
+    /// Records a peer's acknowledged position (at-least-once: losing one is harmless).
+    pub fn submit_cursor(&self, peer: &str, seq: u64) -> Result<(), StorageError> {
+        self.writer.submit_cursor(peer, seq)
+    }
+
+    /// Removes log entries up to `upto` (in bounded chunks).
+    pub fn submit_truncate(&self, upto: u64) -> Result<(), StorageError> {
+        self.writer.submit_truncate(upto)
+    }
+
+    /// Sets or clears the "needs priority anti-entropy" flag of a peer.
+    pub fn submit_ae_flag(&self, peer: &str, needed: bool) -> Result<(), StorageError> {
+        let key = format!("{}{peer}", meta::AE_NEEDED_PREFIX);
+        self.writer.submit_meta(key, vec![needed as u8])
     }
 
     /// A bucket definition, from the in-memory mirror.
@@ -182,6 +274,70 @@ impl Storage {
             .map_err(|e| StorageError::Corrupt(e.to_string()))
     }
 
+    /// Log records after `after`, ascending, up to `max_entries` and about `max_bytes`.
+    pub fn log_after(
+        &self,
+        after: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(LOG)?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for entry in table.range(after.saturating_add(1)..)? {
+            let (seq, record) = entry?;
+            bytes += record.value().len();
+            out.push((seq.value(), record.value().to_vec()));
+            if out.len() >= max_entries || bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The oldest sequence number still in the log.
+    pub fn log_first(&self) -> Result<Option<u64>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(LOG)?;
+        let first = table.first()?.map(|(k, _)| k.value());
+        Ok(first)
+    }
+
+    /// One decoded log record.
+    pub fn log_record(&self, seq: u64) -> Result<Option<LogRecord>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(LOG)?;
+        let Some(bytes) = table.get(seq)? else {
+            return Ok(None);
+        };
+        LogRecord::decode(bytes.value())
+            .map(Some)
+            .map_err(|e| StorageError::Corrupt(e.to_string()))
+    }
+
+    /// Persisted per-peer cursors and anti-entropy flags.
+    pub fn peer_progress(
+        &self,
+    ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, bool>), StorageError> {
+        let txn = self.db.begin_read()?;
+        let mut cursors = BTreeMap::new();
+        for entry in txn.open_table(PEER_CURSORS)?.iter()? {
+            let (peer, seq) = entry?;
+            cursors.insert(peer.value().to_string(), seq.value());
+        }
+        let mut flags = BTreeMap::new();
+        let meta_table = txn.open_table(META)?;
+        for entry in meta_table.range(meta::AE_NEEDED_PREFIX..)? {
+            let (key, value) = entry?;
+            let Some(peer) = key.value().strip_prefix(meta::AE_NEEDED_PREFIX) else {
+                break;
+            };
+            flags.insert(peer.to_string(), value.value() == [1]);
+        }
+        Ok((cursors, flags))
+    }
+
     /// Lists live keys of a bucket in byte order, starting after `after`, filtered by `prefix`.
     pub fn list_keys(
         &self,
@@ -208,10 +364,7 @@ impl Storage {
                 continue;
             }
             // A deleted register is a tombstone, not a key a client can see.
-            if matches!(
-                decode_state(v.value())?.view(),
-                meridian_shared::state::View::Absent
-            ) {
+            if matches!(decode_state(v.value())?.view(), View::Absent) {
                 continue;
             }
             if keys.len() == limit {
@@ -225,8 +378,8 @@ impl Storage {
     }
 
     /// Size of the database file in bytes.
-    pub fn file_size(&self, data_dir: &Path) -> u64 {
-        std::fs::metadata(data_dir.join("meridian.redb")).map_or(0, |m| m.len())
+    pub fn file_size(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
     }
 }
 
@@ -241,4 +394,19 @@ fn load_buckets(db: &Database) -> Result<BTreeMap<String, BucketDef>, StorageErr
         out.insert(def.name.clone(), def);
     }
     Ok(out)
+}
+
+/// Log bytes written so far and the applied vector.
+fn load_progress(db: &Database) -> Result<(u64, BTreeMap<Actor, u64>), StorageError> {
+    let txn = db.begin_read()?;
+    let log_bytes = match txn.open_table(META)?.get(meta::LOG_BYTES)? {
+        Some(v) => u64::from_be_bytes(v.value().try_into().unwrap_or([0; 8])),
+        None => 0,
+    };
+    let mut applied = BTreeMap::new();
+    for entry in txn.open_table(APPLIED)?.iter()? {
+        let (origin, seq) = entry?;
+        applied.insert(Actor::from_u128(origin.value()), seq.value());
+    }
+    Ok((log_bytes, applied))
 }

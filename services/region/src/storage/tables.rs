@@ -29,6 +29,10 @@ pub mod meta {
     pub const SCHEMA: &str = "schema_version";
     /// Highest region sequence number committed (u64 big-endian).
     pub const LAST_SEQ: &str = "last_seq";
+    /// Bytes of replication log written by this incarnation (u64 big-endian).
+    pub const LOG_BYTES: &str = "log_bytes";
+    /// Prefix of per-peer "needs priority anti-entropy" flags (`ae_needed:<peer>`).
+    pub const AE_NEEDED_PREFIX: &str = "ae_needed:";
 }
 
 /// Schema version this build writes and reads.

@@ -1,26 +1,29 @@
 //! The single storage writer: group commit.
 //!
-//! One thread owns every write transaction. It takes whatever writes are queued (up to
+//! One thread owns every write transaction. It takes whatever requests are queued (up to
 //! `commit_max_batch`), applies them in one transaction with `Durability::Immediate`, and only
-//! then answers every writer in the batch. Sequence numbers are assigned here, in commit order,
-//! so the replication log never has a gap that a later commit fills.
+//! then answers every requester in the batch. Sequence numbers are assigned here, in commit
+//! order, so the replication log never has a gap that a later commit fills.
 
 use super::idempotency::IdempotencyRecord;
-use super::tables::{meta, BUCKETS, IDEMPOTENCY, KEYS, LOG, META};
+use super::tables::{meta, APPLIED, BUCKETS, IDEMPOTENCY, KEYS, LOG, META, PEER_CURSORS};
 use super::{BucketCache, StorageError};
 use crate::metrics::Metrics;
-use meridian_shared::log::LogEntry;
-use meridian_shared::BucketDef;
-use redb::{Database, Durability, ReadableTable};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use meridian_shared::log::{LogEntry, LogRecord};
+use meridian_shared::{Actor, BucketDef};
+use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-/// Writes that may wait for the writer before new ones are shed with 503.
+/// Requests that may wait for the writer before new writes are shed with 503.
 const QUEUE_CAPACITY: usize = 65_536;
+/// Log entries removed per truncation request, so one commit never grows without bound.
+const TRUNCATE_CHUNK: u64 = 20_000;
 
-/// A key's new state, to be committed with its replication-log entry.
+/// A key's new state, to be committed (with a replication-log entry when written here).
 #[derive(Debug)]
 pub struct KeyWrite {
     /// Bucket name.
@@ -29,6 +32,9 @@ pub struct KeyWrite {
     pub key: String,
     /// Canonical encoded state after the write.
     pub state: Vec<u8>,
+    /// `true` for a client write accepted here: it gets a sequence number and a log entry.
+    /// `false` for a merge of a peer's state: the origin's own log carries it.
+    pub logged: bool,
     /// The answer to store for an `Idempotency-Key`, in the same transaction.
     pub idempotency: Option<PendingIdempotency>,
 }
@@ -46,6 +52,15 @@ pub struct PendingIdempotency {
     pub body: Vec<u8>,
 }
 
+/// How a bucket definition arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketSource {
+    /// A client created it here: logged and replicated; a different existing one is a conflict.
+    Client,
+    /// A peer's log carried it: a different existing one is resolved deterministically.
+    Replicated,
+}
+
 /// What creating a bucket did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BucketOutcome {
@@ -55,6 +70,8 @@ pub enum BucketOutcome {
     Identical,
     /// A different definition exists (returned).
     Conflict(BucketDef),
+    /// Two regions created different definitions concurrently; this one won everywhere.
+    Resolved(BucketDef),
 }
 
 /// Resolves once the write is durable (or failed).
@@ -64,15 +81,21 @@ enum Request {
     Key(KeyWrite, oneshot::Sender<Result<u64, StorageError>>),
     Bucket(
         BucketDef,
+        BucketSource,
         oneshot::Sender<Result<BucketOutcome, StorageError>>,
     ),
+    Applied(Actor, u64, oneshot::Sender<Result<u64, StorageError>>),
+    Cursor(String, u64),
+    Truncate(u64),
+    Meta(String, Vec<u8>),
 }
 
-/// Sending side of the writer's queue.
+/// Sending side of the writer's queue, plus what it publishes.
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::Sender<Request>,
-    last_seq: Arc<AtomicU64>,
+    last_seq: watch::Receiver<u64>,
+    applied: watch::Receiver<BTreeMap<Actor, u64>>,
     alive: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 }
@@ -87,10 +110,33 @@ impl WriterHandle {
     pub(super) fn submit_bucket(
         &self,
         def: BucketDef,
+        source: BucketSource,
     ) -> Result<WriteTicket<BucketOutcome>, StorageError> {
         let (reply, ticket) = oneshot::channel();
-        self.enqueue(Request::Bucket(def, reply))?;
+        self.enqueue(Request::Bucket(def, source, reply))?;
         Ok(ticket)
+    }
+
+    pub(super) fn submit_applied(
+        &self,
+        origin: Actor,
+        seq: u64,
+    ) -> Result<WriteTicket<u64>, StorageError> {
+        let (reply, ticket) = oneshot::channel();
+        self.enqueue(Request::Applied(origin, seq, reply))?;
+        Ok(ticket)
+    }
+
+    pub(super) fn submit_cursor(&self, peer: &str, seq: u64) -> Result<(), StorageError> {
+        self.enqueue(Request::Cursor(peer.to_string(), seq))
+    }
+
+    pub(super) fn submit_truncate(&self, upto: u64) -> Result<(), StorageError> {
+        self.enqueue(Request::Truncate(upto))
+    }
+
+    pub(super) fn submit_meta(&self, key: String, value: Vec<u8>) -> Result<(), StorageError> {
+        self.enqueue(Request::Meta(key, value))
     }
 
     fn enqueue(&self, request: Request) -> Result<(), StorageError> {
@@ -107,8 +153,12 @@ impl WriterHandle {
         }
     }
 
-    pub(super) fn last_seq(&self) -> u64 {
-        self.last_seq.load(Ordering::Acquire)
+    pub(super) fn last_seq(&self) -> watch::Receiver<u64> {
+        self.last_seq.clone()
+    }
+
+    pub(super) fn applied(&self) -> watch::Receiver<BTreeMap<Actor, u64>> {
+        self.applied.clone()
     }
 
     pub(super) fn alive(&self) -> bool {
@@ -116,29 +166,42 @@ impl WriterHandle {
     }
 }
 
+/// What the writer starts from.
+pub(super) struct WriterStart {
+    pub last_seq: u64,
+    pub log_bytes: u64,
+    pub applied: BTreeMap<Actor, u64>,
+    pub max_batch: usize,
+}
+
 /// Starts the writer thread.
 pub(super) fn spawn(
     db: Arc<Database>,
-    last_seq: u64,
-    max_batch: usize,
+    start: WriterStart,
     buckets: BucketCache,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<WriterHandle> {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+    let (last_seq_tx, last_seq_rx) = watch::channel(start.last_seq);
+    let (applied_tx, applied_rx) = watch::channel(start.applied);
+    let alive = Arc::new(AtomicBool::new(true));
     let handle = WriterHandle {
         tx,
-        last_seq: Arc::new(AtomicU64::new(last_seq)),
-        alive: Arc::new(AtomicBool::new(true)),
+        last_seq: last_seq_rx,
+        applied: applied_rx,
+        alive: alive.clone(),
         metrics: metrics.clone(),
     };
     let mut writer = Writer {
         db,
         rx,
-        max_batch,
+        max_batch: start.max_batch,
         buckets,
         metrics,
-        last_seq: handle.last_seq.clone(),
-        alive: handle.alive.clone(),
+        last_seq: last_seq_tx,
+        log_bytes: start.log_bytes,
+        applied: applied_tx,
+        alive,
     };
     std::thread::Builder::new()
         .name("storage-writer".into())
@@ -152,7 +215,9 @@ struct Writer {
     max_batch: usize,
     buckets: BucketCache,
     metrics: Arc<Metrics>,
-    last_seq: Arc<AtomicU64>,
+    last_seq: watch::Sender<u64>,
+    log_bytes: u64,
+    applied: watch::Sender<BTreeMap<Actor, u64>>,
     alive: Arc<AtomicBool>,
 }
 
@@ -160,6 +225,15 @@ struct Writer {
 enum Outcome {
     Seq(u64),
     Bucket(BucketOutcome),
+    None,
+}
+
+/// What a batch changed, published only after its commit.
+struct Committed {
+    outcomes: Vec<Outcome>,
+    last_seq: u64,
+    log_bytes: u64,
+    applied: BTreeMap<Actor, u64>,
 }
 
 impl Writer {
@@ -183,39 +257,21 @@ impl Writer {
                 .observe(started.elapsed().as_secs_f64());
             self.metrics.commit_batch_size.observe(batch.len() as f64);
             match result {
-                Ok(outcomes) => self.answer(&mut batch, outcomes),
-                Err(error) => {
-                    tracing::error!(%error, writes = batch.len(), "group commit failed; writes refused");
-                    for request in batch.drain(..) {
-                        let failed = StorageError::CommitFailed(error.to_string());
-                        match request {
-                            Request::Key(_, reply) => {
-                                let _ = reply.send(Err(failed));
-                            }
-                            Request::Bucket(_, reply) => {
-                                let _ = reply.send(Err(failed));
-                            }
-                        }
-                    }
-                    if matches!(
-                        error,
-                        StorageError::Redb(redb::Error::Io(_))
-                            | StorageError::Redb(redb::Error::PreviousIo)
-                    ) {
-                        // After an I/O failure redb refuses further commits: stop being ready.
-                        self.alive.store(false, Ordering::Release);
-                    }
-                }
+                Ok(committed) => self.publish(&mut batch, committed),
+                Err(error) => self.fail(&mut batch, error),
             }
         }
         self.alive.store(false, Ordering::Release);
     }
 
-    /// Applies a batch in one durable transaction; returns the per-request outcomes.
-    fn commit(&self, batch: &[Request]) -> Result<Vec<Outcome>, StorageError> {
-        let mut seq = self.last_seq.load(Ordering::Acquire);
+    /// Applies a batch in one durable transaction.
+    fn commit(&self, batch: &[Request]) -> Result<Committed, StorageError> {
+        let mut seq = *self.last_seq.borrow();
+        let mut log_bytes = self.log_bytes;
+        let mut applied = self.applied.borrow().clone();
         let now_ms = now_ms();
         let mut outcomes = Vec::with_capacity(batch.len());
+        let mut meta_writes: Vec<(&str, &[u8])> = Vec::new();
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         {
@@ -223,33 +279,43 @@ impl Writer {
             let mut log = txn.open_table(LOG)?;
             let mut idempotency = txn.open_table(IDEMPOTENCY)?;
             let mut buckets = txn.open_table(BUCKETS)?;
+            let mut applied_table = txn.open_table(APPLIED)?;
+            let mut cursors = txn.open_table(PEER_CURSORS)?;
+            let mut appender = Appender {
+                seq: &mut seq,
+                log_bytes: &mut log_bytes,
+                now_ms,
+            };
             for request in batch {
-                match request {
+                let outcome = match request {
                     Request::Key(write, _) => {
-                        seq += 1;
                         keys.insert(
                             (write.bucket.as_str(), write.key.as_str()),
                             write.state.as_slice(),
                         )?;
-                        let entry = LogEntry::Key {
-                            bucket: write.bucket.clone(),
-                            key: write.key.clone(),
-                            state: write.state.clone(),
-                        };
-                        log.insert(seq, entry.encode().as_slice())?;
-                        if let Some(pending) = &write.idempotency {
-                            let record = IdempotencyRecord {
-                                fingerprint: pending.fingerprint,
-                                status: pending.status,
-                                body: pending.body.clone(),
-                                seq,
-                                created_ms: now_ms,
+                        if !write.logged {
+                            Outcome::Seq(0)
+                        } else {
+                            let entry = LogEntry::Key {
+                                bucket: write.bucket.clone(),
+                                key: write.key.clone(),
+                                state: write.state.clone(),
                             };
-                            idempotency.insert(pending.id, record.encode().as_slice())?;
+                            appender.append(&mut log, entry)?;
+                            if let Some(pending) = &write.idempotency {
+                                let record = IdempotencyRecord {
+                                    fingerprint: pending.fingerprint,
+                                    status: pending.status,
+                                    body: pending.body.clone(),
+                                    seq: *appender.seq,
+                                    created_ms: now_ms,
+                                };
+                                idempotency.insert(pending.id, record.encode().as_slice())?;
+                            }
+                            Outcome::Seq(*appender.seq)
                         }
-                        outcomes.push(Outcome::Seq(seq));
                     }
-                    Request::Bucket(def, _) => {
+                    Request::Bucket(def, source, _) => {
                         let existing = match buckets.get(def.name.as_str())? {
                             Some(bytes) => Some(
                                 postcard::from_bytes::<BucketDef>(bytes.value())
@@ -257,58 +323,166 @@ impl Writer {
                             ),
                             None => None,
                         };
-                        let outcome = match existing {
-                            Some(existing) if existing.same_as(def) => BucketOutcome::Identical,
-                            Some(existing) => BucketOutcome::Conflict(existing),
-                            None => {
-                                let bytes = postcard::to_allocvec(def)
-                                    .map_err(|e| StorageError::Corrupt(e.to_string()))?;
-                                buckets.insert(def.name.as_str(), bytes.as_slice())?;
-                                seq += 1;
-                                log.insert(seq, LogEntry::Bucket(def.clone()).encode().as_slice())?;
+                        let store =
+                            |def: &BucketDef| postcard::to_allocvec(def).unwrap_or_default();
+                        let outcome = match (existing, source) {
+                            (Some(existing), _) if existing.same_as(def) => {
+                                BucketOutcome::Identical
+                            }
+                            (Some(existing), BucketSource::Client) => {
+                                BucketOutcome::Conflict(existing)
+                            }
+                            (Some(existing), BucketSource::Replicated) => {
+                                // Concurrent creations with different definitions: every region
+                                // keeps the one with the smaller encoding, so all agree.
+                                let winner = if store(def) < store(&existing) {
+                                    def.clone()
+                                } else {
+                                    existing
+                                };
+                                buckets.insert(def.name.as_str(), store(&winner).as_slice())?;
+                                BucketOutcome::Resolved(winner)
+                            }
+                            (None, source) => {
+                                buckets.insert(def.name.as_str(), store(def).as_slice())?;
+                                if *source == BucketSource::Client {
+                                    appender.append(&mut log, LogEntry::Bucket(def.clone()))?;
+                                }
                                 BucketOutcome::Created
                             }
                         };
-                        outcomes.push(Outcome::Bucket(outcome));
+                        Outcome::Bucket(outcome)
                     }
-                }
+                    Request::Applied(origin, upto, _) => {
+                        let current = applied.get(origin).copied().unwrap_or(0);
+                        let next = current.max(*upto);
+                        applied_table.insert(origin.as_u128(), next)?;
+                        applied.insert(*origin, next);
+                        Outcome::Seq(next)
+                    }
+                    Request::Cursor(peer, acked) => {
+                        cursors.insert(peer.as_str(), *acked)?;
+                        Outcome::None
+                    }
+                    Request::Truncate(upto) => {
+                        let first = log.first()?.map(|(k, _)| k.value());
+                        if let Some(first) = first {
+                            let end = (*upto).min(first.saturating_add(TRUNCATE_CHUNK));
+                            log.retain_in(first..=end, |_, _| false)?;
+                        }
+                        Outcome::None
+                    }
+                    Request::Meta(key, value) => {
+                        meta_writes.push((key.as_str(), value.as_slice()));
+                        Outcome::None
+                    }
+                };
+                outcomes.push(outcome);
             }
             let mut meta_table = txn.open_table(META)?;
+            for (key, value) in meta_writes {
+                meta_table.insert(key, value)?;
+            }
             meta_table.insert(meta::LAST_SEQ, &seq.to_be_bytes()[..])?;
+            meta_table.insert(meta::LOG_BYTES, &log_bytes.to_be_bytes()[..])?;
         }
-        txn.commit()?;
-        let previous = self.last_seq.swap(seq, Ordering::AcqRel);
-        self.metrics.writes_committed.inc_by(seq - previous);
-        self.metrics.last_sequence.set(seq as i64);
-        Ok(outcomes)
+        commit(txn)?;
+        Ok(Committed {
+            outcomes,
+            last_seq: seq,
+            log_bytes,
+            applied,
+        })
     }
 
-    fn answer(&self, batch: &mut Vec<Request>, outcomes: Vec<Outcome>) {
-        for (request, outcome) in batch.drain(..).zip(outcomes) {
+    fn publish(&mut self, batch: &mut Vec<Request>, committed: Committed) {
+        let previous = *self.last_seq.borrow();
+        if committed.last_seq != previous {
+            self.metrics
+                .writes_committed
+                .inc_by(committed.last_seq - previous);
+            self.metrics.last_sequence.set(committed.last_seq as i64);
+            self.last_seq.send_replace(committed.last_seq);
+        }
+        self.log_bytes = committed.log_bytes;
+        if *self.applied.borrow() != committed.applied {
+            self.applied.send_replace(committed.applied);
+        }
+        for (request, outcome) in batch.drain(..).zip(committed.outcomes) {
             match (request, outcome) {
-                (Request::Key(_, reply), Outcome::Seq(seq)) => {
+                (Request::Key(_, reply), Outcome::Seq(seq))
+                | (Request::Applied(_, _, reply), Outcome::Seq(seq)) => {
                     let _ = reply.send(Ok(seq));
                 }
-                (Request::Bucket(def, reply), Outcome::Bucket(outcome)) => {
-                    if outcome == BucketOutcome::Created {
-                        if let Ok(mut cache) = self.buckets.write() {
-                            cache.insert(def.name.clone(), def);
-                        }
+                (Request::Bucket(def, _, reply), Outcome::Bucket(outcome)) => {
+                    let stored = match &outcome {
+                        BucketOutcome::Created => Some(def),
+                        BucketOutcome::Resolved(winner) => Some(winner.clone()),
+                        BucketOutcome::Identical | BucketOutcome::Conflict(_) => None,
+                    };
+                    if let (Some(def), Ok(mut cache)) = (stored, self.buckets.write()) {
+                        cache.insert(def.name.clone(), def);
                     }
                     let _ = reply.send(Ok(outcome));
                 }
-                // `commit` pushes exactly one outcome of the matching kind per request.
-                (Request::Key(_, reply), Outcome::Bucket(_)) => {
-                    let _ =
-                        reply.send(Err(StorageError::Corrupt("writer outcome mismatch".into())));
-                }
-                (Request::Bucket(_, reply), Outcome::Seq(_)) => {
-                    let _ =
-                        reply.send(Err(StorageError::Corrupt("writer outcome mismatch".into())));
-                }
+                _ => {}
             }
         }
     }
+
+    fn fail(&mut self, batch: &mut Vec<Request>, error: StorageError) {
+        tracing::error!(%error, requests = batch.len(), "group commit failed; nothing in it was applied");
+        let failed = || StorageError::CommitFailed(error.to_string());
+        for request in batch.drain(..) {
+            match request {
+                Request::Key(_, reply) | Request::Applied(_, _, reply) => {
+                    let _ = reply.send(Err(failed()));
+                }
+                Request::Bucket(_, _, reply) => {
+                    let _ = reply.send(Err(failed()));
+                }
+                Request::Cursor(..) | Request::Truncate(_) | Request::Meta(..) => {}
+            }
+        }
+        if matches!(
+            error,
+            StorageError::Redb(redb::Error::Io(_)) | StorageError::Redb(redb::Error::PreviousIo)
+        ) {
+            // After an I/O failure redb refuses further commits: stop being ready.
+            self.alive.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Appends log records with consecutive sequence numbers and running byte offsets.
+struct Appender<'a> {
+    seq: &'a mut u64,
+    log_bytes: &'a mut u64,
+    now_ms: u64,
+}
+
+impl Appender<'_> {
+    fn append(
+        &mut self,
+        log: &mut redb::Table<u64, &[u8]>,
+        entry: LogEntry,
+    ) -> Result<(), StorageError> {
+        *self.seq += 1;
+        let bytes = LogRecord {
+            committed_ms: self.now_ms,
+            log_offset: *self.log_bytes,
+            entry,
+        }
+        .encode();
+        *self.log_bytes += bytes.len() as u64;
+        log.insert(*self.seq, bytes.as_slice())?;
+        Ok(())
+    }
+}
+
+fn commit(txn: WriteTransaction) -> Result<(), StorageError> {
+    txn.commit()?;
+    Ok(())
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
