@@ -43,6 +43,37 @@ pub struct Config {
     /// How long an `Idempotency-Key` answer is kept.
     #[serde(default = "default_idempotency_ttl_secs")]
     pub idempotency_ttl_secs: u64,
+    /// Interval between heartbeats to each peer.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// Consecutive missed heartbeats after which a peer is down.
+    #[serde(default = "default_down_after_missed")]
+    pub down_after_missed: u32,
+    /// Time limit of a write forwarded to its home region.
+    #[serde(default = "default_forward_timeout_ms")]
+    pub forward_timeout_ms: u64,
+    /// How long `ack=quorum|all` waits for peers before answering 504.
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+    /// How long a `consistency=session` read waits for replication before going to the home.
+    #[serde(default = "default_session_wait_ms")]
+    pub session_wait_ms: u64,
+    /// Most log entries per replication batch.
+    #[serde(default = "default_replication_batch_entries")]
+    pub replication_batch_entries: usize,
+    /// About the most bytes per replication batch.
+    #[serde(default = "default_replication_batch_bytes")]
+    pub replication_batch_bytes: usize,
+    /// Hints (unacknowledged log) kept per down peer, in bytes, before it is handed to
+    /// anti-entropy instead.
+    #[serde(default = "default_hint_max_bytes")]
+    pub hint_max_bytes: u64,
+    /// Oldest hint kept for a down peer, in seconds, before it is handed to anti-entropy.
+    #[serde(default = "default_hint_max_age_secs")]
+    pub hint_max_age_secs: u64,
+    /// Entries per second a returning peer's backlog is drained at.
+    #[serde(default = "default_hint_drain_rate")]
+    pub hint_drain_rate: u64,
 }
 
 /// Bearer tokens for clients and peers.
@@ -74,6 +105,36 @@ fn default_commit_max_batch() -> usize {
 }
 fn default_idempotency_ttl_secs() -> u64 {
     24 * 3600
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    200
+}
+fn default_down_after_missed() -> u32 {
+    3
+}
+fn default_forward_timeout_ms() -> u64 {
+    2000
+}
+fn default_ack_timeout_ms() -> u64 {
+    5000
+}
+fn default_session_wait_ms() -> u64 {
+    1000
+}
+fn default_replication_batch_entries() -> usize {
+    2048
+}
+fn default_replication_batch_bytes() -> usize {
+    4 * 1024 * 1024
+}
+fn default_hint_max_bytes() -> u64 {
+    1024 * 1024 * 1024
+}
+fn default_hint_max_age_secs() -> u64 {
+    3600
+}
+fn default_hint_drain_rate() -> u64 {
+    50_000
 }
 
 /// Why a configuration could not be used.
@@ -130,6 +191,14 @@ impl Config {
         }
         if self.max_body_bytes < 1024 {
             return invalid("max_body_bytes must be at least 1024".into());
+        }
+        if self.heartbeat_interval_ms == 0 || self.down_after_missed == 0 {
+            return invalid("heartbeat_interval_ms and down_after_missed must be positive".into());
+        }
+        if self.replication_batch_entries == 0 || self.hint_drain_rate == 0 {
+            return invalid(
+                "replication_batch_entries and hint_drain_rate must be positive".into(),
+            );
         }
         if self.commit_max_batch == 0 {
             return invalid("commit_max_batch must be at least 1".into());

@@ -9,6 +9,7 @@ pub mod api;
 pub mod config;
 pub mod demo;
 pub mod metrics;
+pub mod peers;
 pub mod region;
 pub mod server;
 pub mod storage;

@@ -3,7 +3,7 @@
 use meridian_observability::metrics::latency_buckets;
 use prometheus::{
     exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, Opts, Registry,
+    IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Every metric the region exports, registered in one registry.
@@ -30,6 +30,34 @@ pub struct Metrics {
     pub last_sequence: IntGauge,
     /// Size of the redb file, sampled at scrape time.
     pub storage_size_bytes: IntGauge,
+    /// 1 while a peer is considered up.
+    pub peer_up: IntGaugeVec,
+    /// Heartbeats that failed, by peer.
+    pub heartbeats_failed: IntCounterVec,
+    /// Replication batches acknowledged, by peer.
+    pub replication_batches: IntCounterVec,
+    /// Log entries acknowledged by peers, by peer.
+    pub replication_entries: IntCounterVec,
+    /// Entries per replication batch.
+    pub replication_batch_entries: Histogram,
+    /// Time from commit here to durable apply at the peer, by peer.
+    pub replication_lag: HistogramVec,
+    /// Log entries a peer has not acknowledged yet, by peer.
+    pub replication_pending_entries: IntGaugeVec,
+    /// Hints (unacknowledged entries) of down peers, by peer.
+    pub hints_pending: IntGaugeVec,
+    /// Entries sent to a peer while it drained a backlog, by peer.
+    pub hints_drained: IntCounterVec,
+    /// Peers whose hints overflowed or expired (handed to anti-entropy), by peer.
+    pub hints_overflowed: IntCounterVec,
+    /// Entries applied from peers' logs, by origin region.
+    pub replicated_applied: IntCounterVec,
+    /// Writes forwarded to their home region, by outcome.
+    pub forwards: IntCounterVec,
+    /// Writes accepted outside their home region.
+    pub failover_writes: IntCounter,
+    /// Entries currently in the replication log.
+    pub log_entries: IntGauge,
 }
 
 impl Metrics {
@@ -82,6 +110,99 @@ impl Metrics {
         )?;
         let storage_size_bytes = IntGauge::new("storage_size_bytes", "Size of the redb file")?;
 
+        let peer_up = IntGaugeVec::new(Opts::new("peer_up", "1 while the peer is up"), &["peer"])?;
+        let heartbeats_failed = IntCounterVec::new(
+            Opts::new("peer_heartbeats_failed_total", "Heartbeats that failed"),
+            &["peer"],
+        )?;
+        let replication_batches = IntCounterVec::new(
+            Opts::new(
+                "replication_batches_total",
+                "Replication batches acknowledged",
+            ),
+            &["peer"],
+        )?;
+        let replication_entries = IntCounterVec::new(
+            Opts::new(
+                "replication_entries_total",
+                "Log entries acknowledged by the peer",
+            ),
+            &["peer"],
+        )?;
+        let replication_batch_entries = Histogram::with_opts(
+            HistogramOpts::new("replication_batch_entries", "Entries per replication batch")
+                .buckets(exponential_buckets(1.0, 2.0, 14)?),
+        )?;
+        let replication_lag = HistogramVec::new(
+            HistogramOpts::new(
+                "replication_lag_seconds",
+                "Time from commit here to durable apply at the peer",
+            )
+            .buckets(latency_buckets()),
+            &["peer"],
+        )?;
+        let replication_pending_entries = IntGaugeVec::new(
+            Opts::new(
+                "replication_pending_entries",
+                "Log entries the peer has not acknowledged",
+            ),
+            &["peer"],
+        )?;
+        let hints_pending = IntGaugeVec::new(
+            Opts::new(
+                "hints_pending_entries",
+                "Unacknowledged entries held for a down peer",
+            ),
+            &["peer"],
+        )?;
+        let hints_drained = IntCounterVec::new(
+            Opts::new(
+                "hints_drained_entries_total",
+                "Backlog entries delivered to a returning peer",
+            ),
+            &["peer"],
+        )?;
+        let hints_overflowed = IntCounterVec::new(
+            Opts::new(
+                "hints_overflowed_total",
+                "Times a peer's hints overflowed or expired and it was flagged for anti-entropy",
+            ),
+            &["peer"],
+        )?;
+        let replicated_applied = IntCounterVec::new(
+            Opts::new(
+                "replication_applied_entries_total",
+                "Entries applied from a peer's log",
+            ),
+            &["origin"],
+        )?;
+        let forwards = IntCounterVec::new(
+            Opts::new(
+                "forwards_total",
+                "Writes forwarded to their home region, by outcome",
+            ),
+            &["outcome"],
+        )?;
+        let failover_writes = IntCounter::new(
+            "failover_writes_total",
+            "Writes accepted outside their home region because the home was unreachable",
+        )?;
+        let log_entries =
+            IntGauge::new("replication_log_entries", "Entries in the replication log")?;
+        registry.register(Box::new(replication_batch_entries.clone()))?;
+        registry.register(Box::new(peer_up.clone()))?;
+        registry.register(Box::new(heartbeats_failed.clone()))?;
+        registry.register(Box::new(replication_batches.clone()))?;
+        registry.register(Box::new(replication_entries.clone()))?;
+        registry.register(Box::new(replication_lag.clone()))?;
+        registry.register(Box::new(replication_pending_entries.clone()))?;
+        registry.register(Box::new(hints_pending.clone()))?;
+        registry.register(Box::new(hints_drained.clone()))?;
+        registry.register(Box::new(hints_overflowed.clone()))?;
+        registry.register(Box::new(replicated_applied.clone()))?;
+        registry.register(Box::new(forwards.clone()))?;
+        registry.register(Box::new(failover_writes.clone()))?;
+        registry.register(Box::new(log_entries.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(commit_batch_size.clone()))?;
@@ -104,6 +225,20 @@ impl Metrics {
             writes_shed,
             last_sequence,
             storage_size_bytes,
+            peer_up,
+            heartbeats_failed,
+            replication_batches,
+            replication_entries,
+            replication_batch_entries,
+            replication_lag,
+            replication_pending_entries,
+            hints_pending,
+            hints_drained,
+            hints_overflowed,
+            replicated_applied,
+            forwards,
+            failover_writes,
+            log_entries,
         })
     }
 }

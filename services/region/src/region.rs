@@ -5,6 +5,7 @@ use crate::api::error::ApiError;
 use crate::api::extract::{Ack, ReadConsistency};
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::peers::{http_client, peer_request, Peers};
 use crate::storage::{OpenedDb, Storage, StorageError};
 use meridian_shared::hlc::Hlc;
 use meridian_shared::home::rendezvous;
@@ -12,6 +13,7 @@ use meridian_shared::session::SessionToken;
 use meridian_shared::{Actor, BucketDef, RegionName};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Why a region could not start.
 #[derive(Debug, thiserror::Error)]
@@ -36,14 +38,31 @@ pub struct Region {
     pub metrics: Arc<Metrics>,
     /// Every region of the cluster, sorted.
     pub regions: Vec<RegionName>,
+    /// Live state of every peer.
+    pub peers: Peers,
 }
 
 impl Region {
     /// Opens storage and starts the partition actors. Must run inside an actix system.
-    pub fn open(config: Config) -> Result<Self, StartError> {
+    ///
+    /// Before accepting writes it asks the peers how much of its incarnation they have seen:
+    /// if they have seen more than this data directory holds (a restored or copied disk), it
+    /// starts a new incarnation so no sequence number or dot is ever reused.
+    pub async fn open(config: Config) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new(config.region.as_str())?);
-        let opened = OpenedDb::open(&config.data_dir, &config.region, &config.cluster_id)?;
+        let mut opened = OpenedDb::open(&config.data_dir, &config.region, &config.cluster_id)?;
+        let seen = peers_have_seen(&config, opened.identity().incarnation).await;
+        if seen > opened.last_seq() {
+            tracing::warn!(
+                seen,
+                holds = opened.last_seq(),
+                "peers have seen more of this region than its disk holds"
+            );
+            opened.reincarnate()?;
+        }
         let storage = Storage::start(opened, config.commit_max_batch, metrics.clone())?;
+        let (cursors, flags) = storage.peer_progress()?;
+        let peers = Peers::new(&config, &cursors, &flags);
         let shared = Arc::new(PartitionShared {
             storage: storage.clone(),
             hlc: Arc::new(Hlc::new()),
@@ -57,7 +76,18 @@ impl Region {
             partitions,
             metrics,
             regions,
+            peers,
         })
+    }
+
+    /// Starts membership, one replicator per peer and log GC.
+    pub fn start_background(self: &Arc<Self>) {
+        use actix::Actor;
+        crate::actors::membership::Membership::new(self.clone()).start();
+        for peer in self.peers.iter() {
+            crate::actors::replicator::Replicator::new(self.clone(), peer.clone()).start();
+        }
+        crate::actors::log_gc::LogGc::new(self.clone()).start();
     }
 
     /// This region's name.
@@ -82,7 +112,9 @@ impl Region {
 
     /// Per origin incarnation, the highest contiguous sequence number applied here.
     pub fn applied(&self) -> BTreeMap<Actor, u64> {
-        BTreeMap::from([(self.storage.identity().incarnation, self.storage.last_seq())])
+        let mut applied = self.storage.applied_watch().borrow().clone();
+        applied.insert(self.storage.identity().incarnation, self.storage.last_seq());
+        applied
     }
 
     /// The session token to return: the client's merged with what this region has applied.
@@ -92,46 +124,109 @@ impl Region {
         token
     }
 
-    fn single_region(&self) -> bool {
-        self.config.peers.is_empty()
-    }
-
-    /// Refuses a read whose consistency this region cannot serve by itself.
-    ///
-    /// Cross-region reads arrive with replication; until then a region with peers answers
-    /// 503 rather than pretend, and a single-region cluster satisfies every level locally.
+    /// Refuses a read whose consistency cannot be served here, after any waiting or
+    /// forwarding has been tried. Quorum and all reads arrive with anti-entropy's read repair;
+    /// until then a region with peers answers 503 rather than pretend.
     pub fn check_read(
         &self,
         level: ReadConsistency,
-        home: &RegionName,
         session: &SessionToken,
     ) -> Result<(), ApiError> {
-        let served_here = match level {
-            ReadConsistency::Local => true,
-            ReadConsistency::Home => home == self.name(),
-            ReadConsistency::Session => session.covered_by(&self.applied()),
-            ReadConsistency::Quorum | ReadConsistency::All => self.single_region(),
-        };
-        if served_here {
-            Ok(())
-        } else {
-            Err(ApiError::unavailable(
-                format!(
-                "consistency={level:?} needs other regions, which this build does not reach yet"
-            )
-                .to_lowercase(),
-            ))
+        match level {
+            ReadConsistency::Local | ReadConsistency::Home => Ok(()),
+            ReadConsistency::Session if session.covered_by(&self.applied()) => Ok(()),
+            ReadConsistency::Session => Err(ApiError::new(
+                actix_web::http::StatusCode::GATEWAY_TIMEOUT,
+                "consistency_timeout",
+                "this region has not yet applied everything the session token has seen",
+            )),
+            ReadConsistency::Quorum | ReadConsistency::All if self.peers.is_empty() => Ok(()),
+            ReadConsistency::Quorum | ReadConsistency::All => Err(ApiError::unavailable(
+                "consistency=quorum and consistency=all are not available in this build yet",
+            )),
         }
     }
 
-    /// Refuses a write whose acknowledgement level this region cannot give by itself.
-    pub fn check_ack(&self, ack: Ack) -> Result<(), ApiError> {
-        if ack == Ack::Local || self.single_region() {
-            Ok(())
-        } else {
-            Err(ApiError::unavailable(
-                "ack=quorum and ack=all need replication, which this build does not have yet",
-            ))
+    /// Waits (bounded by `session_wait_ms`) until this region covers the session token.
+    pub async fn await_session(&self, session: &SessionToken) -> bool {
+        if session.covered_by(&self.applied()) {
+            return true;
+        }
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.config.session_wait_ms);
+        let mut applied = self.storage.applied_watch();
+        let mut last_seq = self.storage.last_seq_watch();
+        loop {
+            let changed = async {
+                tokio::select! {
+                    _ = applied.changed() => {}
+                    _ = last_seq.changed() => {}
+                }
+            };
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return session.covered_by(&self.applied());
+            }
+            if session.covered_by(&self.applied()) {
+                return true;
+            }
         }
     }
+
+    /// Waits until enough peers have durably applied `seq` (504 when they do not in time).
+    pub async fn await_ack(&self, ack: Ack, seq: u64) -> Result<(), ApiError> {
+        let needed = match ack {
+            Ack::Local => 0,
+            Ack::Quorum => self.regions.len() / 2,
+            Ack::All => self.peers.len(),
+        };
+        if needed == 0 {
+            return Ok(());
+        }
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.config.ack_timeout_ms);
+        let mut watches: Vec<_> = self.peers.iter().map(|p| p.acked_watch()).collect();
+        loop {
+            let have = watches.iter().filter(|w| *w.borrow() >= seq).count();
+            if have >= needed {
+                return Ok(());
+            }
+            let any_changed =
+                futures_util::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+            if tokio::time::timeout_at(deadline, any_changed)
+                .await
+                .is_err()
+            {
+                return Err(ApiError::new(
+                    actix_web::http::StatusCode::GATEWAY_TIMEOUT,
+                    "consistency_timeout",
+                    format!(
+                        "the write is durable in {} but only {} of the {needed} other regions \
+                         required confirmed it in time; it is not rolled back",
+                        self.name(),
+                        have
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// The most any reachable peer has applied of `incarnation` (0 when none answers in time).
+async fn peers_have_seen(config: &Config, incarnation: Actor) -> u64 {
+    let client = http_client();
+    let asks = config.peers.values().map(|url| {
+        let url = format!("{}/internal/v1/heartbeat", url.trim_end_matches('/'));
+        let request = peer_request(client.get(url), config).timeout(Duration::from_secs(1));
+        async move {
+            let response = request.send().await.ok()?;
+            let beat: meridian_shared::wire::Heartbeat = response.json().await.ok()?;
+            beat.applied.get(&incarnation).copied()
+        }
+    });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(0)
 }

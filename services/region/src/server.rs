@@ -12,7 +12,8 @@ use std::sync::Arc;
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
     let workers = config.worker_threads();
-    let region = web::Data::new(Region::open(config)?);
+    let region = web::Data::new(Region::open(config).await?);
+    region.clone().into_inner().start_background();
     let identity = region.storage.identity().clone();
     tracing::info!(
         region = %identity.region,
@@ -24,12 +25,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     );
     let openapi = Arc::new(api::openapi::document());
     let app_region = region.clone();
+    // A batch is at most replication_batch_bytes of records plus framing.
+    let max_batch_bytes = region.config.replication_batch_bytes * 2 + 1024 * 1024;
     HttpServer::new(move || {
         let openapi = openapi.clone();
         App::new()
             .app_data(app_region.clone())
+            .app_data(web::Data::new(crate::api::forward::PeerClient(
+                crate::peers::http_client(),
+            )))
             .wrap(from_fn(api::record_metrics))
-            .configure(|cfg| api::configure(cfg, openapi))
+            .configure(|cfg| api::configure(cfg, openapi, max_batch_bytes))
             .default_service(web::to(api::not_found))
     })
     .workers(workers)

@@ -81,6 +81,23 @@ impl Message for Write {
     type Result = Result<WriteOutcome, WriteError>;
 }
 
+/// A peer's state of one key, to be joined into ours (replication and repair).
+pub struct Merge {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key name.
+    pub key: String,
+    /// The peer's state.
+    pub state: KeyState,
+    /// The span of the apply that carries it.
+    pub span: tracing::Span,
+}
+
+impl Message for Merge {
+    /// Whether the merge changed this region's state.
+    type Result = Result<bool, WriteError>;
+}
+
 /// Owns the keys whose hash falls in its range.
 pub struct PartitionActor {
     shared: Arc<PartitionShared>,
@@ -128,14 +145,9 @@ impl PartitionActor {
         }
 
         let slot = (msg.bucket.clone(), msg.key.clone());
-        let mut state = match self.pending.get(&slot) {
-            Some((_, state)) => state.clone(),
-            None => self
-                .shared
-                .storage
-                .key_state(&msg.bucket, &msg.key)?
-                .unwrap_or_else(|| KeyState::empty(msg.kind)),
-        };
+        let mut state = self
+            .current(&slot)?
+            .unwrap_or_else(|| KeyState::empty(msg.kind));
         let actor = self.shared.storage.identity().incarnation;
         let hlc = self.shared.hlc.tick(crate::storage::now_ms());
         let op = std::mem::replace(&mut msg.op, Op::Increment { by: 0 });
@@ -150,20 +162,51 @@ impl PartitionActor {
                 body,
             }
         });
+        let (ticket, version) =
+            self.queue(slot, &state, encode_state(&state), true, idempotency)?;
+        if let Some((id, _, _)) = msg.idempotency {
+            self.idempotency_in_flight.insert(id);
+        }
+        Ok(Ok((ticket, state, version)))
+    }
+
+    /// The latest state of a key: pending if a commit is in flight, else committed.
+    fn current(&self, slot: &(String, String)) -> Result<Option<KeyState>, WriteError> {
+        match self.pending.get(slot) {
+            Some((_, state)) => Ok(Some(state.clone())),
+            None => Ok(self.shared.storage.key_state(&slot.0, &slot.1)?),
+        }
+    }
+
+    /// Hands a new state to the group commit and keeps it pending until durable.
+    fn queue(
+        &mut self,
+        slot: (String, String),
+        state: &KeyState,
+        encoded: Vec<u8>,
+        logged: bool,
+        idempotency: Option<PendingIdempotency>,
+    ) -> Result<(crate::storage::WriteTicket<u64>, u64), WriteError> {
         let ticket = self.shared.storage.submit_key(KeyWrite {
-            bucket: msg.bucket.clone(),
-            key: msg.key.clone(),
-            state: encode_state(&state),
-            logged: true,
+            bucket: slot.0.clone(),
+            key: slot.1.clone(),
+            state: encoded,
+            logged,
             idempotency,
         })?;
         self.next_version += 1;
         let version = self.next_version;
         self.pending.insert(slot, (version, state.clone()));
-        if let Some((id, _, _)) = msg.idempotency {
-            self.idempotency_in_flight.insert(id);
+        self.shared.metrics.partition_pending_writes.inc();
+        Ok((ticket, version))
+    }
+
+    /// Forgets a pending state once durable, unless a newer write to the key replaced it.
+    fn settle(&mut self, slot: &(String, String), version: u64) {
+        self.shared.metrics.partition_pending_writes.dec();
+        if self.pending.get(slot).is_some_and(|(v, _)| *v == version) {
+            self.pending.remove(slot);
         }
-        Ok(Ok((ticket, state, version)))
     }
 }
 
@@ -178,22 +221,65 @@ impl Handler<Write> for PartitionActor {
             Ok(Err(replayed)) => return Box::pin(fut::ready(Ok(replayed))),
             Err(error) => return Box::pin(fut::ready(Err(error))),
         };
-        self.shared.metrics.partition_pending_writes.inc();
         let slot = (msg.bucket, msg.key);
         let idempotency_id = msg.idempotency.map(|(id, _, _)| id);
         let wait =
             async move { ticket.await.unwrap_or(Err(StorageError::WriterGone)) }.instrument(span);
         Box::pin(wait.into_actor(self).map(move |committed, actor, _ctx| {
-            actor.shared.metrics.partition_pending_writes.dec();
-            // Drop the pending state unless a newer write to the same key replaced it.
-            if actor.pending.get(&slot).is_some_and(|(v, _)| *v == version) {
-                actor.pending.remove(&slot);
-            }
+            actor.settle(&slot, version);
             if let Some(id) = idempotency_id {
                 actor.idempotency_in_flight.remove(&id);
             }
             let seq = committed?;
             Ok(WriteOutcome::Applied { seq, state })
+        }))
+    }
+}
+
+impl Handler<Merge> for PartitionActor {
+    type Result = ResponseActFuture<Self, Result<bool, WriteError>>;
+
+    fn handle(&mut self, msg: Merge, _ctx: &mut Self::Context) -> Self::Result {
+        let span = tracing::debug_span!(parent: &msg.span, "partition_merge", bucket = %msg.bucket);
+        let slot = (msg.bucket, msg.key);
+        let queued = span.in_scope(
+            || -> Result<Option<(crate::storage::WriteTicket<u64>, u64)>, WriteError> {
+                if let KeyState::Lww(reg) = &msg.state {
+                    // Keep our hybrid clock ahead of every timestamp we have seen.
+                    self.shared.hlc.observe(reg.marker.hlc);
+                }
+                let merged = match self.current(&slot)? {
+                    None => msg.state,
+                    Some(mut current) => {
+                        let before = encode_state(&current);
+                        current.merge(msg.state)?;
+                        if encode_state(&current) == before {
+                            return Ok(None); // Nothing new: a redelivery or an older state.
+                        }
+                        current
+                    }
+                };
+                let encoded = encode_state(&merged);
+                Ok(Some(self.queue(
+                    slot.clone(),
+                    &merged,
+                    encoded,
+                    false,
+                    None,
+                )?))
+            },
+        );
+        let (ticket, version) = match queued {
+            Ok(Some(queued)) => queued,
+            Ok(None) => return Box::pin(fut::ready(Ok(false))),
+            Err(error) => return Box::pin(fut::ready(Err(error))),
+        };
+        let wait =
+            async move { ticket.await.unwrap_or(Err(StorageError::WriterGone)) }.instrument(span);
+        Box::pin(wait.into_actor(self).map(move |committed, actor, _ctx| {
+            actor.settle(&slot, version);
+            committed?;
+            Ok(true)
         }))
     }
 }
@@ -222,12 +308,19 @@ impl PartitionRouter {
         }
     }
 
+    fn owner(&self, bucket: &str, key: &str) -> &Addr<PartitionActor> {
+        &self.partitions[(key_hash(bucket, key) % self.partitions.len() as u64) as usize]
+    }
+
     /// Sends a write to the actor owning its key and waits for the durable outcome.
     pub async fn write(&self, msg: Write) -> Result<WriteOutcome, WriteError> {
-        let index = (key_hash(&msg.bucket, &msg.key) % self.partitions.len() as u64) as usize;
-        self.partitions[index]
-            .send(msg)
-            .await
-            .unwrap_or(Err(WriteError::Stopped))
+        let owner = self.owner(&msg.bucket, &msg.key);
+        owner.send(msg).await.unwrap_or(Err(WriteError::Stopped))
+    }
+
+    /// Joins a peer's state into the key's and waits until it is durable.
+    pub async fn merge(&self, msg: Merge) -> Result<bool, WriteError> {
+        let owner = self.owner(&msg.bucket, &msg.key);
+        owner.send(msg).await.unwrap_or(Err(WriteError::Stopped))
     }
 }

@@ -1,7 +1,10 @@
 //! Key routes: registers, counters, sets and listing.
 
 use super::error::ApiError;
-use super::extract::{self, ReadQuery, WriteQuery, CONTEXT_HEADER, SESSION_HEADER};
+use super::extract::{
+    self, ReadConsistency, ReadQuery, WriteQuery, CONTEXT_HEADER, SESSION_HEADER,
+};
+use super::forward::{self, Forwarded, PeerClient};
 use crate::actors::partition::{Responder, Write, WriteOutcome};
 use crate::region::Region;
 use actix_web::http::StatusCode;
@@ -132,6 +135,7 @@ fn key_response(
     body: Vec<u8>,
     home: &RegionName,
     session: SessionToken,
+    failover: bool,
 ) -> HttpResponse {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     let mut response = HttpResponse::build(status);
@@ -140,8 +144,7 @@ fn key_response(
         .insert_header(("X-Meridian-Region", region.name().as_str()))
         .insert_header(("X-Meridian-Home", home.as_str()))
         .insert_header((SESSION_HEADER, session.encode()));
-    if home != region.name() {
-        // No forwarding yet: a write for another region's key is accepted here, as failover.
+    if failover {
         response.insert_header(("X-Meridian-Failover", "true"));
     }
     response.body(body)
@@ -154,9 +157,11 @@ fn target(region: &Region, req: &HttpRequest) -> Result<(BucketDef, String), Api
     Ok((region.bucket(&bucket)?, key))
 }
 
-/// Runs a write through the key's partition actor and answers it.
+/// Forwards a write to its home region, or applies it here (at home, or as failover), then
+/// waits for the requested acknowledgement.
 async fn write(
     region: &Region,
+    client: &PeerClient,
     req: &HttpRequest,
     def: BucketDef,
     key: String,
@@ -166,7 +171,6 @@ async fn write(
 ) -> Result<HttpResponse, ApiError> {
     let WriteQuery { ack } = extract::query(req)?;
     let session = extract::session(req)?;
-    region.check_ack(ack)?;
     let idempotency = extract::idempotency_key(req)?.map(|id| {
         (
             id,
@@ -175,6 +179,13 @@ async fn write(
         )
     });
     let home = region.home_of(&def, &key).clone();
+    let failover = &home != region.name() && !forward::was_forwarded(req);
+    if failover {
+        match forward::forward(region, client, req, body, &home).await? {
+            Forwarded::Answered(response) => return Ok(response),
+            Forwarded::HomeUnreachable => region.metrics.failover_writes.inc(),
+        }
+    }
     let outcome = region
         .partitions
         .write(Write {
@@ -186,27 +197,23 @@ async fn write(
             span: tracing::Span::current(),
         })
         .await?;
-    Ok(match outcome {
+    let (status, body, seq, replayed) = match outcome {
         WriteOutcome::Applied { seq, state } => {
             let (status, body) = respond(&state);
-            key_response(
-                region,
-                status,
-                body,
-                &home,
-                region.session_after(session, Some(seq)),
-            )
+            (status, body, seq, false)
         }
-        WriteOutcome::Replayed(record) => {
-            let token = region.session_after(session, Some(record.seq));
-            let mut response = key_response(region, record.status, record.body, &home, token);
-            response.headers_mut().insert(
-                actix_web::http::header::HeaderName::from_static("idempotency-replayed"),
-                actix_web::http::header::HeaderValue::from_static("true"),
-            );
-            response
-        }
-    })
+        WriteOutcome::Replayed(record) => (record.status, record.body, record.seq, true),
+    };
+    region.await_ack(ack, seq).await?;
+    let token = region.session_after(session, Some(seq));
+    let mut response = key_response(region, status, body, &home, token, failover);
+    if replayed {
+        response.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static("idempotency-replayed"),
+            actix_web::http::header::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(response)
 }
 
 /// Identifies a request for idempotency: same key + different request = conflict.
@@ -242,6 +249,7 @@ fn fingerprint(req: &HttpRequest, op: &str, bucket: &str, key: &str, body: &[u8]
               (status = 413, body = super::error::ErrorBody)))]
 pub async fn put(
     region: web::Data<Region>,
+    client: web::Data<PeerClient>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
@@ -250,7 +258,7 @@ pub async fn put(
     let value = extract::json_value_text(&body)?;
     let context = extract::context(&req)?;
     let op = Op::Put { value, context };
-    write(&region, &req, def, key, op, &body, respond_context).await
+    write(&region, &client, &req, def, key, op, &body, respond_context).await
 }
 
 /// Deletes a register (tombstone) or every observed member of a set.
@@ -259,7 +267,11 @@ pub async fn put(
            ("X-Meridian-Context" = Option<String>, Header, description = "context that this delete supersedes")),
     responses((status = 200, body = ContextBody), (status = 404, body = super::error::ErrorBody),
               (status = 409, body = super::error::ErrorBody)))]
-pub async fn delete(region: web::Data<Region>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+pub async fn delete(
+    region: web::Data<Region>,
+    client: web::Data<PeerClient>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
     let (def, key) = target(&region, &req)?;
     let context = extract::context(&req)?;
     let respond: Responder = match def.kind {
@@ -268,6 +280,7 @@ pub async fn delete(region: web::Data<Region>, req: HttpRequest) -> Result<HttpR
     };
     write(
         &region,
+        &client,
         &req,
         def,
         key,
@@ -287,6 +300,7 @@ pub async fn delete(region: web::Data<Region>, req: HttpRequest) -> Result<HttpR
               (status = 422, body = super::error::ErrorBody)))]
 pub async fn increment(
     region: web::Data<Region>,
+    client: web::Data<PeerClient>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
@@ -295,6 +309,7 @@ pub async fn increment(
     let IncrementBody { by } = extract::json(&body)?;
     write(
         &region,
+        &client,
         &req,
         def,
         key,
@@ -313,6 +328,7 @@ pub async fn increment(
               (status = 422, body = super::error::ErrorBody)))]
 pub async fn add(
     region: web::Data<Region>,
+    client: web::Data<PeerClient>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
@@ -321,6 +337,7 @@ pub async fn add(
     let MembersBody { members } = extract::json(&body)?;
     write(
         &region,
+        &client,
         &req,
         def,
         key,
@@ -339,6 +356,7 @@ pub async fn add(
               (status = 422, body = super::error::ErrorBody)))]
 pub async fn remove(
     region: web::Data<Region>,
+    client: web::Data<PeerClient>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
@@ -347,6 +365,7 @@ pub async fn remove(
     let MembersBody { members } = extract::json(&body)?;
     write(
         &region,
+        &client,
         &req,
         def,
         key,
@@ -364,12 +383,31 @@ pub async fn remove(
            ("X-Meridian-Session" = Option<String>, Header, description = "session token for consistency=session")),
     responses((status = 200, description = "register: {values, context, home_region}; counter: {value}; set: {members}"),
               (status = 404, body = super::error::ErrorBody)))]
-pub async fn get(region: web::Data<Region>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+pub async fn get(
+    region: web::Data<Region>,
+    client: web::Data<PeerClient>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
     let (def, key) = target(&region, &req)?;
     let ReadQuery { consistency } = extract::query(&req)?;
     let session = extract::session(&req)?;
     let home = region.home_of(&def, &key).clone();
-    region.check_read(consistency, &home, &session)?;
+    let at_home = &home == region.name() || forward::was_forwarded(&req);
+    let go_home = match consistency {
+        ReadConsistency::Home => !at_home,
+        ReadConsistency::Session => !region.await_session(&session).await && !at_home,
+        ReadConsistency::Local | ReadConsistency::Quorum | ReadConsistency::All => false,
+    };
+    if go_home {
+        return match forward::forward(&region, &client, &req, b"", &home).await? {
+            Forwarded::Answered(response) => Ok(response),
+            Forwarded::HomeUnreachable => Err(ApiError::unavailable(format!(
+                "consistency={} needs the home region {home}, which is unreachable",
+                format!("{consistency:?}").to_lowercase()
+            ))),
+        };
+    }
+    region.check_read(consistency, &session)?;
     let state = region
         .storage
         .key_state(&def.name, &key)?
@@ -399,13 +437,8 @@ pub async fn get(region: web::Data<Region>, req: HttpRequest) -> Result<HttpResp
             home_region,
         }),
     };
-    Ok(key_response(
-        &region,
-        200,
-        body,
-        &home,
-        region.session_after(session, None),
-    ))
+    let token = region.session_after(session, None);
+    Ok(key_response(&region, 200, body, &home, token, false))
 }
 
 /// Lists a bucket's keys in byte order.

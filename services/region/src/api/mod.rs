@@ -3,6 +3,8 @@
 pub mod buckets;
 pub mod error;
 pub mod extract;
+pub mod forward;
+pub mod internal;
 pub mod kv;
 pub mod openapi;
 pub mod ops;
@@ -18,8 +20,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Registers every route on an actix app.
-pub fn configure(cfg: &mut web::ServiceConfig, openapi: Arc<String>) {
+pub fn configure(cfg: &mut web::ServiceConfig, openapi: Arc<String>, max_batch_bytes: usize) {
     let not_allowed = || web::to(method_not_allowed);
+    internal::configure(cfg, max_batch_bytes);
     cfg.service(
         web::scope("/v1")
             .wrap(from_fn(require_client_token))

@@ -2,6 +2,7 @@
 
 use super::error::ApiError;
 use crate::region::Region;
+use crate::storage::now_ms;
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -55,6 +56,10 @@ pub struct RegionStatus {
     pub hints: Option<u64>,
     /// Last anti-entropy exchange (RFC 3339), if any.
     pub last_anti_entropy: Option<String>,
+    /// Its hints overflowed or expired: waiting for priority anti-entropy.
+    pub needs_anti_entropy: bool,
+    /// Milliseconds since it last answered (null if never).
+    pub last_contact_ms_ago: Option<u64>,
 }
 
 /// The cluster as this region sees it.
@@ -75,6 +80,7 @@ pub struct ClusterView {
 /// The cluster view.
 #[utoipa::path(get, path = "/v1/cluster", tag = "operations", responses((status = 200, body = ClusterView)))]
 pub async fn cluster(region: web::Data<Region>) -> HttpResponse {
+    let last_seq = region.storage.last_seq();
     let mut regions = vec![RegionStatus {
         name: region.name().to_string(),
         url: String::new(),
@@ -84,17 +90,35 @@ pub async fn cluster(region: web::Data<Region>) -> HttpResponse {
         pending_entries: Some(0),
         hints: Some(0),
         last_anti_entropy: None,
+        needs_anti_entropy: false,
+        last_contact_ms_ago: Some(0),
     }];
-    // Peers are listed but not yet contacted: their status is unknown until membership exists.
-    regions.extend(region.config.peers.iter().map(|(name, url)| RegionStatus {
-        name: name.to_string(),
-        url: url.clone(),
-        status: "down",
-        is_self: false,
-        replication_lag_ms: None,
-        pending_entries: None,
-        hints: None,
-        last_anti_entropy: None,
+    regions.extend(region.peers.iter().map(|peer| {
+        let acked = peer.acked();
+        let pending = last_seq.saturating_sub(acked);
+        // Lag in time: how long the oldest entry the peer has not acknowledged has waited.
+        let lag_ms = if pending == 0 {
+            0
+        } else {
+            region
+                .storage
+                .log_record(acked + 1)
+                .ok()
+                .flatten()
+                .map_or(0, |r| now_ms().saturating_sub(r.committed_ms))
+        };
+        RegionStatus {
+            name: peer.name.to_string(),
+            url: peer.url.clone(),
+            status: if peer.is_up() { "up" } else { "down" },
+            is_self: false,
+            replication_lag_ms: Some(lag_ms),
+            pending_entries: Some(pending),
+            hints: Some(if peer.is_up() { 0 } else { pending }),
+            last_anti_entropy: None,
+            needs_anti_entropy: peer.ae_needed(),
+            last_contact_ms_ago: peer.silent_for_ms(),
+        }
     }));
     regions.sort_by(|a, b| a.name.cmp(&b.name));
     let applied = region

@@ -1,0 +1,100 @@
+//! Membership: heartbeats every peer and decides up/down.
+//!
+//! A peer is down after `down_after_missed` consecutive failed heartbeats, or at once when a
+//! connection to it is refused (forwarding and replication report that). It is up again at its
+//! first answered heartbeat, which wakes its replicator to drain the backlog.
+
+use crate::peers::{http_client, peer_request, Peer};
+use crate::region::Region;
+use actix::prelude::*;
+use meridian_shared::wire::{Heartbeat, PROTOCOL_VERSION};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Heartbeats every peer on an interval.
+pub struct Membership {
+    region: Arc<Region>,
+    client: reqwest::Client,
+}
+
+impl Membership {
+    /// A membership actor for the region's peers.
+    pub fn new(region: Arc<Region>) -> Self {
+        Self {
+            region,
+            client: http_client(),
+        }
+    }
+}
+
+impl Actor for Membership {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let interval = Duration::from_millis(self.region.config.heartbeat_interval_ms);
+        ctx.run_interval(interval, |actor, _ctx| {
+            for peer in actor.region.peers.iter() {
+                let (region, client, peer) =
+                    (actor.region.clone(), actor.client.clone(), peer.clone());
+                // Each heartbeat runs on its own, so one slow peer never delays the others.
+                actix::spawn(async move { heartbeat(&region, &client, &peer).await });
+            }
+        });
+    }
+}
+
+/// One heartbeat: success marks the peer up and learns how far it has applied our log.
+async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
+    let timeout = Duration::from_millis(region.config.heartbeat_interval_ms.max(250) * 2);
+    let request = peer_request(
+        client.get(format!("{}/internal/v1/heartbeat", peer.url)),
+        &region.config,
+    )
+    .timeout(timeout);
+    let outcome = async {
+        let response = request.send().await.map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("HTTP {}", response.status()));
+        }
+        response
+            .json::<Heartbeat>()
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    let labels = [peer.name.as_str()];
+    match outcome {
+        Ok(beat)
+            if beat.cluster_id == region.config.cluster_id && beat.version == PROTOCOL_VERSION =>
+        {
+            peer.heard_from();
+            let ours = region.storage.identity().incarnation;
+            if let Some(&applied) = beat.applied.get(&ours) {
+                // Heartbeats only raise the cursor; the replicator's acks may also lower it.
+                if applied > peer.acked() && applied <= region.storage.last_seq() {
+                    peer.set_acked(applied);
+                }
+            }
+        }
+        Ok(beat) => {
+            tracing::error!(peer = %peer.name, their_cluster = %beat.cluster_id, version = beat.version,
+                "peer belongs to another cluster or speaks another protocol version; refusing it");
+            peer.mark_down("wrong cluster or protocol");
+        }
+        Err(error) => {
+            region
+                .metrics
+                .heartbeats_failed
+                .with_label_values(&labels)
+                .inc();
+            if peer.missed(region.config.down_after_missed) {
+                tracing::debug!(peer = %peer.name, %error, "heartbeat failed");
+            }
+        }
+    }
+    region
+        .metrics
+        .peer_up
+        .with_label_values(&labels)
+        .set(peer.is_up() as i64);
+}

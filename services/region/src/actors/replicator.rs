@@ -1,0 +1,248 @@
+//! Replicator: one per peer, streams this region's replication log to it in sequence order.
+//!
+//! The peer's position (its cursor) is the highest of our sequence numbers it has durably
+//! applied; it is persisted on every acknowledgement. Entries past the cursor are the peer's
+//! hints: they stay in the log (durable, never loaded in bulk) while the peer is down, are
+//! bounded by bytes and age, and drain at a bounded rate when it returns. A peer whose hints
+//! overflow is flagged for priority anti-entropy and its cursor jumps ahead so the log can be
+//! truncated. One batch is in flight at a time, so batches grow with load like group commits.
+
+use crate::peers::{http_client, peer_request, Backoff, Peer};
+use crate::region::Region;
+use crate::storage::now_ms;
+use actix::prelude::*;
+use meridian_shared::log::LogRecord;
+use meridian_shared::wire::{ReplicateAck, ReplicateBatch, PROTOCOL_VERSION};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::Instrument;
+
+/// Streams the log to one peer.
+pub struct Replicator {
+    region: Arc<Region>,
+    peer: Arc<Peer>,
+}
+
+impl Replicator {
+    /// A replicator for `peer`.
+    pub fn new(region: Arc<Region>, peer: Arc<Peer>) -> Self {
+        Self { region, peer }
+    }
+}
+
+impl Actor for Replicator {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let (region, peer) = (self.region.clone(), self.peer.clone());
+        ctx.spawn(actix::fut::wrap_future(replicate_forever(region, peer)));
+    }
+}
+
+enum SendError {
+    /// The connection was refused: the peer is certainly down.
+    Refused,
+    /// Anything else (timeout, HTTP error, storage error).
+    Other(String),
+}
+
+async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
+    let client = http_client();
+    let mut last_seq = region.storage.last_seq_watch();
+    let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
+    let poll = Duration::from_millis(region.config.heartbeat_interval_ms);
+    let labels = [peer.name.as_str()];
+    loop {
+        let cursor = peer.acked();
+        let last = *last_seq.borrow_and_update();
+        let pending = last.saturating_sub(cursor);
+        region
+            .metrics
+            .replication_pending_entries
+            .with_label_values(&labels)
+            .set(pending as i64);
+        if !peer.is_up() {
+            region
+                .metrics
+                .hints_pending
+                .with_label_values(&labels)
+                .set(pending as i64);
+            enforce_hint_bounds(&region, &peer, cursor, last);
+            tokio::select! {
+                _ = peer.came_up.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+            continue;
+        }
+        region
+            .metrics
+            .hints_pending
+            .with_label_values(&labels)
+            .set(0);
+        if pending == 0 {
+            tokio::select! {
+                changed = last_seq.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(poll) => {}
+            }
+            continue;
+        }
+        let span = tracing::debug_span!("replicate_send", peer = %peer.name, after = cursor);
+        match send_batch(&region, &client, &peer, cursor)
+            .instrument(span)
+            .await
+        {
+            Ok(sent) => {
+                backoff.reset();
+                if pending > region.config.replication_batch_entries as u64 {
+                    // Draining a backlog: pace it so a returning peer does not starve live work.
+                    region
+                        .metrics
+                        .hints_drained
+                        .with_label_values(&labels)
+                        .inc_by(sent);
+                    let pause = sent as f64 / region.config.hint_drain_rate as f64;
+                    tokio::time::sleep(Duration::from_secs_f64(pause)).await;
+                }
+            }
+            Err(SendError::Refused) => {
+                peer.mark_down("replication connection refused");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(SendError::Other(error)) => {
+                tracing::warn!(peer = %peer.name, %error, "replication batch failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
+
+/// Sends the entries after `cursor`; returns how many the peer newly acknowledged.
+async fn send_batch(
+    region: &Region,
+    client: &reqwest::Client,
+    peer: &Peer,
+    cursor: u64,
+) -> Result<u64, SendError> {
+    let config = &region.config;
+    let records = region
+        .storage
+        .log_after(
+            cursor,
+            config.replication_batch_entries,
+            config.replication_batch_bytes,
+        )
+        .map_err(|e| SendError::Other(e.to_string()))?;
+    let (Some(&(first, _)), Some((last, last_bytes))) = (records.first(), records.last()) else {
+        return Ok(0);
+    };
+    let last = *last;
+    let committed_ms = LogRecord::decode(last_bytes).map_or(0, |r| r.committed_ms);
+    // Entries the peer needs were truncated (its hints overflowed): it must accept the gap.
+    let resync = first > cursor + 1;
+    if resync {
+        flag_for_anti_entropy(region, peer, "log no longer holds what the peer is missing");
+    }
+    let count = records.len();
+    let batch = ReplicateBatch {
+        version: PROTOCOL_VERSION,
+        incarnation: region.storage.identity().incarnation,
+        resync,
+        records,
+    };
+    let request = peer_request(
+        client.post(format!("{}/internal/v1/replicate", peer.url)),
+        config,
+    )
+    .header("content-type", "application/octet-stream")
+    .timeout(Duration::from_secs(10))
+    .body(batch.encode());
+    let response = request.send().await.map_err(|e| {
+        if e.is_connect() {
+            SendError::Refused
+        } else {
+            SendError::Other(e.to_string())
+        }
+    })?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| SendError::Other(e.to_string()))?;
+    if !status.is_success() {
+        return Err(SendError::Other(format!(
+            "HTTP {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(300)])
+        )));
+    }
+    let ack: ReplicateAck =
+        postcard::from_bytes(&body).map_err(|e| SendError::Other(format!("bad ack: {e}")))?;
+    peer.heard_from();
+    if ack.applied > region.storage.last_seq() {
+        tracing::error!(peer = %peer.name, applied = ack.applied,
+            "peer has applied more of this incarnation than it holds; restart to re-incarnate");
+    }
+    peer.set_acked(ack.applied);
+    let _ = region
+        .storage
+        .submit_cursor(peer.name.as_str(), ack.applied);
+    let labels = [peer.name.as_str()];
+    let newly = ack.applied.saturating_sub(cursor);
+    region
+        .metrics
+        .replication_batches
+        .with_label_values(&labels)
+        .inc();
+    region
+        .metrics
+        .replication_entries
+        .with_label_values(&labels)
+        .inc_by(newly);
+    region
+        .metrics
+        .replication_batch_entries
+        .observe(count as f64);
+    if ack.applied >= last {
+        let lag = now_ms().saturating_sub(committed_ms) as f64 / 1000.0;
+        region
+            .metrics
+            .replication_lag
+            .with_label_values(&labels)
+            .observe(lag);
+    }
+    Ok(newly)
+}
+
+/// Hands a down peer to anti-entropy once its hints exceed the byte or age bound.
+fn enforce_hint_bounds(region: &Region, peer: &Peer, cursor: u64, last: u64) {
+    if cursor >= last {
+        return;
+    }
+    let (Ok(Some(oldest)), Ok(Some(newest))) = (
+        region.storage.log_record(cursor + 1),
+        region.storage.log_record(last),
+    ) else {
+        return;
+    };
+    let bytes = newest.log_offset.saturating_sub(oldest.log_offset);
+    let age_secs = now_ms().saturating_sub(oldest.committed_ms) / 1000;
+    if bytes > region.config.hint_max_bytes || age_secs > region.config.hint_max_age_secs {
+        tracing::warn!(peer = %peer.name, bytes, age_secs, entries = last - cursor,
+            "hints overflowed; the peer will be repaired by anti-entropy");
+        region
+            .metrics
+            .hints_overflowed
+            .with_label_values(&[peer.name.as_str()])
+            .inc();
+        flag_for_anti_entropy(region, peer, "hints overflowed");
+        peer.set_acked(last);
+        let _ = region.storage.submit_cursor(peer.name.as_str(), last);
+    }
+}
+
+fn flag_for_anti_entropy(region: &Region, peer: &Peer, why: &str) {
+    if !peer.ae_needed() {
+        tracing::warn!(peer = %peer.name, why, "peer flagged for priority anti-entropy");
+        peer.set_ae_needed(true);
+        let _ = region.storage.submit_ae_flag(peer.name.as_str(), true);
+    }
+}

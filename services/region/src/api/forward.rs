@@ -1,0 +1,128 @@
+//! Forwarding a request to the key's home region.
+//!
+//! Failover is allowed only when the forward certainly did not apply: the home is marked down,
+//! or the connection could not be made. When the request may have reached the home (a timeout
+//! after sending, a broken answer) the client gets 503: applying it here too could count a
+//! counter increment twice.
+
+use super::error::ApiError;
+use crate::region::Region;
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse};
+use meridian_shared::wire::FORWARDED_HEADER;
+use meridian_shared::RegionName;
+use std::time::Duration;
+
+/// The HTTP client an actix worker uses for forwards (one per worker).
+pub struct PeerClient(pub reqwest::Client);
+
+/// What forwarding did.
+pub enum Forwarded {
+    /// The home answered; pass its answer on.
+    Answered(HttpResponse),
+    /// The home is certainly unreachable and nothing was applied there.
+    HomeUnreachable,
+}
+
+/// Request headers a forward carries over.
+const PASSED_REQUEST_HEADERS: [&str; 7] = [
+    "content-type",
+    "authorization",
+    "idempotency-key",
+    "x-meridian-context",
+    "x-meridian-session",
+    "traceparent",
+    "tracestate",
+];
+
+/// Response headers passed back from the home.
+const PASSED_RESPONSE_HEADERS: [&str; 7] = [
+    "content-type",
+    "x-meridian-region",
+    "x-meridian-home",
+    "x-meridian-session",
+    "x-meridian-failover",
+    "idempotency-replayed",
+    "retry-after",
+];
+
+/// Whether this request was already forwarded by another region (and must not be again).
+pub fn was_forwarded(req: &HttpRequest) -> bool {
+    req.headers().contains_key(FORWARDED_HEADER)
+}
+
+/// Sends the request to `home` and returns its answer, or says the home is unreachable.
+pub async fn forward(
+    region: &Region,
+    client: &PeerClient,
+    req: &HttpRequest,
+    body: &[u8],
+    home: &RegionName,
+) -> Result<Forwarded, ApiError> {
+    let outcome = |label: &str| region.metrics.forwards.with_label_values(&[label]).inc();
+    let Some(peer) = region.peers.get(home) else {
+        outcome("unknown_home");
+        return Ok(Forwarded::HomeUnreachable);
+    };
+    if !peer.is_up() {
+        outcome("home_down");
+        return Ok(Forwarded::HomeUnreachable);
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or(req.path(), |p| p.as_str());
+    let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
+        .map_err(|_| ApiError::bad_request("invalid_method", "unsupported method"))?;
+    let mut request = client
+        .0
+        .request(method, format!("{}{path}", peer.url))
+        .timeout(Duration::from_millis(region.config.forward_timeout_ms))
+        .header(FORWARDED_HEADER, region.name().as_str())
+        .body(body.to_vec());
+    for name in PASSED_REQUEST_HEADERS {
+        if let Some(value) = req.headers().get(name) {
+            request = request.header(name, value.as_bytes());
+        }
+    }
+    let span = tracing::info_span!("forward_to_home", home = %home);
+    let _entered = span.enter();
+    let unknown = |error: String| {
+        outcome("unknown");
+        tracing::warn!(home = %home, %error, "forward outcome unknown");
+        let mut error = ApiError::unavailable(format!(
+            "the home region {home} did not answer in time; the write may or may not have been \
+             applied there. Retry with the same Idempotency-Key"
+        ));
+        error.retry_after = Some(1);
+        error
+    };
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(e) if e.is_connect() => {
+            // Nothing was sent: safe to accept the write here instead.
+            peer.mark_down("forward connection refused");
+            outcome("refused");
+            return Ok(Forwarded::HomeUnreachable);
+        }
+        Err(e) => return Err(unknown(e.to_string())),
+    };
+    let status =
+        StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let headers: Vec<(&'static str, Vec<u8>)> = PASSED_RESPONSE_HEADERS
+        .iter()
+        .filter_map(|name| {
+            response
+                .headers()
+                .get(*name)
+                .map(|v| (*name, v.as_bytes().to_vec()))
+        })
+        .collect();
+    let body = response.bytes().await.map_err(|e| unknown(e.to_string()))?;
+    outcome("answered");
+    let mut answer = HttpResponse::build(status);
+    for (name, value) in headers {
+        answer.insert_header((name, value));
+    }
+    Ok(Forwarded::Answered(answer.body(body)))
+}

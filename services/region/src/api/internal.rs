@@ -1,0 +1,189 @@
+//! The region-to-region protocol (`/internal/v1/*`): heartbeats and log replication.
+
+use super::error::ApiError;
+use crate::actors::partition::{Merge, WriteError};
+use crate::region::Region;
+use crate::storage::BucketSource;
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{header, StatusCode};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, HttpRequest, HttpResponse};
+use meridian_shared::encoding::decode_state;
+use meridian_shared::log::{LogEntry, LogRecord};
+use meridian_shared::wire::{
+    Heartbeat, ReplicateAck, ReplicateBatch, CLUSTER_HEADER, PEER_HEADER, PROTOCOL_VERSION,
+};
+use tracing::Instrument;
+
+/// Registers the internal routes.
+pub fn configure(cfg: &mut web::ServiceConfig, max_batch_bytes: usize) {
+    cfg.service(
+        web::scope("/internal/v1")
+            .wrap(from_fn(require_peer))
+            .app_data(web::PayloadConfig::new(max_batch_bytes))
+            .route("/heartbeat", web::get().to(heartbeat))
+            .route("/replicate", web::post().to(replicate)),
+    );
+}
+
+/// Refuses requests without the peer token (when configured) or from another cluster.
+async fn require_peer(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    if let Some(region) = req.app_data::<web::Data<Region>>() {
+        if let Some(expected) = &region.config.security.peer_token {
+            let presented = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if presented != Some(expected.as_str()) {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "region-to-region requests need the cluster's peer token",
+                )
+                .into());
+            }
+        }
+        let cluster = req
+            .headers()
+            .get(CLUSTER_HEADER)
+            .and_then(|v| v.to_str().ok());
+        if cluster != Some(region.config.cluster_id.as_str()) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "wrong_cluster",
+                format!(
+                    "this region belongs to cluster {:?}",
+                    region.config.cluster_id
+                ),
+            )
+            .into());
+        }
+    }
+    next.call(req).await
+}
+
+/// This region's identity and progress.
+async fn heartbeat(region: web::Data<Region>) -> HttpResponse {
+    HttpResponse::Ok().json(Heartbeat {
+        version: PROTOCOL_VERSION,
+        region: region.name().clone(),
+        cluster_id: region.config.cluster_id.clone(),
+        incarnation: region.storage.identity().incarnation,
+        last_seq: region.storage.last_seq(),
+        applied: region.applied(),
+    })
+}
+
+/// Applies a run of a peer's log and answers how far that origin is now applied here.
+async fn replicate(
+    region: web::Data<Region>,
+    req: HttpRequest,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let origin = req
+        .headers()
+        .get(PEER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("unknown")
+        .to_string();
+    let batch = ReplicateBatch::decode(&body)
+        .map_err(|e| ApiError::bad_request("invalid_batch", format!("undecodable batch: {e}")))?;
+    if batch.version != PROTOCOL_VERSION {
+        return Err(ApiError::bad_request(
+            "protocol_version",
+            format!(
+                "peer speaks protocol {}, this region {PROTOCOL_VERSION}",
+                batch.version
+            ),
+        ));
+    }
+    let span =
+        tracing::info_span!("replicate_apply", origin = %origin, entries = batch.records.len());
+    let applied = apply_batch(&region, &origin, batch)
+        .instrument(span)
+        .await?;
+    let ack = postcard::to_allocvec(&ReplicateAck { applied }).unwrap_or_default();
+    Ok(HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .body(ack))
+}
+
+async fn apply_batch(
+    region: &Region,
+    origin: &str,
+    batch: ReplicateBatch,
+) -> Result<u64, ApiError> {
+    let incarnation = batch.incarnation;
+    let applied = region.applied().get(&incarnation).copied().unwrap_or(0);
+    let Some(&(first, _)) = batch.records.first() else {
+        return Ok(applied);
+    };
+    let last = batch.records.last().map_or(first, |r| r.0);
+    if first > applied + 1 && !batch.resync {
+        // A gap: we lost entries the origin thinks we have. Our answer rewinds its cursor.
+        tracing::warn!(
+            origin,
+            applied,
+            first,
+            "replication gap; asking the origin to resend"
+        );
+        return Ok(applied);
+    }
+    let mut merges = Vec::new();
+    for (seq, bytes) in batch.records {
+        if seq <= applied && !batch.resync {
+            continue; // Redelivery of what is already durable here.
+        }
+        let record = LogRecord::decode(&bytes)
+            .map_err(|e| ApiError::bad_request("invalid_batch", format!("entry {seq}: {e}")))?;
+        match record.entry {
+            // Definitions come before the keys that use them in the log: apply them in order.
+            LogEntry::Bucket(def) => {
+                let ticket = region
+                    .storage
+                    .submit_bucket(def, BucketSource::Replicated)?;
+                ticket
+                    .await
+                    .unwrap_or(Err(crate::storage::StorageError::WriterGone))?;
+            }
+            LogEntry::Key { bucket, key, state } => {
+                let state = decode_state(&state).map_err(|e| {
+                    ApiError::bad_request("invalid_batch", format!("entry {seq}: {e}"))
+                })?;
+                merges.push(region.partitions.merge(Merge {
+                    bucket,
+                    key,
+                    state,
+                    span: tracing::Span::current(),
+                }));
+            }
+        }
+    }
+    let count = merges.len() as u64;
+    for result in futures_util::future::join_all(merges).await {
+        match result {
+            Ok(_) => {}
+            // A state of another type than ours (concurrent conflicting bucket definitions):
+            // it can never apply; skipping it keeps replication moving and is logged.
+            Err(WriteError::State(error)) => {
+                tracing::error!(origin, %error, "replicated state does not fit the local bucket type; skipped")
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let ticket = region.storage.submit_applied(incarnation, last)?;
+    let applied = ticket
+        .await
+        .unwrap_or(Err(crate::storage::StorageError::WriterGone))?;
+    region
+        .metrics
+        .replicated_applied
+        .with_label_values(&[origin])
+        .inc_by(count);
+    Ok(applied)
+}

@@ -1,0 +1,211 @@
+//! What this region knows about each peer, shared by membership, replicators and handlers.
+
+use crate::config::Config;
+use crate::storage::now_ms;
+use meridian_shared::wire::{CLUSTER_HEADER, PEER_HEADER};
+use meridian_shared::RegionName;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+/// Live state of one peer region.
+pub struct Peer {
+    /// Its name.
+    pub name: RegionName,
+    /// Its base URL.
+    pub url: String,
+    up: AtomicBool,
+    missed_heartbeats: AtomicU32,
+    last_heartbeat_ms: AtomicU64,
+    /// Highest of our sequence numbers it has durably applied (its cursor in our log).
+    acked: watch::Sender<u64>,
+    /// Its hints overflowed or expired: it needs priority anti-entropy.
+    ae_needed: AtomicBool,
+    /// Woken when the peer comes back up.
+    pub came_up: Notify,
+}
+
+impl Peer {
+    /// Whether membership currently considers the peer reachable.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Records a successful contact: the peer is up (and waiters are woken if it was down).
+    pub fn heard_from(&self) {
+        self.missed_heartbeats.store(0, Ordering::Release);
+        self.last_heartbeat_ms.store(now_ms(), Ordering::Release);
+        if !self.up.swap(true, Ordering::AcqRel) {
+            tracing::info!(peer = %self.name, "peer is up");
+            self.came_up.notify_waiters();
+        }
+    }
+
+    /// Records a missed heartbeat; returns whether the peer is now down.
+    pub fn missed(&self, down_after: u32) -> bool {
+        let missed = self.missed_heartbeats.fetch_add(1, Ordering::AcqRel) + 1;
+        if missed >= down_after {
+            self.mark_down("missed heartbeats");
+        }
+        !self.is_up()
+    }
+
+    /// Marks the peer down at once: a refused connection is certain, no need to wait.
+    pub fn mark_down(&self, why: &str) {
+        if self.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(peer = %self.name, why, "peer is down");
+        }
+    }
+
+    /// Our highest sequence number the peer has applied.
+    pub fn acked(&self) -> u64 {
+        *self.acked.borrow()
+    }
+
+    /// Watches [`Peer::acked`] (for `ack=quorum|all` waiters).
+    pub fn acked_watch(&self) -> watch::Receiver<u64> {
+        self.acked.subscribe()
+    }
+
+    /// Sets the peer's position in our log (it may move back if the peer lost data).
+    pub fn set_acked(&self, seq: u64) {
+        self.acked.send_if_modified(|current| {
+            let changed = *current != seq;
+            *current = seq;
+            changed
+        });
+    }
+
+    /// Whether the peer is flagged for priority anti-entropy.
+    pub fn ae_needed(&self) -> bool {
+        self.ae_needed.load(Ordering::Acquire)
+    }
+
+    /// Sets or clears the anti-entropy flag.
+    pub fn set_ae_needed(&self, needed: bool) {
+        self.ae_needed.store(needed, Ordering::Release);
+    }
+
+    /// Milliseconds since the last successful contact (None if never).
+    pub fn silent_for_ms(&self) -> Option<u64> {
+        match self.last_heartbeat_ms.load(Ordering::Acquire) {
+            0 => None,
+            last => Some(now_ms().saturating_sub(last)),
+        }
+    }
+}
+
+/// Every peer of this region.
+pub struct Peers {
+    list: Vec<Arc<Peer>>,
+}
+
+impl Peers {
+    /// Peers from the configuration, with their persisted cursors and flags. All start down
+    /// until their first heartbeat answers.
+    pub fn new(
+        config: &Config,
+        cursors: &std::collections::BTreeMap<String, u64>,
+        flags: &std::collections::BTreeMap<String, bool>,
+    ) -> Self {
+        let list = config
+            .peers
+            .iter()
+            .map(|(name, url)| {
+                let (acked, _) = watch::channel(cursors.get(name.as_str()).copied().unwrap_or(0));
+                Arc::new(Peer {
+                    name: name.clone(),
+                    url: url.trim_end_matches('/').to_string(),
+                    up: AtomicBool::new(false),
+                    missed_heartbeats: AtomicU32::new(0),
+                    last_heartbeat_ms: AtomicU64::new(0),
+                    acked,
+                    ae_needed: AtomicBool::new(flags.get(name.as_str()).copied().unwrap_or(false)),
+                    came_up: Notify::new(),
+                })
+            })
+            .collect();
+        Self { list }
+    }
+
+    /// Every peer.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Peer>> {
+        self.list.iter()
+    }
+
+    /// A peer by name.
+    pub fn get(&self, name: &RegionName) -> Option<&Arc<Peer>> {
+        self.list.iter().find(|p| &p.name == name)
+    }
+
+    /// Number of peers.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Whether the region has no peers.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+}
+
+/// Builds an HTTP client for talking to peers: pooled keep-alive connections, short connect
+/// timeout so a dead peer is detected quickly. Each actor or worker builds its own.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// Adds the headers that identify this region to a peer request.
+pub fn peer_request(builder: reqwest::RequestBuilder, config: &Config) -> reqwest::RequestBuilder {
+    let builder = builder
+        .header(PEER_HEADER, config.region.as_str())
+        .header(CLUSTER_HEADER, config.cluster_id.as_str());
+    match &config.security.peer_token {
+        Some(token) => builder.bearer_auth(token),
+        None => builder,
+    }
+}
+
+/// Exponential backoff with full jitter, for retrying a peer.
+pub struct Backoff {
+    current: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// A backoff between `min` and `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            current: min,
+            min,
+            max,
+        }
+    }
+
+    /// The next delay: random in `[0, current]`, then doubles `current`.
+    pub fn next_delay(&mut self) -> Duration {
+        let jittered = self.current.mul_f64(jitter());
+        self.current = (self.current * 2).min(self.max);
+        jittered.max(self.min / 2)
+    }
+
+    /// Back to the minimum after a success.
+    pub fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+/// A cheap pseudo-random factor in [0, 1) (jitter needs spread, not cryptographic quality).
+pub fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(now_ms());
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
