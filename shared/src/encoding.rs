@@ -60,10 +60,7 @@ pub fn encode_state(state: &KeyState) -> Vec<u8> {
     }
     let mut out = Vec::with_capacity(direct.len() + 1);
     out.push(STATE_FORMAT_V1);
-    match postcard::to_extend(&canonical, out) {
-        Ok(out) => out,
-        Err(_) => Vec::new(),
-    }
+    postcard::to_extend(&canonical, out).unwrap_or_default()
 }
 
 /// Decodes bytes produced by [`encode_state`].

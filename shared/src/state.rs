@@ -256,6 +256,6 @@ fn register_write(
         + 1;
     let mut clock = context.unwrap_or(seen);
     let dot = Dot::new(actor, counter);
-    clock.apply(dot.clone());
+    clock.apply(dot);
     reg.apply(reg.write(value, AddCtx { clock, dot }));
 }

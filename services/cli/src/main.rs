@@ -1,1 +1,56 @@
-fn main() {}
+//! `meridianctl`: Meridian's command-line client and load generator.
+#![deny(missing_docs)]
+
+mod args;
+mod bench;
+mod client;
+mod commands;
+mod duration;
+mod error;
+mod status;
+
+use args::{Cli, Command};
+use clap::Parser;
+use error::CliError;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    // clap prints usage errors and exits with code 2 itself.
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    // One-shot commands and a single-threaded bench run on a current-thread runtime: no
+    // cross-thread wakeups, which is the cheapest way to drive many sequential connections.
+    let threads = match &cli.command {
+        Command::Bench(bench) => usize::from(bench.threads),
+        _ => 1,
+    };
+    let mut builder = if threads > 1 {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = builder
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Failed(format!("cannot start the async runtime: {e}")))?;
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Bench(bench) => bench::run(cli.url, cli.token, cli.timeout, bench).await,
+            _ => commands::run(cli).await,
+        }
+    });
+    // Connection tasks of abandoned workers may still be parked; do not wait for them.
+    runtime.shutdown_background();
+    result
+}

@@ -61,8 +61,8 @@ impl Region {
             opened.reincarnate()?;
         }
         let storage = Storage::start(opened, config.commit_max_batch, metrics.clone())?;
-        let (cursors, flags) = storage.peer_progress()?;
-        let peers = Peers::new(&config, &cursors, &flags);
+        let progress = storage.peer_progress()?;
+        let peers = Peers::new(&config, &progress.cursors, &progress.flags);
         let shared = Arc::new(PartitionShared {
             storage: storage.clone(),
             hlc: Arc::new(Hlc::new()),

@@ -98,6 +98,16 @@ impl Message for Merge {
     type Result = Result<bool, WriteError>;
 }
 
+/// A write handed to the group commit, or a retry answered from its idempotency record.
+enum Prepared {
+    Queued {
+        ticket: crate::storage::WriteTicket<u64>,
+        state: KeyState,
+        version: u64,
+    },
+    Replayed(IdempotencyRecord),
+}
+
 /// Owns the keys whose hash falls in its range.
 pub struct PartitionActor {
     shared: Arc<PartitionShared>,
@@ -123,11 +133,7 @@ impl PartitionActor {
     }
 
     /// Applies the write to the latest state and queues it; returns the ticket and new state.
-    fn prepare(
-        &mut self,
-        msg: &mut Write,
-    ) -> Result<Result<(crate::storage::WriteTicket<u64>, KeyState, u64), WriteOutcome>, WriteError>
-    {
+    fn prepare(&mut self, msg: &mut Write) -> Result<Prepared, WriteError> {
         if let Some((id, fingerprint, _)) = msg.idempotency {
             if self.idempotency_in_flight.contains(&id) {
                 return Err(WriteError::IdempotencyConflict(
@@ -140,7 +146,7 @@ impl PartitionActor {
                         "this Idempotency-Key was already used for a different request",
                     ));
                 }
-                return Ok(Err(WriteOutcome::Replayed(record)));
+                return Ok(Prepared::Replayed(record));
             }
         }
 
@@ -167,7 +173,11 @@ impl PartitionActor {
         if let Some((id, _, _)) = msg.idempotency {
             self.idempotency_in_flight.insert(id);
         }
-        Ok(Ok((ticket, state, version)))
+        Ok(Prepared::Queued {
+            ticket,
+            state,
+            version,
+        })
     }
 
     /// The latest state of a key: pending if a commit is in flight, else committed.
@@ -217,8 +227,14 @@ impl Handler<Write> for PartitionActor {
         let span = tracing::debug_span!(parent: &msg.span, "partition_write", bucket = %msg.bucket);
         let prepared = span.in_scope(|| self.prepare(&mut msg));
         let (ticket, state, version) = match prepared {
-            Ok(Ok(ready)) => ready,
-            Ok(Err(replayed)) => return Box::pin(fut::ready(Ok(replayed))),
+            Ok(Prepared::Queued {
+                ticket,
+                state,
+                version,
+            }) => (ticket, state, version),
+            Ok(Prepared::Replayed(record)) => {
+                return Box::pin(fut::ready(Ok(WriteOutcome::Replayed(record))))
+            }
             Err(error) => return Box::pin(fut::ready(Err(error))),
         };
         let slot = (msg.bucket, msg.key);

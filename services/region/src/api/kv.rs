@@ -157,18 +157,32 @@ fn target(region: &Region, req: &HttpRequest) -> Result<(BucketDef, String), Api
     Ok((region.bucket(&bucket)?, key))
 }
 
+/// A write as the handlers parsed it.
+struct Change<'a> {
+    def: BucketDef,
+    key: String,
+    op: Op,
+    /// The raw body (forwarded as is, and fingerprinted for idempotency).
+    body: &'a [u8],
+    /// Builds the answer from the key's new state.
+    respond: Responder,
+}
+
 /// Forwards a write to its home region, or applies it here (at home, or as failover), then
 /// waits for the requested acknowledgement.
 async fn write(
     region: &Region,
     client: &PeerClient,
     req: &HttpRequest,
-    def: BucketDef,
-    key: String,
-    op: Op,
-    body: &[u8],
-    respond: Responder,
+    change: Change<'_>,
 ) -> Result<HttpResponse, ApiError> {
+    let Change {
+        def,
+        key,
+        op,
+        body,
+        respond,
+    } = change;
     let WriteQuery { ack } = extract::query(req)?;
     let session = extract::session(req)?;
     let idempotency = extract::idempotency_key(req)?.map(|id| {
@@ -258,7 +272,14 @@ pub async fn put(
     let value = extract::json_value_text(&body)?;
     let context = extract::context(&req)?;
     let op = Op::Put { value, context };
-    write(&region, &client, &req, def, key, op, &body, respond_context).await
+    let change = Change {
+        def,
+        key,
+        op,
+        body: &body,
+        respond: respond_context,
+    };
+    write(&region, &client, &req, change).await
 }
 
 /// Deletes a register (tombstone) or every observed member of a set.
@@ -278,17 +299,14 @@ pub async fn delete(
         meridian_shared::BucketType::Set => respond_members,
         _ => respond_context,
     };
-    write(
-        &region,
-        &client,
-        &req,
+    let change = Change {
         def,
         key,
-        Op::Delete { context },
-        b"",
+        op: Op::Delete { context },
+        body: b"",
         respond,
-    )
-    .await
+    };
+    write(&region, &client, &req, change).await
 }
 
 /// Adds to a counter.
@@ -307,17 +325,14 @@ pub async fn increment(
     let (def, key) = target(&region, &req)?;
     let body = extract::read_body(&req, payload, region.config.max_body_bytes).await?;
     let IncrementBody { by } = extract::json(&body)?;
-    write(
-        &region,
-        &client,
-        &req,
+    let change = Change {
         def,
         key,
-        Op::Increment { by },
-        &body,
-        respond_counter,
-    )
-    .await
+        op: Op::Increment { by },
+        body: &body,
+        respond: respond_counter,
+    };
+    write(&region, &client, &req, change).await
 }
 
 /// Adds members to a set.
@@ -335,17 +350,14 @@ pub async fn add(
     let (def, key) = target(&region, &req)?;
     let body = extract::read_body(&req, payload, region.config.max_body_bytes).await?;
     let MembersBody { members } = extract::json(&body)?;
-    write(
-        &region,
-        &client,
-        &req,
+    let change = Change {
         def,
         key,
-        Op::Add { members },
-        &body,
-        respond_members,
-    )
-    .await
+        op: Op::Add { members },
+        body: &body,
+        respond: respond_members,
+    };
+    write(&region, &client, &req, change).await
 }
 
 /// Removes observed members from a set.
@@ -363,17 +375,14 @@ pub async fn remove(
     let (def, key) = target(&region, &req)?;
     let body = extract::read_body(&req, payload, region.config.max_body_bytes).await?;
     let MembersBody { members } = extract::json(&body)?;
-    write(
-        &region,
-        &client,
-        &req,
+    let change = Change {
         def,
         key,
-        Op::Remove { members },
-        &body,
-        respond_members,
-    )
-    .await
+        op: Op::Remove { members },
+        body: &body,
+        respond: respond_members,
+    };
+    write(&region, &client, &req, change).await
 }
 
 /// Reads a key.

@@ -133,6 +133,15 @@ pub struct Storage {
     buckets: BucketCache,
 }
 
+/// What was persisted about each peer: its cursor in our log and its anti-entropy flag.
+#[derive(Debug, Default)]
+pub struct PeerProgress {
+    /// Peer name → highest of our sequence numbers it acknowledged.
+    pub cursors: BTreeMap<String, u64>,
+    /// Peer name → flagged for priority anti-entropy.
+    pub flags: BTreeMap<String, bool>,
+}
+
 /// One page of a key listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyPage {
@@ -317,9 +326,7 @@ impl Storage {
     }
 
     /// Persisted per-peer cursors and anti-entropy flags.
-    pub fn peer_progress(
-        &self,
-    ) -> Result<(BTreeMap<String, u64>, BTreeMap<String, bool>), StorageError> {
+    pub fn peer_progress(&self) -> Result<PeerProgress, StorageError> {
         let txn = self.db.begin_read()?;
         let mut cursors = BTreeMap::new();
         for entry in txn.open_table(PEER_CURSORS)?.iter()? {
@@ -335,7 +342,7 @@ impl Storage {
             };
             flags.insert(peer.to_string(), value.value() == [1]);
         }
-        Ok((cursors, flags))
+        Ok(PeerProgress { cursors, flags })
     }
 
     /// Lists live keys of a bucket in byte order, starting after `after`, filtered by `prefix`.
