@@ -52,12 +52,14 @@ pub fn was_forwarded(req: &HttpRequest) -> bool {
 }
 
 /// Sends the request to `home` and returns its answer, or says the home is unreachable.
+/// `home_may_wait` is how long the home may hold the request by design (ack or session waits).
 pub async fn forward(
     region: &Region,
     client: &PeerClient,
     req: &HttpRequest,
     body: &[u8],
     home: &RegionName,
+    home_may_wait: Duration,
 ) -> Result<Forwarded, ApiError> {
     let outcome = |label: &str| region.metrics.forwards.with_label_values(&[label]).inc();
     let Some(peer) = region.peers.get(home) else {
@@ -77,7 +79,8 @@ pub async fn forward(
     let mut request = client
         .0
         .request(method, format!("{}{path}", peer.url))
-        .timeout(Duration::from_millis(region.config.forward_timeout_ms))
+        // The home may legitimately wait (for acks, for a session): allow it that on top.
+        .timeout(Duration::from_millis(region.config.forward_timeout_ms) + home_may_wait)
         .header(FORWARDED_HEADER, region.name().as_str())
         .body(body.to_vec());
     for name in PASSED_REQUEST_HEADERS {

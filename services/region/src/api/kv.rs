@@ -5,7 +5,7 @@ use super::extract::{
     self, ReadConsistency, ReadQuery, WriteQuery, CONTEXT_HEADER, SESSION_HEADER,
 };
 use super::forward::{self, Forwarded, PeerClient};
-use crate::actors::partition::{Responder, Write, WriteOutcome};
+use crate::actors::partition::{Responder, Write, WriteError, WriteOutcome};
 use crate::region::Region;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -15,6 +15,7 @@ use meridian_shared::state::View;
 use meridian_shared::{BucketDef, KeyState, Op, RegionName};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::time::Duration;
 use utoipa::ToSchema;
 
 /// Answer to a register write or delete.
@@ -195,7 +196,28 @@ async fn write(
     let home = region.home_of(&def, &key).clone();
     let failover = &home != region.name() && !forward::was_forwarded(req);
     if failover {
-        match forward::forward(region, client, req, body, &home).await? {
+        // A retry of a write this region accepted as failover is answered here: forwarding
+        // it to the (now reachable) home would apply it a second time.
+        if let Some((id, fingerprint, _)) = idempotency {
+            if let Some(record) = region.storage.idempotency(id)? {
+                if record.fingerprint != fingerprint {
+                    return Err(WriteError::IdempotencyConflict(
+                        "this Idempotency-Key was already used for a different request",
+                    )
+                    .into());
+                }
+                let token = region.session_after(session, Some(record.seq));
+                let mut response =
+                    key_response(region, record.status, record.body, &home, token, true);
+                mark_replayed(&mut response);
+                return Ok(response);
+            }
+        }
+        let home_may_wait = match ack {
+            extract::Ack::Local => Duration::ZERO,
+            _ => Duration::from_millis(region.config.ack_timeout_ms),
+        };
+        match forward::forward(region, client, req, body, &home, home_may_wait).await? {
             Forwarded::Answered(response) => return Ok(response),
             Forwarded::HomeUnreachable => region.metrics.failover_writes.inc(),
         }
@@ -222,12 +244,16 @@ async fn write(
     let token = region.session_after(session, Some(seq));
     let mut response = key_response(region, status, body, &home, token, failover);
     if replayed {
-        response.headers_mut().insert(
-            actix_web::http::header::HeaderName::from_static("idempotency-replayed"),
-            actix_web::http::header::HeaderValue::from_static("true"),
-        );
+        mark_replayed(&mut response);
     }
     Ok(response)
+}
+
+fn mark_replayed(response: &mut HttpResponse) {
+    response.headers_mut().insert(
+        actix_web::http::header::HeaderName::from_static("idempotency-replayed"),
+        actix_web::http::header::HeaderValue::from_static("true"),
+    );
 }
 
 /// Identifies a request for idempotency: same key + different request = conflict.
@@ -408,7 +434,8 @@ pub async fn get(
         ReadConsistency::Local | ReadConsistency::Quorum | ReadConsistency::All => false,
     };
     if go_home {
-        return match forward::forward(&region, &client, &req, b"", &home).await? {
+        let home_may_wait = Duration::from_millis(region.config.session_wait_ms);
+        return match forward::forward(&region, &client, &req, b"", &home, home_may_wait).await? {
             Forwarded::Answered(response) => Ok(response),
             Forwarded::HomeUnreachable => Err(ApiError::unavailable(format!(
                 "consistency={} needs the home region {home}, which is unreachable",
