@@ -1,10 +1,11 @@
 //! Canonical binary encoding of key states (postcard), used on disk, on the wire and for hashing.
 //!
-//! `crdts` keeps sets in `HashMap`s and register siblings in arrival order, so encoding its types
+//! `crdts` keeps sets in `HashMap`s, so encoding its types
 //! directly would give equal states different bytes. Encoding goes through mirror types with the
 //! same serde shape but sorted contents: equal states always encode to identical bytes (the
 //! Merkle tree relies on it), and the bytes decode straight back into the `crdts` types.
 
+use crate::register::DvvRegister;
 use crate::state::{KeyState, LwwStamp};
 use crate::Actor;
 use crdts::{LWWReg, PNCounter, VClock};
@@ -28,7 +29,7 @@ pub enum DecodeError {
 /// Mirror of `KeyState` with sorted collections; variant order must match.
 #[derive(Serialize, Deserialize)]
 enum CanonicalState {
-    Register(Vec<(VClock<Actor>, Option<String>)>),
+    Register(DvvRegister),
     Lww(LWWReg<Option<String>, LwwStamp>),
     Counter(PNCounter<Actor>),
     Set(CanonicalSet),
@@ -52,11 +53,9 @@ pub fn encode_state(state: &KeyState) -> Vec<u8> {
         Err(_) => return Vec::new(),
     };
     match &mut canonical {
-        CanonicalState::Register(vals) => {
-            vals.sort_by(|a, b| a.0.dots.cmp(&b.0.dots).then_with(|| a.1.cmp(&b.1)))
-        }
         CanonicalState::Set(set) => set.deferred.sort_by(|a, b| a.0.dots.cmp(&b.0.dots)),
-        CanonicalState::Lww(_) | CanonicalState::Counter(_) => {}
+        // Registers, lww and counters hold only ordered maps: already canonical.
+        CanonicalState::Register(_) | CanonicalState::Lww(_) | CanonicalState::Counter(_) => {}
     }
     let mut out = Vec::with_capacity(direct.len() + 1);
     out.push(STATE_FORMAT_V1);

@@ -12,6 +12,7 @@ pub mod home;
 pub mod ids;
 pub mod log;
 pub mod names;
+pub mod register;
 pub mod session;
 pub mod state;
 pub mod wire;

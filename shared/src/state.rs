@@ -1,8 +1,8 @@
 //! The value model: one CRDT state per key, by bucket type, and the operations clients send.
 
+use crate::register::DvvRegister;
 use crate::{Actor, BucketType};
-use crdts::ctx::AddCtx;
-use crdts::{CmRDT, CvRDT, Dot, LWWReg, MVReg, Orswot, PNCounter, VClock};
+use crdts::{CmRDT, CvRDT, LWWReg, Orswot, PNCounter, VClock};
 use num_traits::ToPrimitive;
 use serde::{Deserialize, Serialize};
 
@@ -17,13 +17,13 @@ pub struct LwwStamp {
     pub actor: Actor,
 }
 
-/// The CRDT state of one key. Register values are JSON text; `None` is a deletion tombstone.
+/// The CRDT state of one key. Register values are JSON text; for `lww`, `None` is a deletion.
 ///
 /// Variant order and field shapes are part of the on-disk format (see [`crate::encoding`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum KeyState {
     /// Multi-value register: concurrent writes survive as siblings.
-    Register(MVReg<Option<String>, Actor>),
+    Register(DvvRegister),
     /// Last-writer-wins register.
     Lww(LWWReg<Option<String>, LwwStamp>),
     /// PN-counter.
@@ -113,7 +113,7 @@ impl KeyState {
     /// The empty state of a bucket type.
     pub fn empty(kind: BucketType) -> Self {
         match kind {
-            BucketType::Register => KeyState::Register(MVReg::new()),
+            BucketType::Register => KeyState::Register(DvvRegister::default()),
             BucketType::Lww => KeyState::Lww(LWWReg::default()),
             BucketType::Counter => KeyState::Counter(PNCounter::new()),
             BucketType::Set => KeyState::Set(Orswot::new()),
@@ -141,10 +141,10 @@ impl KeyState {
         };
         match (self, op) {
             (KeyState::Register(reg), Op::Put { value, context }) => {
-                register_write(reg, Some(value), context, actor)
+                reg.write(Some(value), context.as_ref(), actor)
             }
             (KeyState::Register(reg), Op::Delete { context }) => {
-                register_write(reg, None, context, actor)
+                reg.write(None, context.as_ref(), actor)
             }
             (KeyState::Lww(reg), Op::Put { value, .. }) => {
                 reg.update(Some(value), LwwStamp { hlc, actor })
@@ -192,7 +192,7 @@ impl KeyState {
     /// other types need none, so theirs is empty.
     pub fn context(&self) -> VClock<Actor> {
         match self {
-            KeyState::Register(reg) => reg.read_ctx().add_clock,
+            KeyState::Register(reg) => reg.context().clone(),
             KeyState::Lww(_) | KeyState::Counter(_) | KeyState::Set(_) => VClock::new(),
         }
     }
@@ -201,15 +201,14 @@ impl KeyState {
     pub fn view(&self) -> View {
         match self {
             KeyState::Register(reg) => {
-                let (values, ctx) = reg.read().split();
-                let mut live: Vec<String> = values.into_iter().flatten().collect();
+                let mut live: Vec<String> = reg.values().map(String::from).collect();
                 if live.is_empty() {
                     return View::Absent;
                 }
                 live.sort_unstable();
                 View::Register {
                     values: live,
-                    context: ctx.add_clock,
+                    context: reg.context().clone(),
                 }
             }
             KeyState::Lww(reg) => match &reg.val {
@@ -238,24 +237,4 @@ impl KeyState {
             }
         }
     }
-}
-
-/// A register write by `actor` superseding exactly what `context` covers (all seen when `None`).
-fn register_write(
-    reg: &mut MVReg<Option<String>, Actor>,
-    value: Option<String>,
-    context: Option<VClock<Actor>>,
-    actor: Actor,
-) {
-    let seen = reg.read_ctx().add_clock;
-    // The new dot must be fresh even when the client's context is stale: a dot at or below one
-    // already in the state would make the write look old and it would be dropped.
-    let counter = seen
-        .get(&actor)
-        .max(context.as_ref().map_or(0, |c| c.get(&actor)))
-        + 1;
-    let mut clock = context.unwrap_or(seen);
-    let dot = Dot::new(actor, counter);
-    clock.apply(dot);
-    reg.apply(reg.write(value, AddCtx { clock, dot }));
 }

@@ -12,7 +12,16 @@ const REPLICAS: usize = 3;
 #[derive(Debug, Clone)]
 enum Step {
     Local(usize, Op),
-    Merge { into: usize, from: usize },
+    /// A client read at `read_at` and writes at the replica with that (possibly stale) context.
+    LocalWithContextOf {
+        at: usize,
+        read_at: usize,
+        op: Op,
+    },
+    Merge {
+        into: usize,
+        from: usize,
+    },
 }
 
 fn member() -> impl Strategy<Value = String> {
@@ -39,8 +48,24 @@ fn op_for(kind: BucketType) -> BoxedStrategy<Op> {
 fn step(kind: BucketType) -> impl Strategy<Value = Step> {
     prop_oneof![
         3 => (0..REPLICAS, op_for(kind)).prop_map(|(r, op)| Step::Local(r, op)),
+        2 => (0..REPLICAS, 0..REPLICAS, op_for(kind))
+            .prop_map(|(at, read_at, op)| Step::LocalWithContextOf { at, read_at, op }),
         1 => (0..REPLICAS, 0..REPLICAS).prop_map(|(into, from)| Step::Merge { into, from }),
     ]
+}
+
+/// Gives a register op the context the client read elsewhere.
+fn with_context(op: Op, context: crdts::VClock<Actor>) -> Op {
+    match op {
+        Op::Put { value, .. } => Op::Put {
+            value,
+            context: Some(context),
+        },
+        Op::Delete { .. } => Op::Delete {
+            context: Some(context),
+        },
+        other => other,
+    }
 }
 
 /// Runs a random history over three replicas, each with its own actor, and returns their states.
@@ -52,6 +77,12 @@ fn replicas(kind: BucketType) -> impl Strategy<Value = Vec<KeyState>> {
                 Step::Local(r, op) => states[r]
                     .apply(op, Actor::from_u128(r as u128 + 1), hlc as u64 + 1)
                     .expect("op fits type"),
+                Step::LocalWithContextOf { at, read_at, op } => {
+                    let op = with_context(op, states[read_at].context());
+                    states[at]
+                        .apply(op, Actor::from_u128(at as u128 + 1), hlc as u64 + 1)
+                        .expect("op fits type")
+                }
                 Step::Merge { into, from } => {
                     let other = states[from].clone();
                     states[into].merge(other).expect("same type");
@@ -128,6 +159,31 @@ proptest! {
         }
         let all = states.iter().fold(KeyState::empty(BucketType::Counter), |acc, s| join(&acc, s));
         prop_assert_eq!(all.view(), View::Counter(incs.iter().map(|(_, by)| by).sum()));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Two clients write concurrently at two replicas with the same stale context: after the
+    /// replicas exchange states, both values are siblings everywhere; a write with the merged
+    /// context then resolves them to one value everywhere.
+    #[test]
+    fn concurrent_register_writes_survive_until_a_covering_write(s in replicas(BucketType::Register)) {
+        let (a, b) = (Actor::from_u128(1), Actor::from_u128(2));
+        let base = join(&s[0], &s[1]);
+        let stale = base.context();
+        let (mut left, mut right) = (base.clone(), base.clone());
+        left.apply(Op::Put { value: "\"left\"".into(), context: Some(stale.clone()) }, a, 1000).unwrap();
+        right.apply(Op::Put { value: "\"right\"".into(), context: Some(stale) }, b, 1001).unwrap();
+        let merged = join(&left, &right);
+        prop_assert!(same(&merged, &join(&right, &left)));
+        let View::Register { values, context } = merged.view() else { panic!("register") };
+        prop_assert_eq!(values, vec!["\"left\"".to_string(), "\"right\"".to_string()]);
+        let mut resolved = merged.clone();
+        resolved.apply(Op::Put { value: "1".into(), context: Some(context) }, b, 1002).unwrap();
+        let everywhere = join(&join(&left, &resolved), &right);
+        prop_assert_eq!(everywhere.view(), View::Register { values: vec!["1".into()], context: everywhere.context() });
     }
 }
 

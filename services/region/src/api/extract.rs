@@ -68,12 +68,19 @@ pub async fn read_body(
     Ok(body.freeze())
 }
 
-/// Parses a JSON body: malformed → 400 `invalid_json`, wrong shape → 422 `invalid_body`.
+/// Parses a JSON object body: malformed → 400 `invalid_json`; well-formed but not an object of
+/// the expected shape → 422 `invalid_body`.
+///
+/// Parsing to a `Value` first keeps the two apart: serde's struct deserializer would accept an
+/// array as a struct and report a truncated body as a type error.
 pub fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => ApiError::invalid_body(e.to_string()),
-        _ => ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}")),
-    })
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request("invalid_json", format!("body is not valid JSON: {e}"))
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::invalid_body("body must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::invalid_body(e.to_string()))
 }
 
 /// Checks that the body is one JSON value and returns its text without surrounding whitespace.

@@ -1,0 +1,189 @@
+//! `Idempotency-Key`: a retried write is applied once and answered like the first time.
+
+mod common;
+
+use common::{assert_error, kv, Region, Reply};
+use serde_json::json;
+
+fn incr(bucket: &str, key: &str) -> String {
+    format!("{}/increment", kv(bucket, key))
+}
+
+fn replayed(reply: &Reply) -> bool {
+    reply
+        .header("idempotency-replayed")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
+#[tokio::test]
+async fn a_retried_increment_is_applied_once_and_replayed() {
+    let region = Region::start("idem-incr").await;
+    region.create_bucket("id-cnt", "counter").await;
+    let path = incr("id-cnt", "hits");
+    let key = uuid::Uuid::new_v4().to_string();
+    let headers = [("Idempotency-Key", key.as_str())];
+
+    let first = region.post_with(&path, &json!({ "by": 7 }), &headers).await;
+    assert_eq!(first.expect(200), &json!({ "value": 7 }));
+    assert!(
+        !replayed(&first),
+        "the first answer is not a replay: {first:?}"
+    );
+
+    for attempt in 2..=3 {
+        let retry = region.post_with(&path, &json!({ "by": 7 }), &headers).await;
+        assert_eq!(retry.status, first.status, "attempt {attempt}");
+        assert_eq!(retry.body, first.body, "attempt {attempt}: same body");
+        assert!(
+            replayed(&retry),
+            "attempt {attempt}: Idempotency-Replayed: true; {retry:?}"
+        );
+    }
+    let get = region.get(&kv("id-cnt", "hits")).await;
+    assert_eq!(get.expect(200)["value"], json!(7), "applied once");
+
+    // A new key is a new write.
+    let other = uuid::Uuid::new_v4().to_string();
+    let next = region
+        .post_with(&path, &json!({ "by": 7 }), &[("Idempotency-Key", &other)])
+        .await;
+    assert_eq!(next.expect(200), &json!({ "value": 14 }));
+    assert!(!replayed(&next));
+    // Without a key every request is applied.
+    region.post(&path, &json!({ "by": 1 })).await.expect(200);
+    region.post(&path, &json!({ "by": 1 })).await.expect(200);
+    let get = region.get(&kv("id-cnt", "hits")).await;
+    assert_eq!(get.expect(200)["value"], json!(16));
+}
+
+#[tokio::test]
+async fn a_key_reused_for_a_different_request_is_409_idempotency_conflict() {
+    let region = Region::start("idem-conflict").await;
+    region.create_bucket("ic-cnt", "counter").await;
+    region.create_bucket("ic-reg", "register").await;
+    let key = uuid::Uuid::new_v4().to_string();
+    let headers = [("Idempotency-Key", key.as_str())];
+
+    region
+        .post_with(&incr("ic-cnt", "a"), &json!({ "by": 1 }), &headers)
+        .await
+        .expect(200);
+
+    // Same route, different body.
+    let reply = region
+        .post_with(&incr("ic-cnt", "a"), &json!({ "by": 2 }), &headers)
+        .await;
+    assert_error(&reply, 409, "idempotency_conflict");
+    // Different key of the same bucket.
+    let reply = region
+        .post_with(&incr("ic-cnt", "b"), &json!({ "by": 1 }), &headers)
+        .await;
+    assert_error(&reply, 409, "idempotency_conflict");
+    // A different operation altogether.
+    let reply = region
+        .put_with(&kv("ic-reg", "a"), &json!({ "by": 1 }), &headers)
+        .await;
+    assert_error(&reply, 409, "idempotency_conflict");
+
+    // None of them was applied.
+    let get = region.get(&kv("ic-cnt", "a")).await;
+    assert_eq!(get.expect(200)["value"], json!(1));
+    let get = region.get(&kv("ic-cnt", "b")).await;
+    assert_eq!(get.expect(200)["value"], json!(0));
+    assert_error(&region.get(&kv("ic-reg", "a")).await, 404, "key_not_found");
+}
+
+#[tokio::test]
+async fn register_puts_and_set_adds_are_idempotent_too() {
+    let region = Region::start("idem-other").await;
+    region.create_bucket("io-reg", "register").await;
+    region.create_bucket("io-set", "set").await;
+
+    let key = uuid::Uuid::new_v4().to_string();
+    let path = kv("io-reg", "doc");
+    let ctx1 = region.put(&path, &json!("v1")).await.context();
+    let first = region
+        .put_with(
+            &path,
+            &json!("v2"),
+            &[("Idempotency-Key", &key), ("X-Meridian-Context", &ctx1)],
+        )
+        .await;
+    first.expect(200);
+    region.put(&path, &json!("v3")).await.expect(200);
+    // The replay answers like the first time and does not write v2 again over v3.
+    let retry = region
+        .put_with(
+            &path,
+            &json!("v2"),
+            &[("Idempotency-Key", &key), ("X-Meridian-Context", &ctx1)],
+        )
+        .await;
+    assert_eq!(retry.status, 200);
+    assert_eq!(retry.body, first.body);
+    assert!(replayed(&retry), "{retry:?}");
+    let get = region.get(&path).await;
+    assert_eq!(get.expect(200)["values"], json!(["v3"]));
+
+    let set_key = uuid::Uuid::new_v4().to_string();
+    let add = format!("{}/add", kv("io-set", "team"));
+    let first = region
+        .post_with(
+            &add,
+            &json!({ "members": ["a"] }),
+            &[("Idempotency-Key", &set_key)],
+        )
+        .await;
+    assert_eq!(first.expect(200), &json!({ "members": ["a"] }));
+    region
+        .post(
+            &format!("{}/remove", kv("io-set", "team")),
+            &json!({ "members": ["a"] }),
+        )
+        .await
+        .expect(200);
+    let retry = region
+        .post_with(
+            &add,
+            &json!({ "members": ["a"] }),
+            &[("Idempotency-Key", &set_key)],
+        )
+        .await;
+    assert_eq!(retry.body, first.body);
+    assert!(replayed(&retry), "{retry:?}");
+    let get = region.get(&kv("io-set", "team")).await;
+    assert_eq!(
+        get.expect(200)["members"],
+        json!([]),
+        "the add was not re-applied"
+    );
+}
+
+#[tokio::test]
+async fn a_replay_still_works_after_kill_9_and_restart() {
+    let mut region = Region::start("idem-crash").await;
+    region.create_bucket("ik-cnt", "counter").await;
+    let path = incr("ik-cnt", "hits");
+    let key = uuid::Uuid::new_v4().to_string();
+    let headers = [("Idempotency-Key", key.as_str())];
+
+    let first = region.post_with(&path, &json!({ "by": 5 }), &headers).await;
+    assert_eq!(first.expect(200), &json!({ "value": 5 }));
+
+    region.kill9();
+    region.restart().await;
+
+    let retry = region.post_with(&path, &json!({ "by": 5 }), &headers).await;
+    assert_eq!(retry.status, 200, "{retry:?}");
+    assert_eq!(retry.body, first.body);
+    assert!(replayed(&retry), "{retry:?}");
+    let get = region.get(&kv("ik-cnt", "hits")).await;
+    assert_eq!(
+        get.expect(200)["value"],
+        json!(5),
+        "applied once across the crash"
+    );
+
+    let reply = region.post_with(&path, &json!({ "by": 6 }), &headers).await;
+    assert_error(&reply, 409, "idempotency_conflict");
+}

@@ -1,0 +1,164 @@
+//! Incarnations: a region restarted on an empty disk, or on an old copy of its own, never
+//! reuses a sequence number or dot its peers have seen, so its new writes reach everyone.
+
+mod common;
+mod support;
+
+use common::kv;
+use serde_json::json;
+use std::path::Path;
+use std::time::Duration;
+use support::{eventually, Cluster};
+
+const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
+const CONVERGE: Duration = Duration::from_secs(20);
+
+async fn pinned_buckets(cluster: &Cluster, home: &str) {
+    for (bucket, kind) in [("cnt", "counter"), ("set", "set")] {
+        let body = json!({"type": kind, "home_region": home});
+        cluster
+            .region(home)
+            .put(&format!("/v1/buckets/{bucket}"), &body)
+            .await
+            .expect(201);
+    }
+    eventually(CONVERGE, "buckets replicate", || async {
+        for region in &cluster.regions {
+            if region.get("/v1/buckets").await.body["buckets"]
+                .as_array()
+                .map_or(0, Vec::len)
+                < 2
+            {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
+
+async fn incarnation(cluster: &Cluster, name: &str) -> String {
+    let view = cluster.region(name).get("/v1/cluster").await;
+    view.body["incarnation"]
+        .as_str()
+        .expect("incarnation")
+        .to_string()
+}
+
+async fn write(cluster: &Cluster, at: &str, increments: usize, members: &[&str]) {
+    let region = cluster.region(at);
+    for _ in 0..increments {
+        region
+            .post(&format!("{}/increment", kv("cnt", "n")), &json!({"by": 1}))
+            .await
+            .expect(200);
+    }
+    if !members.is_empty() {
+        region
+            .post(
+                &format!("{}/add", kv("set", "s")),
+                &json!({"members": members}),
+            )
+            .await
+            .expect(200);
+    }
+}
+
+/// Waits until `names` all report `value` for the counter and contain `members`.
+async fn peers_hold(cluster: &Cluster, names: &[&str], value: i64, members: &[&str]) {
+    for name in names {
+        eventually(
+            CONVERGE,
+            &format!("{name} holds {value} and {members:?}"),
+            || async {
+                let region = cluster.region(name);
+                let count = region.get(&kv("cnt", "n")).await.body["value"].clone();
+                let set = region.get(&kv("set", "s")).await.body["members"].clone();
+                let has_all = members
+                    .iter()
+                    .all(|m| set.as_array().is_some_and(|a| a.contains(&json!(m))));
+                count == json!(value) && has_all
+            },
+        )
+        .await;
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create copy");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy file");
+    }
+}
+
+#[tokio::test]
+async fn a_region_restarted_on_an_empty_disk_writes_as_a_new_incarnation() {
+    let mut cluster = Cluster::start(&REGIONS, "").await;
+    pinned_buckets(&cluster, "eu-west").await;
+    write(&cluster, "eu-west", 5, &["a", "b"]).await;
+    peers_hold(&cluster, &["us-east", "ap-south"], 5, &["a", "b"]).await;
+    let before = incarnation(&cluster, "eu-west").await;
+
+    let region = cluster.region_mut("eu-west");
+    region.kill9();
+    let data = region.data_dir();
+    std::fs::remove_dir_all(&data).expect("wipe data");
+    std::fs::create_dir_all(&data).expect("empty data dir");
+    region.restart().await;
+    assert_ne!(incarnation(&cluster, "eu-west").await, before);
+    // The bucket definitions are gone with the disk; recreate them as an operator would.
+    for (bucket, kind) in [("cnt", "counter"), ("set", "set")] {
+        let body = json!({"type": kind, "home_region": "eu-west"});
+        let reply = cluster
+            .region("eu-west")
+            .put(&format!("/v1/buckets/{bucket}"), &body)
+            .await;
+        assert!(reply.status == 201 || reply.status == 200, "{reply:?}");
+    }
+
+    // Right after the restart: new counter increments and set adds.
+    write(&cluster, "eu-west", 7, &["c", "d"]).await;
+    peers_hold(
+        &cluster,
+        &["us-east", "ap-south"],
+        12,
+        &["a", "b", "c", "d"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_region_restored_from_an_old_copy_of_its_disk_does_not_reuse_sequence_numbers() {
+    let mut cluster = Cluster::start(&REGIONS, "").await;
+    pinned_buckets(&cluster, "eu-west").await;
+    write(&cluster, "eu-west", 3, &["a"]).await;
+    peers_hold(&cluster, &["us-east", "ap-south"], 3, &["a"]).await;
+
+    // Take a copy while stopped, then keep writing so peers see more than the copy holds.
+    let snapshot = tempfile::tempdir().expect("snapshot dir");
+    let region = cluster.region_mut("eu-west");
+    region.stop();
+    copy_dir(&region.data_dir(), snapshot.path());
+    region.restart().await;
+    let before = incarnation(&cluster, "eu-west").await;
+    write(&cluster, "eu-west", 4, &["b"]).await;
+    peers_hold(&cluster, &["us-east", "ap-south"], 7, &["a", "b"]).await;
+
+    // Restore the old copy.
+    let region = cluster.region_mut("eu-west");
+    region.stop();
+    let data = region.data_dir();
+    std::fs::remove_dir_all(&data).expect("remove data");
+    copy_dir(snapshot.path(), &data);
+    region.restart().await;
+    assert_ne!(
+        incarnation(&cluster, "eu-west").await,
+        before,
+        "restored copy must re-incarnate"
+    );
+
+    // Its new writes must not be mistaken for the ones peers already applied.
+    write(&cluster, "eu-west", 5, &["c"]).await;
+    peers_hold(&cluster, &["us-east", "ap-south"], 12, &["a", "b", "c"]).await;
+}

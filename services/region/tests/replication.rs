@@ -1,0 +1,222 @@
+//! Three real regions on loopback: replication of every bucket type, forwarding to the home,
+//! `ack=all`, and session reads that never go back in time.
+
+mod common;
+mod support;
+
+use common::kv;
+use serde_json::{json, Value};
+use std::time::Duration;
+use support::{eventually, Cluster};
+
+const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
+const CONVERGE: Duration = Duration::from_secs(15);
+
+async fn buckets_everywhere(cluster: &Cluster, count: usize) {
+    eventually(CONVERGE, "bucket definitions replicate", || async {
+        for region in &cluster.regions {
+            let list = region.get("/v1/buckets").await;
+            if list.body["buckets"].as_array().map_or(0, Vec::len) < count {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn every_bucket_type_replicates_to_every_region() {
+    let cluster = Cluster::start(&REGIONS, "").await;
+    let first = cluster.region("us-east");
+    for (bucket, kind) in [
+        ("reg", "register"),
+        ("lww", "lww"),
+        ("cnt", "counter"),
+        ("set", "set"),
+    ] {
+        first.create_bucket(bucket, kind).await;
+    }
+    buckets_everywhere(&cluster, 4).await;
+
+    for (i, region) in cluster.regions.iter().enumerate() {
+        region
+            .put(
+                &kv("reg", &format!("k{i}")),
+                &json!({"from": region.name()}),
+            )
+            .await
+            .expect(200);
+        region
+            .put(&kv("lww", "shared"), &json!(i))
+            .await
+            .expect(200);
+        let by = i as i64 + 1;
+        region
+            .post(
+                &format!("{}/increment", kv("cnt", "hits")),
+                &json!({"by": by}),
+            )
+            .await
+            .expect(200);
+        let members = json!({"members": [region.name()]});
+        region
+            .post(&format!("{}/add", kv("set", "s")), &members)
+            .await
+            .expect(200);
+    }
+
+    for (i, region) in cluster.regions.iter().enumerate() {
+        let body = cluster
+            .converged(&kv("reg", &format!("k{i}")), CONVERGE)
+            .await;
+        assert_eq!(body["values"], json!([{"from": region.name()}]));
+    }
+    // The lww writes went one after another: the last one wins everywhere.
+    let body = cluster.converged(&kv("lww", "shared"), CONVERGE).await;
+    assert_eq!(body["values"], json!([2]));
+    let body = cluster.converged(&kv("cnt", "hits"), CONVERGE).await;
+    assert_eq!(body["value"], json!(6));
+    let body = cluster.converged(&kv("set", "s"), CONVERGE).await;
+    assert_eq!(body["members"], json!(["ap-south", "eu-west", "us-east"]));
+}
+
+#[tokio::test]
+async fn writes_at_a_region_that_is_not_home_are_forwarded_to_the_home() {
+    let cluster = Cluster::start(&REGIONS, "").await;
+    cluster
+        .region("us-east")
+        .create_bucket("fwd", "register")
+        .await;
+    let pinned = json!({"type": "counter", "home_region": "eu-west"});
+    cluster
+        .region("us-east")
+        .put("/v1/buckets/pinned", &pinned)
+        .await
+        .expect(201);
+    buckets_everywhere(&cluster, 2).await;
+
+    for home in REGIONS {
+        let key = cluster.key_homed_at("fwd", home, "k");
+        for region in cluster.regions.iter().filter(|r| r.name() != home) {
+            let reply = region.put(&kv("fwd", &key), &json!(region.name())).await;
+            reply.expect(200);
+            assert_eq!(reply.header("x-meridian-region"), Some(home), "{reply:?}");
+            assert_eq!(reply.header("x-meridian-home"), Some(home));
+            assert_eq!(reply.header("x-meridian-failover"), None);
+        }
+    }
+    let reply = cluster
+        .region("ap-south")
+        .post(
+            &format!("{}/increment", kv("pinned", "any")),
+            &json!({"by": 3}),
+        )
+        .await;
+    reply.expect(200);
+    assert_eq!(reply.header("x-meridian-region"), Some("eu-west"));
+    assert_eq!(reply.body["value"], json!(3));
+}
+
+#[tokio::test]
+async fn ack_all_returns_only_once_every_region_has_applied_the_write() {
+    let cluster = Cluster::start(&REGIONS, "ack_timeout_ms = 1500\n").await;
+    cluster
+        .region("us-east")
+        .create_bucket("acks", "counter")
+        .await;
+    buckets_everywhere(&cluster, 1).await;
+    let path = kv("acks", "n");
+    for i in 0..15i64 {
+        let writer = &cluster.regions[i as usize % 3];
+        let reply = writer
+            .post(&format!("{path}/increment?ack=all"), &json!({"by": 1}))
+            .await;
+        reply.expect(200);
+        // No waiting: ack=all promised every region has it now.
+        for region in &cluster.regions {
+            let value = region.get(&path).await.body["value"].clone();
+            assert_eq!(
+                value,
+                json!(i + 1),
+                "{} after ack=all write {i}",
+                region.name()
+            );
+        }
+    }
+
+    // With a region unreachable, ack=all cannot be met: 504, and the write is not rolled back.
+    let home = cluster.home_of("acks", "n");
+    let other = REGIONS
+        .iter()
+        .find(|r| **r != home)
+        .copied()
+        .unwrap_or("us-east");
+    let victim = REGIONS
+        .iter()
+        .find(|r| **r != home && **r != other)
+        .copied()
+        .unwrap_or("ap-south");
+    cluster.cut_off(victim);
+    let reply = cluster
+        .region(other)
+        .post(&format!("{path}/increment?ack=all"), &json!({"by": 1}))
+        .await;
+    common::assert_error(&reply, 504, "consistency_timeout");
+    cluster.heal_all();
+    let body = cluster.converged(&path, CONVERGE).await;
+    assert_eq!(body["value"], json!(16));
+}
+
+#[tokio::test]
+async fn session_reads_see_the_sessions_own_writes_and_never_go_back() {
+    let cluster = Cluster::start(&REGIONS, "session_wait_ms = 300\n").await;
+    let pinned = json!({"type": "register", "home_region": "us-east"});
+    cluster
+        .region("us-east")
+        .put("/v1/buckets/sess", &pinned)
+        .await
+        .expect(201);
+    buckets_everywhere(&cluster, 1).await;
+    // Replication into eu-west crawls: a plain local read there would be stale.
+    cluster.link("us-east", "eu-west").slow(400);
+    let path = kv("sess", "doc");
+    let mut token = String::new();
+    for version in 1..=6i64 {
+        let mut headers = vec![];
+        if !token.is_empty() {
+            headers.push(("x-meridian-session", token.as_str()));
+        }
+        let reply = cluster
+            .region("us-east")
+            .put_with(&path, &json!(version), &headers)
+            .await;
+        reply.expect(200);
+        token = reply
+            .header("x-meridian-session")
+            .expect("session token")
+            .to_string();
+        for reader in ["eu-west", "ap-south"] {
+            let read = cluster
+                .region(reader)
+                .get_with(
+                    &format!("{path}?consistency=session"),
+                    &[("x-meridian-session", &token)],
+                )
+                .await;
+            read.expect(200);
+            assert_eq!(
+                read.body["values"],
+                json!([version]),
+                "{reader} read after write {version}"
+            );
+            token = read
+                .header("x-meridian-session")
+                .expect("session token")
+                .to_string();
+        }
+    }
+    cluster.heal_all();
+    let body: Value = cluster.converged(&path, CONVERGE).await;
+    assert_eq!(body["values"], json!([6]));
+}
