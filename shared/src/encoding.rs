@@ -45,20 +45,23 @@ struct CanonicalSet {
 
 /// Encodes a state canonically: equal states give identical bytes.
 pub fn encode_state(state: &KeyState) -> Vec<u8> {
-    // Serializing in-memory maps and strings into a Vec cannot fail; an empty result would be
-    // refused by `decode_state`, never silently accepted.
+    let mut out = vec![STATE_FORMAT_V1];
+    if !matches!(state, KeyState::Set(_)) {
+        // Registers, lww and counters hold only ordered maps: already canonical.
+        // Serializing in-memory maps and strings into a Vec cannot fail.
+        return postcard::to_extend(state, out).unwrap_or_default();
+    }
+    // Sets go through the sorted mirror. An empty result would be refused by `decode_state`,
+    // never silently accepted.
     let direct = postcard::to_allocvec(state).unwrap_or_default();
     let mut canonical: CanonicalState = match postcard::from_bytes(&direct) {
         Ok(c) => c,
         Err(_) => return Vec::new(),
     };
-    match &mut canonical {
-        CanonicalState::Set(set) => set.deferred.sort_by(|a, b| a.0.dots.cmp(&b.0.dots)),
-        // Registers, lww and counters hold only ordered maps: already canonical.
-        CanonicalState::Register(_) | CanonicalState::Lww(_) | CanonicalState::Counter(_) => {}
+    if let CanonicalState::Set(set) = &mut canonical {
+        set.deferred.sort_by(|a, b| a.0.dots.cmp(&b.0.dots));
     }
-    let mut out = Vec::with_capacity(direct.len() + 1);
-    out.push(STATE_FORMAT_V1);
+    out.reserve(direct.len());
     postcard::to_extend(&canonical, out).unwrap_or_default()
 }
 

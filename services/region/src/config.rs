@@ -37,6 +37,9 @@ pub struct Config {
     /// Most writes carried by one group commit.
     #[serde(default = "default_commit_max_batch")]
     pub commit_max_batch: usize,
+    /// Bytes of recently written key states kept in memory by the partition actors.
+    #[serde(default = "default_state_cache_bytes")]
+    pub state_cache_bytes: usize,
     /// HTTP worker threads; 0 = one per CPU.
     #[serde(default)]
     pub workers: usize,
@@ -99,6 +102,9 @@ fn default_partitions() -> usize {
 }
 fn default_max_body_bytes() -> usize {
     1024 * 1024
+}
+fn default_state_cache_bytes() -> usize {
+    64 * 1024 * 1024
 }
 fn default_commit_max_batch() -> usize {
     4096

@@ -65,6 +65,7 @@ impl Region {
         let peers = Peers::new(&config, &progress.cursors, &progress.flags);
         let shared = Arc::new(PartitionShared {
             storage: storage.clone(),
+            cache_bytes: config.state_cache_bytes / config.partitions.max(1),
             hlc: Arc::new(Hlc::new()),
             metrics: metrics.clone(),
         });

@@ -53,6 +53,6 @@ impl Actor for LogGc {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(Duration::from_millis(500), |gc, _| gc.collect());
+        ctx.run_interval(Duration::from_secs(1), |gc, _| gc.collect());
     }
 }

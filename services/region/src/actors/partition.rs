@@ -9,6 +9,7 @@
 use crate::metrics::Metrics;
 use crate::storage::{IdempotencyRecord, KeyWrite, PendingIdempotency, Storage, StorageError};
 use actix::prelude::*;
+use lru::LruCache;
 use meridian_shared::encoding::encode_state;
 use meridian_shared::hlc::Hlc;
 use meridian_shared::home::key_hash;
@@ -24,6 +25,8 @@ pub type Responder = fn(&KeyState) -> (u16, Vec<u8>);
 pub struct PartitionShared {
     /// Durable storage.
     pub storage: Storage,
+    /// Bytes of committed states each partition keeps cached.
+    pub cache_bytes: usize,
     /// Hybrid clock for last-writer-wins timestamps.
     pub hlc: Arc<Hlc>,
     /// Metrics.
@@ -111,11 +114,58 @@ enum Prepared {
 /// Owns the keys whose hash falls in its range.
 pub struct PartitionActor {
     shared: Arc<PartitionShared>,
-    /// States written but not yet durable: key → (write version, state).
-    pending: HashMap<(String, String), (u64, KeyState)>,
+    /// States written but not yet durable: key → (write version, state, encoded size).
+    pending: HashMap<(String, String), (u64, KeyState, usize)>,
     /// Idempotency keys whose first write is still being committed.
     idempotency_in_flight: HashSet<u128>,
     next_version: u64,
+    /// Committed states of recently written keys. This actor is the only writer of its keys,
+    /// so the cache cannot go stale; it saves a read transaction per write.
+    cache: StateCache,
+}
+
+/// Committed key states, least recently used evicted first, bounded by encoded bytes.
+struct StateCache {
+    entries: LruCache<(String, String), (KeyState, usize)>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl StateCache {
+    fn new(budget: usize) -> Self {
+        Self {
+            entries: LruCache::unbounded(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    fn get(&mut self, slot: &(String, String)) -> Option<KeyState> {
+        self.entries.get(slot).map(|(state, _)| state.clone())
+    }
+
+    fn put(&mut self, slot: (String, String), state: KeyState, size: usize) {
+        if size > self.budget {
+            self.forget(&slot);
+            return;
+        }
+        if let Some((_, old)) = self.entries.put(slot, (state, size)) {
+            self.bytes -= old;
+        }
+        self.bytes += size;
+        while self.bytes > self.budget {
+            match self.entries.pop_lru() {
+                Some((_, (_, evicted))) => self.bytes -= evicted,
+                None => break,
+            }
+        }
+    }
+
+    fn forget(&mut self, slot: &(String, String)) {
+        if let Some((_, size)) = self.entries.pop(slot) {
+            self.bytes -= size;
+        }
+    }
 }
 
 impl Actor for PartitionActor {
@@ -125,6 +175,7 @@ impl Actor for PartitionActor {
 impl PartitionActor {
     fn new(shared: Arc<PartitionShared>) -> Self {
         Self {
+            cache: StateCache::new(shared.cache_bytes),
             shared,
             pending: HashMap::new(),
             idempotency_in_flight: HashSet::new(),
@@ -181,11 +232,14 @@ impl PartitionActor {
     }
 
     /// The latest state of a key: pending if a commit is in flight, else committed.
-    fn current(&self, slot: &(String, String)) -> Result<Option<KeyState>, WriteError> {
-        match self.pending.get(slot) {
-            Some((_, state)) => Ok(Some(state.clone())),
-            None => Ok(self.shared.storage.key_state(&slot.0, &slot.1)?),
+    fn current(&mut self, slot: &(String, String)) -> Result<Option<KeyState>, WriteError> {
+        if let Some((_, state, _)) = self.pending.get(slot) {
+            return Ok(Some(state.clone()));
         }
+        if let Some(state) = self.cache.get(slot) {
+            return Ok(Some(state));
+        }
+        Ok(self.shared.storage.key_state(&slot.0, &slot.1)?)
     }
 
     /// Hands a new state to the group commit and keeps it pending until durable.
@@ -197,6 +251,7 @@ impl PartitionActor {
         logged: bool,
         idempotency: Option<PendingIdempotency>,
     ) -> Result<(crate::storage::WriteTicket<u64>, u64), WriteError> {
+        let size = encoded.len();
         let ticket = self.shared.storage.submit_key(KeyWrite {
             bucket: slot.0.clone(),
             key: slot.1.clone(),
@@ -206,16 +261,28 @@ impl PartitionActor {
         })?;
         self.next_version += 1;
         let version = self.next_version;
-        self.pending.insert(slot, (version, state.clone()));
+        self.pending.insert(slot, (version, state.clone(), size));
         self.shared.metrics.partition_pending_writes.inc();
         Ok((ticket, version))
     }
 
-    /// Forgets a pending state once durable, unless a newer write to the key replaced it.
-    fn settle(&mut self, slot: &(String, String), version: u64) {
+    /// Once a commit is done: a durable state moves to the cache (unless a newer write to the
+    /// key replaced it); after a failed commit the key is read from storage again.
+    fn settle(&mut self, slot: &(String, String), version: u64, durable: bool) {
         self.shared.metrics.partition_pending_writes.dec();
-        if self.pending.get(slot).is_some_and(|(v, _)| *v == version) {
-            self.pending.remove(slot);
+        if !durable {
+            self.cache.forget(slot);
+        }
+        if self
+            .pending
+            .get(slot)
+            .is_some_and(|(v, _, _)| *v == version)
+        {
+            if let Some((_, state, size)) = self.pending.remove(slot) {
+                if durable {
+                    self.cache.put(slot.clone(), state, size);
+                }
+            }
         }
     }
 }
@@ -242,7 +309,7 @@ impl Handler<Write> for PartitionActor {
         let wait =
             async move { ticket.await.unwrap_or(Err(StorageError::WriterGone)) }.instrument(span);
         Box::pin(wait.into_actor(self).map(move |committed, actor, _ctx| {
-            actor.settle(&slot, version);
+            actor.settle(&slot, version, committed.is_ok());
             if let Some(id) = idempotency_id {
                 actor.idempotency_in_flight.remove(&id);
             }
@@ -293,7 +360,7 @@ impl Handler<Merge> for PartitionActor {
         let wait =
             async move { ticket.await.unwrap_or(Err(StorageError::WriterGone)) }.instrument(span);
         Box::pin(wait.into_actor(self).map(move |committed, actor, _ctx| {
-            actor.settle(&slot, version);
+            actor.settle(&slot, version, committed.is_ok());
             committed?;
             Ok(true)
         }))

@@ -135,6 +135,36 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// The route pattern of a path, for metric labels: asking the router again per request
+/// (`match_pattern`) costs a regex match; the API's shapes are few and fixed.
+fn route_label(path: &str) -> &'static str {
+    let mut segments = path.trim_start_matches('/').split('/');
+    let parts: [Option<&str>; 6] = std::array::from_fn(|_| segments.next());
+    match parts {
+        [Some("v1"), Some("buckets"), None, ..] => "/v1/buckets",
+        [Some("v1"), Some("buckets"), Some(_), None, ..] => "/v1/buckets/{bucket}",
+        [Some("v1"), Some("kv"), Some(_), None, ..] => "/v1/kv/{bucket}",
+        [Some("v1"), Some("kv"), Some(_), Some(_), None, ..] => "/v1/kv/{bucket}/{key}",
+        [Some("v1"), Some("kv"), Some(_), Some(_), Some("increment"), None] => {
+            "/v1/kv/{bucket}/{key}/increment"
+        }
+        [Some("v1"), Some("kv"), Some(_), Some(_), Some("add"), None] => {
+            "/v1/kv/{bucket}/{key}/add"
+        }
+        [Some("v1"), Some("kv"), Some(_), Some(_), Some("remove"), None] => {
+            "/v1/kv/{bucket}/{key}/remove"
+        }
+        [Some("v1"), Some("cluster"), None, ..] => "/v1/cluster",
+        [Some("healthz"), None, ..] => "/healthz",
+        [Some("readyz"), None, ..] => "/readyz",
+        [Some("metrics"), None, ..] => "/metrics",
+        [Some("openapi.json"), None, ..] => "/openapi.json",
+        [Some("internal"), Some("v1"), Some("heartbeat"), None, ..] => "/internal/v1/heartbeat",
+        [Some("internal"), Some("v1"), Some("replicate"), None, ..] => "/internal/v1/replicate",
+        _ => "unmatched",
+    }
+}
+
 /// Counts and times every request by method, route pattern and status.
 pub async fn record_metrics(
     req: ServiceRequest,
@@ -143,14 +173,14 @@ pub async fn record_metrics(
     let started = Instant::now();
     let region = req.app_data::<web::Data<Region>>().cloned();
     let method = req.method().clone();
-    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+    let route = route_label(req.path());
     let response = next.call(req).await;
     if let Some(region) = region {
         let status = match &response {
             Ok(r) => r.status(),
             Err(e) => e.as_response_error().status_code(),
         };
-        let labels = [method.as_str(), route.as_str(), status.as_str()];
+        let labels = [method.as_str(), route, status.as_str()];
         region
             .metrics
             .http_requests
@@ -163,4 +193,23 @@ pub async fn record_metrics(
             .observe(started.elapsed().as_secs_f64());
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_label;
+
+    #[test]
+    fn route_labels_name_the_pattern_not_the_path() {
+        assert_eq!(route_label("/v1/kv/users/alice"), "/v1/kv/{bucket}/{key}");
+        assert_eq!(
+            route_label("/v1/kv/c/k/increment"),
+            "/v1/kv/{bucket}/{key}/increment"
+        );
+        assert_eq!(route_label("/v1/kv/users"), "/v1/kv/{bucket}");
+        assert_eq!(route_label("/v1/buckets"), "/v1/buckets");
+        assert_eq!(route_label("/metrics"), "/metrics");
+        assert_eq!(route_label("/v1/kv/a/b/c/d"), "unmatched");
+        assert_eq!(route_label("/nope"), "unmatched");
+    }
 }
