@@ -187,3 +187,41 @@ async fn a_replay_still_works_after_kill_9_and_restart() {
     let reply = region.post_with(&path, &json!({ "by": 6 }), &headers).await;
     assert_error(&reply, 409, "idempotency_conflict");
 }
+
+#[tokio::test]
+async fn records_expire_after_the_configured_ttl() {
+    let region = Region::start_with("idem-ttl", "idempotency_ttl_secs = 1\n").await;
+    region.create_bucket("ttl-cnt", "counter").await;
+    let path = incr("ttl-cnt", "n");
+    let key = uuid::Uuid::new_v4().to_string();
+    let headers = [("Idempotency-Key", key.as_str())];
+    region
+        .post_with(&path, &json!({ "by": 1 }), &headers)
+        .await
+        .expect(200);
+    let retry = region.post_with(&path, &json!({ "by": 1 }), &headers).await;
+    assert!(
+        replayed(&retry),
+        "within the TTL a retry is a replay: {retry:?}"
+    );
+
+    // Past the TTL (and at least one sweep, every second here) the key is forgotten.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let again = region.post_with(&path, &json!({ "by": 1 }), &headers).await;
+        again.expect(200);
+        if !replayed(&again) {
+            assert_eq!(
+                again.body,
+                json!({ "value": 2 }),
+                "applied anew once expired"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the record never expired"
+        );
+    }
+}

@@ -1,4 +1,5 @@
-//! Log GC: truncates replication-log entries every peer has acknowledged.
+//! Log GC: truncates replication-log entries every peer has acknowledged, and expires
+//! idempotency records older than `idempotency_ttl_secs`.
 
 use crate::region::Region;
 use actix::prelude::*;
@@ -54,5 +55,13 @@ impl Actor for LogGc {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(Duration::from_secs(1), |gc, _| gc.collect());
+        // The sweep scans the whole table, so it runs rarely; records live at least the TTL.
+        let ttl_ms = self.region.config.idempotency_ttl_secs.saturating_mul(1000);
+        let sweep = Duration::from_millis((ttl_ms / 10).clamp(1000, 600_000));
+        ctx.run_interval(sweep, move |gc, _| {
+            let before = crate::storage::now_ms().saturating_sub(ttl_ms);
+            let _span = tracing::debug_span!("idempotency_expire", before).entered();
+            let _ = gc.region.storage.submit_expire_idempotency(before);
+        });
     }
 }

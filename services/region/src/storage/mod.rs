@@ -242,6 +242,11 @@ impl Storage {
         self.writer.submit_truncate(upto)
     }
 
+    /// Removes idempotency records stored before `before_ms` (wall-clock milliseconds).
+    pub fn submit_expire_idempotency(&self, before_ms: u64) -> Result<(), StorageError> {
+        self.writer.submit_expire_idempotency(before_ms)
+    }
+
     /// Sets or clears the "needs priority anti-entropy" flag of a peer.
     pub fn submit_ae_flag(&self, peer: &str, needed: bool) -> Result<(), StorageError> {
         let key = format!("{}{peer}", meta::AE_NEEDED_PREFIX);

@@ -88,6 +88,7 @@ enum Request {
     Cursor(String, u64),
     Truncate(u64),
     Meta(String, Vec<u8>),
+    ExpireIdempotency(u64),
 }
 
 /// Sending side of the writer's queue, plus what it publishes.
@@ -137,6 +138,10 @@ impl WriterHandle {
 
     pub(super) fn submit_meta(&self, key: String, value: Vec<u8>) -> Result<(), StorageError> {
         self.enqueue(Request::Meta(key, value))
+    }
+
+    pub(super) fn submit_expire_idempotency(&self, before_ms: u64) -> Result<(), StorageError> {
+        self.enqueue(Request::ExpireIdempotency(before_ms))
     }
 
     fn enqueue(&self, request: Request) -> Result<(), StorageError> {
@@ -386,6 +391,14 @@ impl Writer {
                         meta_writes.push((key.as_str(), value.as_slice()));
                         Outcome::None
                     }
+                    Request::ExpireIdempotency(before_ms) => {
+                        // Undecodable records are dropped too: they can never be replayed.
+                        open(&mut idempotency, &txn, IDEMPOTENCY)?.retain(|_, bytes| {
+                            IdempotencyRecord::decode(bytes)
+                                .is_ok_and(|r| r.created_ms >= *before_ms)
+                        })?;
+                        Outcome::None
+                    }
                 };
                 outcomes.push(outcome);
             }
@@ -453,7 +466,10 @@ impl Writer {
                 Request::Bucket(_, _, reply) => {
                     let _ = reply.send(Err(failed()));
                 }
-                Request::Cursor(..) | Request::Truncate(_) | Request::Meta(..) => {}
+                Request::Cursor(..)
+                | Request::Truncate(_)
+                | Request::Meta(..)
+                | Request::ExpireIdempotency(_) => {}
             }
         }
         if matches!(
