@@ -8,6 +8,32 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+/// Top-level fields that `MERIDIAN_<FIELD>` may override.
+const ENV_FIELDS: [&str; 22] = [
+    "region",
+    "listen",
+    "data_dir",
+    "cluster_id",
+    "peers",
+    "security",
+    "partitions",
+    "max_body_bytes",
+    "commit_max_batch",
+    "state_cache_bytes",
+    "workers",
+    "idempotency_ttl_secs",
+    "heartbeat_interval_ms",
+    "down_after_missed",
+    "forward_timeout_ms",
+    "ack_timeout_ms",
+    "session_wait_ms",
+    "replication_batch_entries",
+    "replication_batch_bytes",
+    "hint_max_bytes",
+    "hint_max_age_secs",
+    "hint_drain_rate",
+];
+
 /// Everything a region needs to start. Defaults are documented in the README.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -167,9 +193,19 @@ impl Config {
             }
             figment = figment.merge(Toml::file(path));
         }
-        // CONFIG names the file and LOG_FORMAT the log style: neither is a config field.
-        figment = figment.merge(Env::prefixed("MERIDIAN_").ignore(&["config", "log_format"]));
+        // Only config fields come from the environment: other MERIDIAN_* variables (the config
+        // path, the log format, test knobs) are not this loader's business.
+        figment = figment.merge(Env::prefixed("MERIDIAN_").only(&ENV_FIELDS));
         let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document without file or environment (tests, tooling).
+    pub fn load_from_str(toml: &str) -> Result<Self, ConfigError> {
+        let config: Config = Figment::from(Toml::string(toml))
+            .extract()
+            .map_err(Box::new)?;
         config.validate()?;
         Ok(config)
     }
@@ -226,6 +262,26 @@ impl Config {
             self.workers
         } else {
             std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_field_can_be_overridden_from_the_environment() {
+        let config = Config::load_from_str("region = \"a\"\ndata_dir = \"/tmp/x\"");
+        let fields = config.ok().and_then(|c| serde_json::to_value(c).ok());
+        let Some(serde_json::Value::Object(fields)) = fields else {
+            panic!("config serializes to an object")
+        };
+        for field in fields.keys() {
+            assert!(
+                ENV_FIELDS.contains(&field.as_str()),
+                "{field} missing from ENV_FIELDS"
+            );
         }
     }
 }

@@ -55,7 +55,6 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
             eprintln!("meridian: {error:#}");
             ExitCode::FAILURE
         }
