@@ -9,6 +9,8 @@
 use crate::metrics::Metrics;
 use crate::storage::{IdempotencyRecord, KeyWrite, PendingIdempotency, Storage, StorageError};
 use actix::prelude::*;
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use lru::LruCache;
 use meridian_shared::encoding::encode_state;
 use meridian_shared::hlc::Hlc;
@@ -97,8 +99,7 @@ pub struct Merge {
 }
 
 impl Message for Merge {
-    /// Whether the merge changed this region's state.
-    type Result = Result<bool, WriteError>;
+    type Result = Result<Option<MergeCommit>, WriteError>;
 }
 
 /// A write handed to the group commit, or a retry answered from its idempotency record.
@@ -319,51 +320,53 @@ impl Handler<Write> for PartitionActor {
     }
 }
 
-impl Handler<Merge> for PartitionActor {
-    type Result = ResponseActFuture<Self, Result<bool, WriteError>>;
+/// Resolves when a queued merge is durable (awaitable by the actor and the caller alike).
+pub type MergeCommit = futures_util::future::Shared<BoxFuture<'static, Result<(), String>>>;
 
-    fn handle(&mut self, msg: Merge, _ctx: &mut Self::Context) -> Self::Result {
+impl Handler<Merge> for PartitionActor {
+    /// `None`: nothing new to store. `Some`: queued for the group commit; the caller may queue
+    /// more before awaiting it, so one commit can carry a whole replication batch.
+    type Result = Result<Option<MergeCommit>, WriteError>;
+
+    fn handle(&mut self, msg: Merge, ctx: &mut Self::Context) -> Self::Result {
         let span = tracing::debug_span!(parent: &msg.span, "partition_merge", bucket = %msg.bucket);
+        let _entered = span.enter();
         let slot = (msg.bucket, msg.key);
-        let queued = span.in_scope(
-            || -> Result<Option<(crate::storage::WriteTicket<u64>, u64)>, WriteError> {
-                if let KeyState::Lww(reg) = &msg.state {
-                    // Keep our hybrid clock ahead of every timestamp we have seen.
-                    self.shared.hlc.observe(reg.marker.hlc);
+        if let KeyState::Lww(reg) = &msg.state {
+            // Keep our hybrid clock ahead of every timestamp we have seen.
+            self.shared.hlc.observe(reg.marker.hlc);
+        }
+        let merged = match self.current(&slot)? {
+            None => msg.state,
+            Some(mut current) => {
+                let before = encode_state(&current);
+                current.merge(msg.state)?;
+                if encode_state(&current) == before {
+                    return Ok(None); // Nothing new: a redelivery or an older state.
                 }
-                let merged = match self.current(&slot)? {
-                    None => msg.state,
-                    Some(mut current) => {
-                        let before = encode_state(&current);
-                        current.merge(msg.state)?;
-                        if encode_state(&current) == before {
-                            return Ok(None); // Nothing new: a redelivery or an older state.
-                        }
-                        current
-                    }
-                };
-                let encoded = encode_state(&merged);
-                Ok(Some(self.queue(
-                    slot.clone(),
-                    &merged,
-                    encoded,
-                    false,
-                    None,
-                )?))
-            },
-        );
-        let (ticket, version) = match queued {
-            Ok(Some(queued)) => queued,
-            Ok(None) => return Box::pin(fut::ready(Ok(false))),
-            Err(error) => return Box::pin(fut::ready(Err(error))),
+                current
+            }
         };
-        let wait =
-            async move { ticket.await.unwrap_or(Err(StorageError::WriterGone)) }.instrument(span);
-        Box::pin(wait.into_actor(self).map(move |committed, actor, _ctx| {
-            actor.settle(&slot, version, committed.is_ok());
-            committed?;
-            Ok(true)
-        }))
+        let encoded = encode_state(&merged);
+        let (ticket, version) = self.queue(slot.clone(), &merged, encoded, false, None)?;
+        let commit: MergeCommit = async move {
+            match ticket.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => Err(StorageError::WriterGone.to_string()),
+            }
+        }
+        .boxed()
+        .shared();
+        ctx.spawn(
+            commit
+                .clone()
+                .into_actor(self)
+                .map(move |committed, actor, _ctx| {
+                    actor.settle(&slot, version, committed.is_ok());
+                }),
+        );
+        Ok(Some(commit))
     }
 }
 
@@ -401,8 +404,8 @@ impl PartitionRouter {
         owner.send(msg).await.unwrap_or(Err(WriteError::Stopped))
     }
 
-    /// Joins a peer's state into the key's and waits until it is durable.
-    pub async fn merge(&self, msg: Merge) -> Result<bool, WriteError> {
+    /// Joins a peer's state into the key's; returns once it is queued for a group commit.
+    pub async fn merge(&self, msg: Merge) -> Result<Option<MergeCommit>, WriteError> {
         let owner = self.owner(&msg.bucket, &msg.key);
         owner.send(msg).await.unwrap_or(Err(WriteError::Stopped))
     }

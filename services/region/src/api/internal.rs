@@ -134,7 +134,11 @@ async fn apply_batch(
         );
         return Ok(applied);
     }
-    let mut merges = Vec::new();
+    // Merges are queued first and the applied mark right after them, so one group commit
+    // usually carries the whole batch. The failure epoch makes the mark fail if any commit
+    // failed after this point: `applied` never covers a merge that did not become durable.
+    let epoch = region.storage.failure_epoch();
+    let mut sends = Vec::new();
     for (seq, bytes) in batch.records {
         if seq <= applied && !batch.resync {
             continue; // Redelivery of what is already durable here.
@@ -155,7 +159,7 @@ async fn apply_batch(
                 let state = decode_state(&state).map_err(|e| {
                     ApiError::bad_request("invalid_batch", format!("entry {seq}: {e}"))
                 })?;
-                merges.push(region.partitions.merge(Merge {
+                sends.push(region.partitions.merge(Merge {
                     bucket,
                     key,
                     state,
@@ -164,20 +168,27 @@ async fn apply_batch(
             }
         }
     }
-    let count = merges.len() as u64;
-    for result in futures_util::future::join_all(merges).await {
-        match result {
-            Ok(_) => {}
+    // Every merge is queued (in parallel across partitions) before the applied mark is.
+    let mut queued = Vec::new();
+    for sent in futures_util::future::join_all(sends).await {
+        match sent {
+            Ok(Some(commit)) => queued.push(commit),
+            Ok(None) => {}
             // A state of another type than ours (concurrent conflicting bucket definitions):
-            // it can never apply; skipping it keeps replication moving and is logged.
+            // it can never apply; skipping keeps replication moving.
             Err(WriteError::State(error)) => {
                 tracing::error!(origin, %error, "replicated state does not fit the local bucket type; skipped")
             }
             Err(error) => return Err(error.into()),
         }
     }
-    let ticket = region.storage.submit_applied(incarnation, last)?;
-    let applied = ticket
+    let count = queued.len() as u64;
+    let mark = region.storage.submit_applied(incarnation, last, epoch)?;
+    for result in futures_util::future::join_all(queued).await {
+        result
+            .map_err(|error| ApiError::from(crate::storage::StorageError::CommitFailed(error)))?;
+    }
+    let applied = mark
         .await
         .unwrap_or(Err(crate::storage::StorageError::WriterGone))?;
     region

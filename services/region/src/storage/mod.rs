@@ -223,13 +223,20 @@ impl Storage {
         self.writer.submit_bucket(def, source)
     }
 
-    /// Records that `origin`'s log is applied up to `seq` (never moves backwards).
+    /// Records that `origin`'s log is applied up to `seq` (never moves backwards). Fails if
+    /// any group commit failed since [`Storage::failure_epoch`] returned `epoch`.
     pub fn submit_applied(
         &self,
         origin: Actor,
         seq: u64,
+        epoch: u64,
     ) -> Result<WriteTicket<u64>, StorageError> {
-        self.writer.submit_applied(origin, seq)
+        self.writer.submit_applied(origin, seq, epoch)
+    }
+
+    /// Number of failed group commits so far.
+    pub fn failure_epoch(&self) -> u64 {
+        self.writer.failure_epoch()
     }
 
     /// Records a peer's acknowledged position (at-least-once: losing one is harmless).

@@ -13,7 +13,7 @@ use meridian_shared::log::{LogEntry, LogRecord};
 use meridian_shared::{Actor, BucketDef};
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -84,7 +84,7 @@ enum Request {
         BucketSource,
         oneshot::Sender<Result<BucketOutcome, StorageError>>,
     ),
-    Applied(Actor, u64, oneshot::Sender<Result<u64, StorageError>>),
+    Applied(Actor, u64, u64, oneshot::Sender<Result<u64, StorageError>>),
     Cursor(String, u64),
     Truncate(u64),
     Meta(String, Vec<u8>),
@@ -95,6 +95,7 @@ enum Request {
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::Sender<Request>,
+    failures: Arc<AtomicU64>,
     last_seq: watch::Receiver<u64>,
     applied: watch::Receiver<BTreeMap<Actor, u64>>,
     alive: Arc<AtomicBool>,
@@ -122,10 +123,15 @@ impl WriterHandle {
         &self,
         origin: Actor,
         seq: u64,
+        epoch: u64,
     ) -> Result<WriteTicket<u64>, StorageError> {
         let (reply, ticket) = oneshot::channel();
-        self.enqueue(Request::Applied(origin, seq, reply))?;
+        self.enqueue(Request::Applied(origin, seq, epoch, reply))?;
         Ok(ticket)
+    }
+
+    pub(super) fn failure_epoch(&self) -> u64 {
+        self.failures.load(Ordering::Acquire)
     }
 
     pub(super) fn submit_cursor(&self, peer: &str, seq: u64) -> Result<(), StorageError> {
@@ -190,8 +196,10 @@ pub(super) fn spawn(
     let (last_seq_tx, last_seq_rx) = watch::channel(start.last_seq);
     let (applied_tx, applied_rx) = watch::channel(start.applied);
     let alive = Arc::new(AtomicBool::new(true));
+    let failures = Arc::new(AtomicU64::new(0));
     let handle = WriterHandle {
         tx,
+        failures: failures.clone(),
         last_seq: last_seq_rx,
         applied: applied_rx,
         alive: alive.clone(),
@@ -207,6 +215,7 @@ pub(super) fn spawn(
         log_bytes: start.log_bytes,
         applied: applied_tx,
         alive,
+        failures,
     };
     std::thread::Builder::new()
         .name("storage-writer".into())
@@ -227,6 +236,7 @@ struct Writer {
     log_bytes: u64,
     applied: watch::Sender<BTreeMap<Actor, u64>>,
     alive: Arc<AtomicBool>,
+    failures: Arc<AtomicU64>,
 }
 
 /// Per-request result of a batch, sent only after the commit.
@@ -234,6 +244,8 @@ enum Outcome {
     Seq(u64),
     Bucket(BucketOutcome),
     None,
+    /// Refused without failing the batch (an applied mark after a failed commit).
+    Failed,
 }
 
 /// What a batch changed, published only after its commit.
@@ -367,7 +379,12 @@ impl Writer {
                         };
                         Outcome::Bucket(outcome)
                     }
-                    Request::Applied(origin, upto, _) => {
+                    Request::Applied(_, _, epoch, _)
+                        if *epoch != self.failures.load(Ordering::Acquire) =>
+                    {
+                        Outcome::Failed
+                    }
+                    Request::Applied(origin, upto, _, _) => {
                         let current = applied.get(origin).copied().unwrap_or(0);
                         let next = current.max(*upto);
                         open(&mut applied_table, &txn, APPLIED)?.insert(origin.as_u128(), next)?;
@@ -436,8 +453,13 @@ impl Writer {
         for (request, outcome) in batch.drain(..).zip(committed.outcomes) {
             match (request, outcome) {
                 (Request::Key(_, reply), Outcome::Seq(seq))
-                | (Request::Applied(_, _, reply), Outcome::Seq(seq)) => {
+                | (Request::Applied(_, _, _, reply), Outcome::Seq(seq)) => {
                     let _ = reply.send(Ok(seq));
+                }
+                (Request::Applied(_, _, _, reply), Outcome::Failed) => {
+                    let _ = reply.send(Err(StorageError::CommitFailed(
+                        "a commit of this batch's merges failed".into(),
+                    )));
                 }
                 (Request::Bucket(def, _, reply), Outcome::Bucket(outcome)) => {
                     let stored = match &outcome {
@@ -456,11 +478,12 @@ impl Writer {
     }
 
     fn fail(&mut self, batch: &mut Vec<Request>, error: StorageError) {
+        self.failures.fetch_add(1, Ordering::AcqRel);
         tracing::error!(%error, requests = batch.len(), "group commit failed; nothing in it was applied");
         let failed = || StorageError::CommitFailed(error.to_string());
         for request in batch.drain(..) {
             match request {
-                Request::Key(_, reply) | Request::Applied(_, _, reply) => {
+                Request::Key(_, reply) | Request::Applied(_, _, _, reply) => {
                     let _ = reply.send(Err(failed()));
                 }
                 Request::Bucket(_, _, reply) => {
