@@ -22,8 +22,8 @@ pub enum LogEntry {
 /// A log entry with its commit time, as stored in the log table and shipped to peers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogRecord {
-    /// Wall-clock milliseconds of the commit at the origin (replication lag is measured from it).
-    pub committed_ms: u64,
+    /// Wall-clock microseconds of the commit at the origin (replication lag is measured from it).
+    pub committed_us: u64,
     /// Bytes of log written before this record by the same incarnation: the difference between
     /// two records' offsets is the size of the hints between them, without scanning.
     pub log_offset: u64,

@@ -9,7 +9,7 @@
 
 use crate::peers::{http_client, peer_request, Backoff, Peer};
 use crate::region::Region;
-use crate::storage::now_ms;
+use crate::storage::now_us;
 use actix::prelude::*;
 use meridian_shared::log::LogRecord;
 use meridian_shared::wire::{ReplicateAck, ReplicateBatch, PROTOCOL_VERSION};
@@ -136,7 +136,7 @@ async fn send_batch(
         return Ok(0);
     };
     let last = *last;
-    let committed_ms = LogRecord::decode(last_bytes).map_or(0, |r| r.committed_ms);
+    let committed_us = LogRecord::decode(last_bytes).map_or(0, |r| r.committed_us);
     // Entries the peer needs were truncated (its hints overflowed): it must accept the gap.
     let resync = first > cursor + 1;
     if resync {
@@ -202,7 +202,7 @@ async fn send_batch(
         .replication_batch_entries
         .observe(count as f64);
     if ack.applied >= last {
-        let lag = now_ms().saturating_sub(committed_ms) as f64 / 1000.0;
+        let lag = now_us().saturating_sub(committed_us) as f64 / 1e6;
         region
             .metrics
             .replication_lag
@@ -224,7 +224,7 @@ fn enforce_hint_bounds(region: &Region, peer: &Peer, cursor: u64, last: u64) {
         return;
     };
     let bytes = newest.log_offset.saturating_sub(oldest.log_offset);
-    let age_secs = now_ms().saturating_sub(oldest.committed_ms) / 1000;
+    let age_secs = now_us().saturating_sub(oldest.committed_us) / 1_000_000;
     if bytes > region.config.hint_max_bytes || age_secs > region.config.hint_max_age_secs {
         tracing::warn!(peer = %peer.name, bytes, age_secs, entries = last - cursor,
             "hints overflowed; the peer will be repaired by anti-entropy");

@@ -2,7 +2,7 @@
 
 use super::error::ApiError;
 use crate::region::Region;
-use crate::storage::now_ms;
+use crate::storage::now_us;
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -105,7 +105,7 @@ pub async fn cluster(region: web::Data<Region>) -> HttpResponse {
                 .log_record(acked + 1)
                 .ok()
                 .flatten()
-                .map_or(0, |r| now_ms().saturating_sub(r.committed_ms))
+                .map_or(0, |r| now_us().saturating_sub(r.committed_us) / 1000)
         };
         RegionStatus {
             name: peer.name.to_string(),

@@ -10,7 +10,9 @@ mod writer;
 
 pub use idempotency::IdempotencyRecord;
 pub use identity::Identity;
-pub use writer::{now_ms, BucketOutcome, BucketSource, KeyWrite, PendingIdempotency, WriteTicket};
+pub use writer::{
+    now_ms, now_us, BucketOutcome, BucketSource, KeyWrite, PendingIdempotency, WriteTicket,
+};
 
 use crate::metrics::Metrics;
 use meridian_shared::encoding::{decode_state, DecodeError};

@@ -289,7 +289,8 @@ impl Writer {
         let mut seq = *self.last_seq.borrow();
         let mut log_bytes = self.log_bytes;
         let mut applied = self.applied.borrow().clone();
-        let now_ms = now_ms();
+        let now_us = now_us();
+        let now_ms = now_us / 1000;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut meta_writes: Vec<(&str, &[u8])> = Vec::new();
         let mut txn = self.db.begin_write()?;
@@ -305,7 +306,7 @@ impl Writer {
             let mut appender = Appender {
                 seq: &mut seq,
                 log_bytes: &mut log_bytes,
-                now_ms,
+                now_us,
             };
             for request in batch {
                 let outcome = match request {
@@ -509,7 +510,7 @@ impl Writer {
 struct Appender<'a> {
     seq: &'a mut u64,
     log_bytes: &'a mut u64,
-    now_ms: u64,
+    now_us: u64,
 }
 
 impl Appender<'_> {
@@ -520,7 +521,7 @@ impl Appender<'_> {
     ) -> Result<(), StorageError> {
         *self.seq += 1;
         let bytes = LogRecord {
-            committed_ms: self.now_ms,
+            committed_us: self.now_us,
             log_offset: *self.log_bytes,
             entry,
         }
@@ -560,6 +561,13 @@ fn raise_priority() {
     if result != 0 {
         tracing::debug!("storage writer keeps default priority (no CAP_SYS_NICE)");
     }
+}
+
+/// Wall-clock microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
