@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Top-level fields that `MERIDIAN_<FIELD>` may override.
-const ENV_FIELDS: [&str; 22] = [
+const ENV_FIELDS: [&str; 23] = [
     "region",
     "listen",
     "data_dir",
@@ -20,6 +20,7 @@ const ENV_FIELDS: [&str; 22] = [
     "max_body_bytes",
     "commit_max_batch",
     "state_cache_bytes",
+    "storage_cache_bytes",
     "workers",
     "idempotency_ttl_secs",
     "heartbeat_interval_ms",
@@ -63,6 +64,9 @@ pub struct Config {
     /// Most writes carried by one group commit.
     #[serde(default = "default_commit_max_batch")]
     pub commit_max_batch: usize,
+    /// Bytes of redb's page cache (reads and writes of the database file).
+    #[serde(default = "default_storage_cache_bytes")]
+    pub storage_cache_bytes: usize,
     /// Bytes of recently written key states kept in memory by the partition actors.
     #[serde(default = "default_state_cache_bytes")]
     pub state_cache_bytes: usize,
@@ -128,6 +132,9 @@ fn default_partitions() -> usize {
 }
 fn default_max_body_bytes() -> usize {
     1024 * 1024
+}
+fn default_storage_cache_bytes() -> usize {
+    64 * 1024 * 1024
 }
 fn default_state_cache_bytes() -> usize {
     64 * 1024 * 1024

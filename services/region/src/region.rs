@@ -50,7 +50,12 @@ impl Region {
     /// starts a new incarnation so no sequence number or dot is ever reused.
     pub async fn open(config: Config) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new(config.region.as_str())?);
-        let mut opened = OpenedDb::open(&config.data_dir, &config.region, &config.cluster_id)?;
+        let mut opened = OpenedDb::open(
+            &config.data_dir,
+            &config.region,
+            &config.cluster_id,
+            config.storage_cache_bytes,
+        )?;
         let seen = peers_have_seen(&config, opened.identity().incarnation).await;
         if seen > opened.last_seq() {
             tracing::warn!(

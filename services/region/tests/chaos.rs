@@ -118,19 +118,7 @@ async fn every_acknowledged_write_survives_partitions_kills_and_slow_links() {
     for (bucket, kind) in [("cset", "set"), ("creg", "register"), ("ccnt", "counter")] {
         cluster.region("us-east").create_bucket(bucket, kind).await;
     }
-    support::eventually(Duration::from_secs(10), "buckets replicate", || async {
-        for region in &cluster.regions {
-            if region.get("/v1/buckets").await.body["buckets"]
-                .as_array()
-                .map_or(0, Vec::len)
-                < 3
-            {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
+    cluster.wait_buckets(3).await;
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Arc::new(AtomicBool::new(false));

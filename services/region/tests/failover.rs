@@ -6,35 +6,21 @@ mod support;
 use common::kv;
 use serde_json::json;
 use std::time::Duration;
-use support::{eventually, Cluster};
+use support::Cluster;
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 const CONVERGE: Duration = Duration::from_secs(20);
 
-async fn setup(cluster: &Cluster) {
-    let first = cluster.region("us-east");
-    for (bucket, kind) in [("reg", "register"), ("cnt", "counter"), ("set", "set")] {
-        first.create_bucket(bucket, kind).await;
-    }
-    eventually(CONVERGE, "buckets replicate", || async {
-        for region in &cluster.regions {
-            if region.get("/v1/buckets").await.body["buckets"]
-                .as_array()
-                .map_or(0, Vec::len)
-                < 3
-            {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn failover_writes_during_a_partition_merge_exactly_after_heal() {
     let cluster = Cluster::start(&REGIONS, "").await;
-    setup(&cluster).await;
+    cluster
+        .create_buckets(
+            "us-east",
+            &[("reg", "register"), ("cnt", "counter"), ("set", "set")],
+            None,
+        )
+        .await;
     let home = "ap-south";
     let reg = kv("reg", &cluster.key_homed_at("reg", home, "doc"));
     let cnt = kv("cnt", &cluster.key_homed_at("cnt", home, "hits"));
@@ -127,7 +113,13 @@ async fn failover_writes_during_a_partition_merge_exactly_after_heal() {
 #[tokio::test]
 async fn a_forward_with_an_unknown_outcome_is_refused_not_applied_twice() {
     let cluster = Cluster::start(&REGIONS, "").await;
-    setup(&cluster).await;
+    cluster
+        .create_buckets(
+            "us-east",
+            &[("reg", "register"), ("cnt", "counter"), ("set", "set")],
+            None,
+        )
+        .await;
     let home = "eu-west";
     let cnt = kv("cnt", &cluster.key_homed_at("cnt", home, "n"));
     let east = cluster.region("us-east");

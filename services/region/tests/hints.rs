@@ -12,30 +12,6 @@ use support::{eventually, Cluster};
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 const CONVERGE: Duration = Duration::from_secs(30);
 
-async fn pinned_buckets(cluster: &Cluster, home: &str) {
-    let first = cluster.region(home);
-    for (bucket, kind) in [("cnt", "counter"), ("set", "set")] {
-        let body = json!({"type": kind, "home_region": home});
-        first
-            .put(&format!("/v1/buckets/{bucket}"), &body)
-            .await
-            .expect(201);
-    }
-    eventually(CONVERGE, "buckets replicate", || async {
-        for region in &cluster.regions {
-            if region.get("/v1/buckets").await.body["buckets"]
-                .as_array()
-                .map_or(0, Vec::len)
-                < 2
-            {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
-}
-
 fn hints_for(view: &serde_json::Value, peer: &str) -> u64 {
     view["regions"]
         .as_array()
@@ -47,7 +23,13 @@ fn hints_for(view: &serde_json::Value, peer: &str) -> u64 {
 #[tokio::test]
 async fn a_region_killed_for_a_while_receives_everything_it_missed() {
     let mut cluster = Cluster::start(&REGIONS, "").await;
-    pinned_buckets(&cluster, "us-east").await;
+    cluster
+        .create_buckets(
+            "us-east",
+            &[("cnt", "counter"), ("set", "set")],
+            Some("us-east"),
+        )
+        .await;
     cluster.region_mut("eu-west").kill9();
     cluster.wait_status("us-east", "eu-west", "down").await;
 
@@ -130,7 +112,13 @@ async fn increment_exactly(url: &str, path: &str, keys: &[String]) -> usize {
 #[tokio::test]
 async fn regions_restarted_mid_stream_neither_lose_nor_duplicate_increments() {
     let mut cluster = Cluster::start(&REGIONS, "").await;
-    pinned_buckets(&cluster, "us-east").await;
+    cluster
+        .create_buckets(
+            "us-east",
+            &[("cnt", "counter"), ("set", "set")],
+            Some("us-east"),
+        )
+        .await;
     let path = kv("cnt", "exact");
     let url = cluster.region("us-east").url();
     let keys: Vec<String> = (0..600).map(|_| uuid::Uuid::new_v4().to_string()).collect();

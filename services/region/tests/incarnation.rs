@@ -13,30 +13,6 @@ use support::{eventually, Cluster};
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 const CONVERGE: Duration = Duration::from_secs(20);
 
-async fn pinned_buckets(cluster: &Cluster, home: &str) {
-    for (bucket, kind) in [("cnt", "counter"), ("set", "set")] {
-        let body = json!({"type": kind, "home_region": home});
-        cluster
-            .region(home)
-            .put(&format!("/v1/buckets/{bucket}"), &body)
-            .await
-            .expect(201);
-    }
-    eventually(CONVERGE, "buckets replicate", || async {
-        for region in &cluster.regions {
-            if region.get("/v1/buckets").await.body["buckets"]
-                .as_array()
-                .map_or(0, Vec::len)
-                < 2
-            {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
-}
-
 async fn incarnation(cluster: &Cluster, name: &str) -> String {
     let view = cluster.region(name).get("/v1/cluster").await;
     view.body["incarnation"]
@@ -95,7 +71,13 @@ fn copy_dir(from: &Path, to: &Path) {
 #[tokio::test]
 async fn a_region_restarted_on_an_empty_disk_writes_as_a_new_incarnation() {
     let mut cluster = Cluster::start(&REGIONS, "").await;
-    pinned_buckets(&cluster, "eu-west").await;
+    cluster
+        .create_buckets(
+            "eu-west",
+            &[("cnt", "counter"), ("set", "set")],
+            Some("eu-west"),
+        )
+        .await;
     write(&cluster, "eu-west", 5, &["a", "b"]).await;
     peers_hold(&cluster, &["us-east", "ap-south"], 5, &["a", "b"]).await;
     let before = incarnation(&cluster, "eu-west").await;
@@ -131,7 +113,13 @@ async fn a_region_restarted_on_an_empty_disk_writes_as_a_new_incarnation() {
 #[tokio::test]
 async fn a_region_restored_from_an_old_copy_of_its_disk_does_not_reuse_sequence_numbers() {
     let mut cluster = Cluster::start(&REGIONS, "").await;
-    pinned_buckets(&cluster, "eu-west").await;
+    cluster
+        .create_buckets(
+            "eu-west",
+            &[("cnt", "counter"), ("set", "set")],
+            Some("eu-west"),
+        )
+        .await;
     write(&cluster, "eu-west", 3, &["a"]).await;
     peers_hold(&cluster, &["us-east", "ap-south"], 3, &["a"]).await;
 

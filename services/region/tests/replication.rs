@@ -7,23 +7,10 @@ mod support;
 use common::kv;
 use serde_json::{json, Value};
 use std::time::Duration;
-use support::{eventually, Cluster};
+use support::Cluster;
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 const CONVERGE: Duration = Duration::from_secs(15);
-
-async fn buckets_everywhere(cluster: &Cluster, count: usize) {
-    eventually(CONVERGE, "bucket definitions replicate", || async {
-        for region in &cluster.regions {
-            let list = region.get("/v1/buckets").await;
-            if list.body["buckets"].as_array().map_or(0, Vec::len) < count {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
-}
 
 #[tokio::test]
 async fn every_bucket_type_replicates_to_every_region() {
@@ -37,7 +24,7 @@ async fn every_bucket_type_replicates_to_every_region() {
     ] {
         first.create_bucket(bucket, kind).await;
     }
-    buckets_everywhere(&cluster, 4).await;
+    cluster.wait_buckets(4).await;
 
     for (i, region) in cluster.regions.iter().enumerate() {
         region
@@ -94,7 +81,7 @@ async fn writes_at_a_region_that_is_not_home_are_forwarded_to_the_home() {
         .put("/v1/buckets/pinned", &pinned)
         .await
         .expect(201);
-    buckets_everywhere(&cluster, 2).await;
+    cluster.wait_buckets(2).await;
 
     for home in REGIONS {
         let key = cluster.key_homed_at("fwd", home, "k");
@@ -125,7 +112,7 @@ async fn ack_all_returns_only_once_every_region_has_applied_the_write() {
         .region("us-east")
         .create_bucket("acks", "counter")
         .await;
-    buckets_everywhere(&cluster, 1).await;
+    cluster.wait_buckets(1).await;
     let path = kv("acks", "n");
     for i in 0..15i64 {
         let writer = &cluster.regions[i as usize % 3];
@@ -177,7 +164,7 @@ async fn session_reads_see_the_sessions_own_writes_and_never_go_back() {
         .put("/v1/buckets/sess", &pinned)
         .await
         .expect(201);
-    buckets_everywhere(&cluster, 1).await;
+    cluster.wait_buckets(1).await;
     // Replication into eu-west crawls: a plain local read there would be stale.
     cluster.link("us-east", "eu-west").slow(400);
     let path = kv("sess", "doc");

@@ -277,6 +277,28 @@ fn fingerprint(req: &HttpRequest, op: &str, bucket: &str, key: &str, body: &[u8]
     xxhash_rust::xxh3::xxh3_64(&buf)
 }
 
+/// Reads a JSON object body, turns it into an operation and writes it.
+async fn write_body<B: serde::de::DeserializeOwned>(
+    region: &Region,
+    client: &PeerClient,
+    req: &HttpRequest,
+    payload: web::Payload,
+    to_op: fn(B) -> Op,
+    respond: Responder,
+) -> Result<HttpResponse, ApiError> {
+    let (def, key) = target(region, req)?;
+    let body = extract::read_body(req, payload, region.config.max_body_bytes).await?;
+    let op = to_op(extract::json(&body)?);
+    let change = Change {
+        def,
+        key,
+        op,
+        body: &body,
+        respond,
+    };
+    write(region, client, req, change).await
+}
+
 /// Writes a register value.
 #[utoipa::path(put, path = "/v1/kv/{bucket}/{key}", tag = "keys",
     params(("bucket" = String, Path), ("key" = String, Path),
@@ -348,17 +370,8 @@ pub async fn increment(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let (def, key) = target(&region, &req)?;
-    let body = extract::read_body(&req, payload, region.config.max_body_bytes).await?;
-    let IncrementBody { by } = extract::json(&body)?;
-    let change = Change {
-        def,
-        key,
-        op: Op::Increment { by },
-        body: &body,
-        respond: respond_counter,
-    };
-    write(&region, &client, &req, change).await
+    let op = |IncrementBody { by }| Op::Increment { by };
+    write_body::<IncrementBody>(&region, &client, &req, payload, op, respond_counter).await
 }
 
 /// Adds members to a set.
@@ -373,17 +386,8 @@ pub async fn add(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let (def, key) = target(&region, &req)?;
-    let body = extract::read_body(&req, payload, region.config.max_body_bytes).await?;
-    let MembersBody { members } = extract::json(&body)?;
-    let change = Change {
-        def,
-        key,
-        op: Op::Add { members },
-        body: &body,
-        respond: respond_members,
-    };
-    write(&region, &client, &req, change).await
+    let op = |MembersBody { members }| Op::Add { members };
+    write_body::<MembersBody>(&region, &client, &req, payload, op, respond_members).await
 }
 
 /// Removes observed members from a set.
@@ -398,17 +402,8 @@ pub async fn remove(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let (def, key) = target(&region, &req)?;
-    let body = extract::read_body(&req, payload, region.config.max_body_bytes).await?;
-    let MembersBody { members } = extract::json(&body)?;
-    let change = Change {
-        def,
-        key,
-        op: Op::Remove { members },
-        body: &body,
-        respond: respond_members,
-    };
-    write(&region, &client, &req, change).await
+    let op = |MembersBody { members }| Op::Remove { members };
+    write_body::<MembersBody>(&region, &client, &req, payload, op, respond_members).await
 }
 
 /// Reads a key.

@@ -85,15 +85,21 @@ pub struct OpenedDb {
 }
 
 impl OpenedDb {
-    /// Opens (or creates and stamps) the data directory.
+    /// Opens (or creates and stamps) the data directory. `cache_bytes` bounds redb's page
+    /// cache, which otherwise grows with the file (hints of a down peer included) up to 1 GiB.
     pub fn open(
         data_dir: &Path,
         region: &RegionName,
         cluster_id: &str,
+        cache_bytes: usize,
     ) -> Result<Self, StorageError> {
         std::fs::create_dir_all(data_dir).map_err(|e| StorageError::Redb(e.into()))?;
         let path = data_dir.join("meridian.redb");
-        let db = Arc::new(Database::create(&path)?);
+        let db = Arc::new(
+            Database::builder()
+                .set_cache_size(cache_bytes)
+                .create(&path)?,
+        );
         let (identity, last_seq) = identity::stamp_or_check(&db, region, cluster_id)?;
         Ok(Self {
             db,

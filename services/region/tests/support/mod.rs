@@ -154,6 +154,42 @@ impl Cluster {
         .await;
     }
 
+    /// Creates `(name, type)` buckets at region `at` (homed at `home` when given) and waits
+    /// until every region has their definitions.
+    pub async fn create_buckets(&self, at: &str, buckets: &[(&str, &str)], home: Option<&str>) {
+        for (name, kind) in buckets {
+            let body = match home {
+                Some(home) => serde_json::json!({"type": kind, "home_region": home}),
+                None => serde_json::json!({"type": kind}),
+            };
+            self.region(at)
+                .put(&format!("/v1/buckets/{name}"), &body)
+                .await
+                .expect(201);
+        }
+        let listed = self.region(at).get("/v1/buckets").await;
+        let count = listed.body["buckets"].as_array().map_or(0, Vec::len);
+        self.wait_buckets(count).await;
+    }
+
+    /// Waits until every region lists at least `count` buckets (definitions replicate).
+    pub async fn wait_buckets(&self, count: usize) {
+        eventually(
+            Duration::from_secs(20),
+            "bucket definitions replicate",
+            || async {
+                for region in &self.regions {
+                    let list = region.get("/v1/buckets").await;
+                    if list.body["buckets"].as_array().map_or(0, Vec::len) < count {
+                        return false;
+                    }
+                }
+                true
+            },
+        )
+        .await;
+    }
+
     /// Waits until `at` considers `peer` to have status `status`.
     pub async fn wait_status(&self, at: &str, peer: &str, status: &str) {
         eventually(

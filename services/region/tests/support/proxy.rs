@@ -176,6 +176,10 @@ async fn pipe(
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
+        // Severing is asynchronous; the mode is not: nothing read after a cut passes.
+        if shared.mode.load(Ordering::Acquire) != OPEN {
+            break;
+        }
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }
