@@ -3,3 +3,5 @@
 
 pub mod logging;
 pub mod metrics;
+pub mod propagation;
+pub mod telemetry;

@@ -24,6 +24,8 @@ pub enum LogEntry {
 pub struct LogRecord {
     /// Wall-clock microseconds of the commit at the origin (replication lag is measured from it).
     pub committed_us: u64,
+    /// W3C `traceparent` of the write's span, so replication continues its trace.
+    pub trace: Option<String>,
     /// Bytes of log written before this record by the same incarnation: the difference between
     /// two records' offsets is the size of the hints between them, without scanning.
     pub log_offset: u64,

@@ -39,18 +39,32 @@ enum Command {
     },
 }
 
+/// Default log filter: the region's own info events, quieter HTTP plumbing.
+const LOG_FILTER: &str = "info,actix_server=warn";
+
 fn main() -> ExitCode {
-    meridian_observability::logging::init("info,actix_server=warn");
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => Config::load(config.as_deref())
             .map_err(anyhow::Error::from)
-            .and_then(|config| actix_web::rt::System::new().block_on(server::serve(config))),
+            .and_then(|config| {
+                let attributes = [
+                    ("meridian.region", config.region.to_string()),
+                    ("meridian.cluster", config.cluster_id.clone()),
+                ];
+                let service = format!("meridian-{}", config.region);
+                let _telemetry =
+                    meridian_observability::telemetry::init(&service, &attributes, LOG_FILTER);
+                actix_web::rt::System::new().block_on(server::serve(config))
+            }),
         Command::Demo {
             regions,
             base_port,
             data_dir,
-        } => demo::run(regions as usize, base_port, &data_dir),
+        } => {
+            meridian_observability::logging::init(LOG_FILTER);
+            demo::run(regions as usize, base_port, &data_dir)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub commit_queue_depth: IntGauge,
     /// Writes accepted by partition actors and not yet committed.
     pub partition_pending_writes: IntGauge,
+    /// Messages waiting in partition actors' mailboxes.
+    pub partition_mailbox_depth: IntGauge,
     /// Writes refused because the commit queue was full.
     pub writes_shed: IntCounter,
     /// Highest region sequence number committed.
@@ -61,6 +63,24 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Creates every per-peer series at zero, so dashboards and alerts see them before the
+    /// first event (a counter that never moved is still a fact worth showing).
+    pub fn register_peers<'a>(&self, peers: impl Iterator<Item = &'a str>) {
+        for peer in peers {
+            let labels = [peer];
+            self.peer_up.with_label_values(&labels);
+            self.heartbeats_failed.with_label_values(&labels);
+            self.replication_batches.with_label_values(&labels);
+            self.replication_entries.with_label_values(&labels);
+            self.replication_lag.with_label_values(&labels);
+            self.replication_pending_entries.with_label_values(&labels);
+            self.hints_pending.with_label_values(&labels);
+            self.hints_drained.with_label_values(&labels);
+            self.hints_overflowed.with_label_values(&labels);
+            self.replicated_applied.with_label_values(&labels);
+        }
+    }
+
     /// Creates and registers every metric.
     pub fn new(region: &str) -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(
@@ -100,6 +120,11 @@ impl Metrics {
             "partition_pending_writes",
             "Writes accepted by partition actors, not yet committed",
         )?;
+        let partition_mailbox_depth = IntGauge::new(
+            "partition_mailbox_depth",
+            "Messages waiting in partition actors' mailboxes",
+        )?;
+        registry.register(Box::new(partition_mailbox_depth.clone()))?;
         let writes_shed = IntCounter::new(
             "storage_writes_shed_total",
             "Writes refused with 503 because the commit queue was full",
@@ -222,6 +247,7 @@ impl Metrics {
             writes_committed,
             commit_queue_depth,
             partition_pending_writes,
+            partition_mailbox_depth,
             writes_shed,
             last_sequence,
             storage_size_bytes,

@@ -68,6 +68,7 @@ impl Region {
         let storage = Storage::start(opened, config.commit_max_batch, metrics.clone())?;
         let progress = storage.peer_progress()?;
         let peers = Peers::new(&config, &progress.cursors, &progress.flags);
+        metrics.register_peers(peers.iter().map(|p| p.name.as_str()));
         let shared = Arc::new(PartitionShared {
             storage: storage.clone(),
             cache_bytes: config.state_cache_bytes / config.partitions.max(1),

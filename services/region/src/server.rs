@@ -7,6 +7,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 use std::sync::Arc;
+use tracing_actix_web::TracingLogger;
 
 /// Runs one region until it is asked to stop. In-flight requests finish before it exits.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -35,6 +36,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 crate::peers::http_client(),
             )))
             .wrap(from_fn(api::record_metrics))
+            .wrap(TracingLogger::<api::trace::RegionRootSpan>::new())
             .configure(|cfg| api::configure(cfg, openapi, max_batch_bytes))
             .default_service(web::to(api::not_found))
     })

@@ -220,8 +220,9 @@ impl PartitionActor {
                 body,
             }
         });
-        let (ticket, version) =
-            self.queue(slot, &state, encode_state(&state), true, idempotency)?;
+        let trace = meridian_observability::propagation::traceparent(&tracing::Span::current());
+        let encoded = encode_state(&state);
+        let (ticket, version) = self.queue(slot, &state, encoded, true, idempotency, trace)?;
         if let Some((id, _, _)) = msg.idempotency {
             self.idempotency_in_flight.insert(id);
         }
@@ -251,6 +252,7 @@ impl PartitionActor {
         encoded: Vec<u8>,
         logged: bool,
         idempotency: Option<PendingIdempotency>,
+        trace: Option<String>,
     ) -> Result<(crate::storage::WriteTicket<u64>, u64), WriteError> {
         let size = encoded.len();
         let ticket = self.shared.storage.submit_key(KeyWrite {
@@ -259,6 +261,7 @@ impl PartitionActor {
             state: encoded,
             logged,
             idempotency,
+            trace,
         })?;
         self.next_version += 1;
         let version = self.next_version;
@@ -292,7 +295,8 @@ impl Handler<Write> for PartitionActor {
     type Result = ResponseActFuture<Self, Result<WriteOutcome, WriteError>>;
 
     fn handle(&mut self, mut msg: Write, _ctx: &mut Self::Context) -> Self::Result {
-        let span = tracing::debug_span!(parent: &msg.span, "partition_write", bucket = %msg.bucket);
+        self.shared.metrics.partition_mailbox_depth.dec();
+        let span = tracing::info_span!(parent: &msg.span, "partition_write", bucket = %msg.bucket);
         let prepared = span.in_scope(|| self.prepare(&mut msg));
         let (ticket, state, version) = match prepared {
             Ok(Prepared::Queued {
@@ -329,7 +333,8 @@ impl Handler<Merge> for PartitionActor {
     type Result = Result<Option<MergeCommit>, WriteError>;
 
     fn handle(&mut self, msg: Merge, ctx: &mut Self::Context) -> Self::Result {
-        let span = tracing::debug_span!(parent: &msg.span, "partition_merge", bucket = %msg.bucket);
+        self.shared.metrics.partition_mailbox_depth.dec();
+        let span = tracing::info_span!(parent: &msg.span, "partition_merge", bucket = %msg.bucket);
         let _entered = span.enter();
         let slot = (msg.bucket, msg.key);
         if let KeyState::Lww(reg) = &msg.state {
@@ -348,7 +353,7 @@ impl Handler<Merge> for PartitionActor {
             }
         };
         let encoded = encode_state(&merged);
-        let (ticket, version) = self.queue(slot.clone(), &merged, encoded, false, None)?;
+        let (ticket, version) = self.queue(slot.clone(), &merged, encoded, false, None, None)?;
         let commit: MergeCommit = async move {
             match ticket.await {
                 Ok(Ok(_)) => Ok(()),
@@ -374,6 +379,7 @@ impl Handler<Merge> for PartitionActor {
 #[derive(Clone)]
 pub struct PartitionRouter {
     partitions: Arc<Vec<Addr<PartitionActor>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl PartitionRouter {
@@ -391,6 +397,7 @@ impl PartitionRouter {
             .collect();
         Self {
             partitions: Arc::new(partitions),
+            metrics: shared.metrics.clone(),
         }
     }
 
@@ -401,12 +408,14 @@ impl PartitionRouter {
     /// Sends a write to the actor owning its key and waits for the durable outcome.
     pub async fn write(&self, msg: Write) -> Result<WriteOutcome, WriteError> {
         let owner = self.owner(&msg.bucket, &msg.key);
+        self.metrics.partition_mailbox_depth.inc();
         owner.send(msg).await.unwrap_or(Err(WriteError::Stopped))
     }
 
     /// Joins a peer's state into the key's; returns once it is queued for a group commit.
     pub async fn merge(&self, msg: Merge) -> Result<Option<MergeCommit>, WriteError> {
         let owner = self.owner(&msg.bucket, &msg.key);
+        self.metrics.partition_mailbox_depth.inc();
         owner.send(msg).await.unwrap_or(Err(WriteError::Stopped))
     }
 }

@@ -86,11 +86,7 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
             }
             continue;
         }
-        let span = tracing::debug_span!("replicate_send", peer = %peer.name, after = cursor);
-        match send_batch(&region, &client, &peer, cursor)
-            .instrument(span)
-            .await
-        {
+        match send_batch(&region, &client, &peer, cursor).await {
             Ok(sent) => {
                 backoff.reset();
                 if pending > region.config.replication_batch_entries as u64 {
@@ -137,6 +133,7 @@ async fn send_batch(
     };
     let last = *last;
     let committed_us = LogRecord::decode(last_bytes).map_or(0, |r| r.committed_us);
+    let span = send_span(peer, cursor, &records);
     // Entries the peer needs were truncated (its hints overflowed): it must accept the gap.
     let resync = first > cursor + 1;
     if resync {
@@ -149,25 +146,30 @@ async fn send_batch(
         resync,
         records,
     };
-    let request = peer_request(
-        client.post(format!("{}/internal/v1/replicate", peer.url)),
-        config,
-    )
-    .header("content-type", "application/octet-stream")
-    .timeout(Duration::from_secs(10))
-    .body(batch.encode());
-    let response = request.send().await.map_err(|e| {
-        if e.is_connect() {
-            SendError::Refused
-        } else {
-            SendError::Other(e.to_string())
-        }
-    })?;
-    let status = response.status();
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| SendError::Other(e.to_string()))?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    meridian_observability::propagation::inject(&span, &mut headers);
+    let url = format!("{}/internal/v1/replicate", peer.url);
+    let request = peer_request(client.post(url), config)
+        .header("content-type", "application/octet-stream")
+        .headers(headers)
+        .timeout(Duration::from_secs(10))
+        .body(batch.encode());
+    let exchange = async {
+        let response = request.send().await.map_err(|e| {
+            if e.is_connect() {
+                SendError::Refused
+            } else {
+                SendError::Other(e.to_string())
+            }
+        })?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| SendError::Other(e.to_string()))?;
+        Ok::<_, SendError>((status, body))
+    };
+    let (status, body) = exchange.instrument(span).await?;
     if !status.is_success() {
         return Err(SendError::Other(format!(
             "HTTP {status}: {}",
@@ -210,6 +212,23 @@ async fn send_batch(
             .observe(lag);
     }
     Ok(newly)
+}
+
+/// The span of one batch: a child of its first traced write (so a single write's trace runs on
+/// into the peer) and linked to the others.
+fn send_span(peer: &Peer, cursor: u64, records: &[(u64, Vec<u8>)]) -> tracing::Span {
+    let span = tracing::info_span!("replicate_send", "otel.kind" = "client", peer = %peer.name,
+        after = cursor, entries = records.len());
+    let mut traces = records
+        .iter()
+        .filter_map(|(_, bytes)| LogRecord::decode(bytes).ok()?.trace);
+    if let Some(first) = traces.next() {
+        meridian_observability::propagation::set_parent(&span, &first);
+    }
+    traces
+        .take(crate::storage::MAX_SPAN_LINKS)
+        .for_each(|trace| meridian_observability::propagation::add_link(&span, &trace));
+    span
 }
 
 /// Hands a down peer to anti-entropy once its hints exceed the byte or age bound.

@@ -12,6 +12,7 @@ use actix_web::{HttpRequest, HttpResponse};
 use meridian_shared::wire::FORWARDED_HEADER;
 use meridian_shared::RegionName;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// The HTTP client an actix worker uses for forwards (one per worker).
 pub struct PeerClient(pub reqwest::Client);
@@ -24,15 +25,13 @@ pub enum Forwarded {
     HomeUnreachable,
 }
 
-/// Request headers a forward carries over.
-const PASSED_REQUEST_HEADERS: [&str; 7] = [
+/// Request headers a forward carries over (trace context is injected afresh: the forward span).
+const PASSED_REQUEST_HEADERS: [&str; 5] = [
     "content-type",
     "authorization",
     "idempotency-key",
     "x-meridian-context",
     "x-meridian-session",
-    "traceparent",
-    "tracestate",
 ];
 
 /// Response headers passed back from the home.
@@ -88,8 +87,10 @@ pub async fn forward(
             request = request.header(name, value.as_bytes());
         }
     }
-    let span = tracing::info_span!("forward_to_home", home = %home);
-    let _entered = span.enter();
+    let span = tracing::info_span!("forward_to_home", "otel.kind" = "client", home = %home);
+    let mut trace_headers = reqwest::header::HeaderMap::new();
+    meridian_observability::propagation::inject(&span, &mut trace_headers);
+    request = request.headers(trace_headers);
     let unknown = |error: String| {
         outcome("unknown");
         tracing::warn!(home = %home, %error, "forward outcome unknown");
@@ -100,7 +101,7 @@ pub async fn forward(
         error.retry_after = Some(1);
         error
     };
-    let response = match request.send().await {
+    let response = match request.send().instrument(span.clone()).await {
         Ok(response) => response,
         Err(e) if e.is_connect() => {
             // Nothing was sent: safe to accept the write here instead.
@@ -121,7 +122,11 @@ pub async fn forward(
                 .map(|v| (*name, v.as_bytes().to_vec()))
         })
         .collect();
-    let body = response.bytes().await.map_err(|e| unknown(e.to_string()))?;
+    let body = response
+        .bytes()
+        .instrument(span)
+        .await
+        .map_err(|e| unknown(e.to_string()))?;
     outcome("answered");
     let mut answer = HttpResponse::build(status);
     for (name, value) in headers {

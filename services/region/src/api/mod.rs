@@ -8,6 +8,7 @@ pub mod internal;
 pub mod kv;
 pub mod openapi;
 pub mod ops;
+pub mod trace;
 
 use crate::region::Region;
 use actix_web::body::MessageBody;

@@ -12,6 +12,7 @@ pub use idempotency::IdempotencyRecord;
 pub use identity::Identity;
 pub use writer::{
     now_ms, now_us, BucketOutcome, BucketSource, KeyWrite, PendingIdempotency, WriteTicket,
+    MAX_SPAN_LINKS,
 };
 
 use crate::metrics::Metrics;

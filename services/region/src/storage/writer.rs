@@ -20,6 +20,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 /// Requests that may wait for the writer before new writes are shed with 503.
 const QUEUE_CAPACITY: usize = 65_536;
+/// Most span links one commit or replication batch records.
+pub const MAX_SPAN_LINKS: usize = 64;
 /// Log entries removed per truncation request, so one commit never grows without bound.
 const TRUNCATE_CHUNK: u64 = 20_000;
 
@@ -37,6 +39,8 @@ pub struct KeyWrite {
     pub logged: bool,
     /// The answer to store for an `Idempotency-Key`, in the same transaction.
     pub idempotency: Option<PendingIdempotency>,
+    /// `traceparent` of the write's span (logged with it; the commit span links to it).
+    pub trace: Option<String>,
 }
 
 /// An idempotency record before the writer has given it a sequence number.
@@ -269,7 +273,17 @@ impl Writer {
                 }
             }
             self.metrics.commit_queue_depth.sub(batch.len() as i64);
-            let _span = tracing::debug_span!("group_commit", writes = batch.len()).entered();
+            let span = tracing::info_span!("group_commit", writes = batch.len());
+            // One commit carries many writes of many traces: link it to (a bounded number of) them.
+            batch
+                .iter()
+                .filter_map(|r| match r {
+                    Request::Key(write, _) => write.trace.as_deref(),
+                    _ => None,
+                })
+                .take(MAX_SPAN_LINKS)
+                .for_each(|trace| meridian_observability::propagation::add_link(&span, trace));
+            let _span = span.entered();
             let started = Instant::now();
             let result = self.commit(&batch);
             self.metrics
@@ -323,7 +337,8 @@ impl Writer {
                                 key: write.key.clone(),
                                 state: write.state.clone(),
                             };
-                            appender.append(open(&mut log, &txn, LOG)?, entry)?;
+                            let trace = write.trace.clone();
+                            appender.append(open(&mut log, &txn, LOG)?, entry, trace)?;
                             if let Some(pending) = &write.idempotency {
                                 let record = IdempotencyRecord {
                                     fingerprint: pending.fingerprint,
@@ -373,6 +388,7 @@ impl Writer {
                                     appender.append(
                                         open(&mut log, &txn, LOG)?,
                                         LogEntry::Bucket(def.clone()),
+                                        None,
                                     )?;
                                 }
                                 BucketOutcome::Created
@@ -518,10 +534,12 @@ impl Appender<'_> {
         &mut self,
         log: &mut redb::Table<u64, &[u8]>,
         entry: LogEntry,
+        trace: Option<String>,
     ) -> Result<(), StorageError> {
         *self.seq += 1;
         let bytes = LogRecord {
             committed_us: self.now_us,
+            trace,
             log_offset: *self.log_bytes,
             entry,
         }

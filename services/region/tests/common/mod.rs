@@ -34,6 +34,8 @@ pub struct Region {
     log: PathBuf,
     child: Option<Child>,
     client: Client,
+    /// Extra environment for the process.
+    env: Vec<(String, String)>,
 }
 
 /// One HTTP answer: status, headers, the body parsed as JSON (`Null` when it is not JSON) and
@@ -77,6 +79,12 @@ impl Region {
     /// Starts region `name` with `extra` appended to its TOML configuration (top-level keys
     /// first, then tables such as `[security]`) and waits until it is ready.
     pub async fn start_with(name: &str, extra: &str) -> Region {
+        Region::start_with_env(name, extra, &[]).await
+    }
+
+    /// Like [`Region::start_with`], with extra environment variables for the process (they
+    /// survive restarts), e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub async fn start_with_env(name: &str, extra: &str, env: &[(&str, &str)]) -> Region {
         // The prefix leaves the region name out of every path, so a log line that names the
         // region means it.
         let dir = tempfile::Builder::new()
@@ -101,6 +109,10 @@ impl Region {
             log,
             child: None,
             client: new_client(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         region.spawn();
         region.wait_ready().await;
@@ -194,7 +206,7 @@ impl Region {
 
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "region {} already running", self.name);
-        let child = spawn_meridian(&self.config, &self.log);
+        let child = spawn_meridian(&self.config, &self.log, &self.env);
         self.child = Some(child);
     }
 
@@ -440,7 +452,7 @@ pub fn run_until_exit(
     )
     .expect("write config");
     let log = dir.path().join("meridian.log");
-    let mut child = spawn_meridian(&config, &log);
+    let mut child = spawn_meridian(&config, &log, &[]);
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait for meridian") {
@@ -456,7 +468,7 @@ pub fn run_until_exit(
     (status, fs::read_to_string(&log).unwrap_or_default())
 }
 
-fn spawn_meridian(config: &Path, log: &Path) -> Child {
+fn spawn_meridian(config: &Path, log: &Path, env: &[(String, String)]) -> Child {
     let out = OpenOptions::new()
         .create(true)
         .append(true)
@@ -478,6 +490,7 @@ fn spawn_meridian(config: &Path, log: &Path) -> Child {
             cmd.env_remove(key);
         }
     }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.spawn().expect("spawn meridian binary")
 }
 

@@ -27,6 +27,11 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the named regions with `extra` config and waits until all see each other up.
     pub async fn start(names: &[&str], extra: &str) -> Cluster {
+        Cluster::start_with_env(names, extra, &[]).await
+    }
+
+    /// Like [`Cluster::start`], with extra environment variables for every region.
+    pub async fn start_with_env(names: &[&str], extra: &str, env: &[(&str, &str)]) -> Cluster {
         let mut links = BTreeMap::new();
         for from in names {
             for to in names.iter().filter(|to| *to != from) {
@@ -40,7 +45,7 @@ impl Cluster {
                 let link = &links[&(name.to_string(), peer.to_string())];
                 config.push_str(&format!("{peer} = \"{}\"\n", link.url()));
             }
-            regions.push(Region::start_with(name, &config).await);
+            regions.push(Region::start_with_env(name, &config, env).await);
         }
         for ((_, to), link) in &links {
             let target = regions

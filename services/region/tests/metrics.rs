@@ -1,0 +1,151 @@
+//! `/metrics` of a running region: the families operators rely on are present, and they move
+//! with traffic (replication lag rises while a peer is partitioned and falls after the heal).
+
+mod common;
+mod support;
+
+use common::kv;
+use serde_json::json;
+use std::time::Duration;
+use support::{eventually, Cluster};
+
+const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
+
+/// Sum of every sample of `name` whose labels include all of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            let wanted = metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+async fn scrape(cluster: &Cluster, region: &str) -> String {
+    let reply = cluster.region(region).get("/metrics").await;
+    assert_eq!(reply.status, 200);
+    reply.text
+}
+
+#[tokio::test]
+async fn metrics_are_present_and_follow_traffic_and_partitions() {
+    let cluster = Cluster::start(&REGIONS, "").await;
+    cluster
+        .create_buckets("us-east", &[("m", "counter")], Some("us-east"))
+        .await;
+    let path = format!("{}/increment", kv("m", "n"));
+    for _ in 0..20 {
+        cluster
+            .region("us-east")
+            .post(&path, &json!({"by": 1}))
+            .await
+            .expect(200);
+    }
+    let text = scrape(&cluster, "us-east").await;
+    for family in [
+        "meridian_http_requests_total",
+        "meridian_http_request_duration_seconds_bucket",
+        "meridian_storage_commit_batch_size_bucket",
+        "meridian_storage_commit_duration_seconds_bucket",
+        "meridian_storage_commit_queue_depth",
+        "meridian_storage_size_bytes",
+        "meridian_partition_mailbox_depth",
+        "meridian_partition_pending_writes",
+        "meridian_replication_batch_entries_bucket",
+        "meridian_replication_lag_seconds_bucket",
+        "meridian_replication_pending_entries",
+        "meridian_hints_pending_entries",
+        "meridian_hints_drained_entries_total",
+        "meridian_hints_overflowed_total",
+        "meridian_peer_up",
+        "meridian_replication_log_entries",
+    ] {
+        assert!(text.contains(family), "{family} missing from /metrics");
+    }
+    let route = [
+        ("route", "/v1/kv/{bucket}/{key}/increment"),
+        ("status", "200"),
+    ];
+    assert!(sample(&text, "meridian_http_requests_total", &route) >= 20.0);
+    assert!(sample(&text, "meridian_storage_writes_committed_total", &[]) >= 20.0);
+    assert!(sample(&text, "meridian_storage_size_bytes", &[]) > 0.0);
+    assert_eq!(
+        sample(&text, "meridian_peer_up", &[("peer", "eu-west")]),
+        1.0
+    );
+    let lag_count = |text: &str| {
+        sample(
+            text,
+            "meridian_replication_lag_seconds_count",
+            &[("peer", "eu-west")],
+        )
+    };
+    let lag_before = lag_count(&text);
+    assert!(lag_before > 0.0, "replication to eu-west was measured");
+
+    // Partition eu-west away: its pending entries and hints rise with every write.
+    cluster.cut_off("eu-west");
+    cluster.wait_status("us-east", "eu-west", "down").await;
+    for _ in 0..30 {
+        cluster
+            .region("us-east")
+            .post(&path, &json!({"by": 1}))
+            .await
+            .expect(200);
+    }
+    eventually(
+        Duration::from_secs(10),
+        "lag to eu-west is visible in metrics",
+        || async {
+            let text = scrape(&cluster, "us-east").await;
+            sample(
+                &text,
+                "meridian_replication_pending_entries",
+                &[("peer", "eu-west")],
+            ) >= 30.0
+                && sample(
+                    &text,
+                    "meridian_hints_pending_entries",
+                    &[("peer", "eu-west")],
+                ) >= 30.0
+                && sample(&text, "meridian_peer_up", &[("peer", "eu-west")]) == 0.0
+        },
+    )
+    .await;
+
+    // Heal: the backlog drains and the lag falls back to nothing.
+    cluster.heal_all();
+    eventually(
+        Duration::from_secs(20),
+        "lag to eu-west falls after the heal",
+        || async {
+            let text = scrape(&cluster, "us-east").await;
+            sample(
+                &text,
+                "meridian_replication_pending_entries",
+                &[("peer", "eu-west")],
+            ) == 0.0
+                && sample(
+                    &text,
+                    "meridian_hints_pending_entries",
+                    &[("peer", "eu-west")],
+                ) == 0.0
+                && lag_count(&text) > lag_before
+        },
+    )
+    .await;
+    let text = scrape(&cluster, "eu-west").await;
+    assert!(
+        sample(
+            &text,
+            "meridian_replication_applied_entries_total",
+            &[("origin", "us-east")]
+        ) >= 50.0
+    );
+}

@@ -1,0 +1,228 @@
+//! One client write at a region that is not the key's home is one trace across all three
+//! regions: accepting region → home (forward) → every replica (replication), exported over
+//! OTLP/HTTP to a real receiver that decodes the protobuf.
+
+mod common;
+mod support;
+
+use actix_web::{web, App, HttpResponse, HttpServer};
+use common::kv;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use prost::Message;
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::{eventually, Cluster};
+
+const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
+/// The trace the test's own client starts (W3C ids, sampled).
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+/// One exported span, as the receiver decoded it.
+#[derive(Debug, Clone)]
+struct Span {
+    service: String,
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent: String,
+    links: Vec<(String, String)>,
+}
+
+type Spans = Arc<Mutex<Vec<Span>>>;
+
+async fn receive(body: web::Bytes, spans: web::Data<Spans>) -> HttpResponse {
+    let Ok(request) = ExportTraceServiceRequest::decode(body.as_ref()) else {
+        return HttpResponse::BadRequest().finish();
+    };
+    let mut received = Vec::new();
+    for resource in request.resource_spans {
+        let service = resource
+            .resource
+            .iter()
+            .flat_map(|r| &r.attributes)
+            .find(|kv| kv.key == "service.name")
+            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                AnyValue::StringValue(s) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        for scope in resource.scope_spans {
+            for span in scope.spans {
+                received.push(Span {
+                    service: service.clone(),
+                    name: span.name,
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent: hex(&span.parent_span_id),
+                    links: span
+                        .links
+                        .iter()
+                        .map(|l| (hex(&l.trace_id), hex(&l.span_id)))
+                        .collect(),
+                });
+            }
+        }
+    }
+    spans.lock().expect("spans").extend(received);
+    HttpResponse::Ok()
+        .content_type("application/x-protobuf")
+        .body(ExportTraceServiceResponse::default().encode_to_vec())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Starts an OTLP/HTTP receiver on its own thread; returns its base URL and what it received.
+fn start_receiver() -> (String, Spans) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind receiver");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let spans: Spans = Arc::default();
+    let shared = spans.clone();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let server = HttpServer::new(move || {
+                App::new()
+                    .app_data(web::Data::new(shared.clone()))
+                    .app_data(web::PayloadConfig::new(64 * 1024 * 1024))
+                    .route("/v1/traces", web::post().to(receive))
+            })
+            .workers(1)
+            .listen(listener)
+            .expect("listen")
+            .run();
+            let _ = server.await;
+        })
+    });
+    (url, spans)
+}
+
+fn of_trace(spans: &Spans) -> Vec<Span> {
+    let spans = spans.lock().expect("spans");
+    spans
+        .iter()
+        .filter(|s| s.trace_id == TRACE_ID)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn a_write_at_a_non_home_region_is_one_trace_across_all_regions() {
+    let (endpoint, spans) = start_receiver();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let cluster = Cluster::start_with_env(&REGIONS, "", &env).await;
+    cluster
+        .create_buckets("us-east", &[("traced", "register")], None)
+        .await;
+    let home = "eu-west";
+    let key = cluster.key_homed_at("traced", home, "k");
+
+    let traceparent = format!("00-{TRACE_ID}-{CLIENT_SPAN}-01");
+    let reply = cluster
+        .region("us-east")
+        .put_with(
+            &kv("traced", &key),
+            &json!("traced"),
+            &[("traceparent", &traceparent)],
+        )
+        .await;
+    reply.expect(200);
+    assert_eq!(reply.header("x-meridian-region"), Some(home));
+
+    eventually(
+        Duration::from_secs(20),
+        "spans of all three regions arrive",
+        || async {
+            let services: BTreeSet<String> =
+                of_trace(&spans).into_iter().map(|s| s.service).collect();
+            services.len() == 3
+        },
+    )
+    .await;
+    // Replication to both replicas must be in too.
+    eventually(
+        Duration::from_secs(20),
+        "both replicas' apply spans arrive",
+        || async {
+            of_trace(&spans)
+                .iter()
+                .filter(|s| s.name == "replicate_send" && s.service == "meridian-eu-west")
+                .count()
+                == 2
+        },
+    )
+    .await;
+    let trace = of_trace(&spans);
+    let find = |service: &str, pred: &dyn Fn(&Span) -> bool| -> Vec<Span> {
+        trace
+            .iter()
+            .filter(|s| s.service == service && pred(s))
+            .cloned()
+            .collect()
+    };
+    let by_id = |id: &str| trace.iter().find(|s| s.span_id == id).cloned();
+
+    // us-east: its request span continues the client's span; the forward is under it.
+    let accepted = find("meridian-us-east", &|s| s.parent == CLIENT_SPAN);
+    assert_eq!(
+        accepted.len(),
+        1,
+        "one us-east request span under the client span: {trace:#?}"
+    );
+    let forward = find("meridian-us-east", &|s| s.name == "forward_to_home");
+    assert_eq!(forward.len(), 1, "{trace:#?}");
+    assert_eq!(forward[0].parent, accepted[0].span_id);
+
+    // eu-west (home): its request span is the forward's child; the write is under it.
+    let at_home = find("meridian-eu-west", &|s| s.parent == forward[0].span_id);
+    assert_eq!(
+        at_home.len(),
+        1,
+        "home request span under the forward: {trace:#?}"
+    );
+    let write = find("meridian-eu-west", &|s| s.name == "partition_write");
+    assert_eq!(write.len(), 1, "{trace:#?}");
+    assert_eq!(write[0].parent, at_home[0].span_id);
+    let commits: Vec<Span> = spans
+        .lock()
+        .expect("spans")
+        .iter()
+        .filter(|s| s.service == "meridian-eu-west" && s.name == "group_commit")
+        .filter(|s| {
+            s.links
+                .contains(&(TRACE_ID.to_string(), write[0].span_id.clone()))
+        })
+        .cloned()
+        .collect();
+    assert_eq!(
+        commits.len(),
+        1,
+        "the group commit links to the write it carried"
+    );
+
+    // Replication: eu-west's sends continue the write's trace; each replica's apply is a child.
+    for replica in ["meridian-us-east", "meridian-ap-south"] {
+        let applied = find(replica, &|s| {
+            by_id(&s.parent)
+                .is_some_and(|p| p.name == "replicate_send" && p.service == "meridian-eu-west")
+        });
+        assert!(
+            !applied.is_empty(),
+            "{replica} applies under eu-west's replicate_send: {trace:#?}"
+        );
+        let send = by_id(&applied[0].parent).expect("send span");
+        assert_eq!(
+            send.parent, write[0].span_id,
+            "the send continues the write"
+        );
+    }
+}
