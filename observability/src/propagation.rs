@@ -14,10 +14,11 @@ pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
         .inject_context(&context, &mut opentelemetry_http::HeaderInjector(headers));
 }
 
-/// `span`'s context as a `traceparent` value, if it is being traced.
+/// `span`'s context as a `traceparent` value, if its trace is sampled (an unsampled trace
+/// has nothing to continue, so nothing is carried).
 pub fn traceparent(span: &tracing::Span) -> Option<String> {
     let context = span.context();
-    if !context.span().span_context().is_valid() {
+    if !context.span().span_context().is_sampled() {
         return None;
     }
     let mut carrier = HashMap::new();
@@ -39,6 +40,22 @@ pub fn span_context(traceparent: &str) -> opentelemetry::trace::SpanContext {
 pub fn set_parent(span: &tracing::Span, traceparent: &str) {
     let carrier = HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
     let _ = span.set_parent(TraceContextPropagator::new().extract(&carrier));
+}
+
+/// Makes `span` (one operation on behalf of many writes: a commit, a replication batch) a child
+/// of the first trace and links it to up to `max_links` others, so every sampled write's trace
+/// shows the operation that carried it.
+pub fn continue_traces<'a>(
+    span: &tracing::Span,
+    mut traces: impl Iterator<Item = &'a str>,
+    max_links: usize,
+) {
+    if let Some(first) = traces.next() {
+        set_parent(span, first);
+    }
+    traces
+        .take(max_links)
+        .for_each(|trace| add_link(span, trace));
 }
 
 /// Links `span` to the context a `traceparent` value names.

@@ -7,7 +7,7 @@
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::filter::{filter_fn, EnvFilter};
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields};
@@ -16,6 +16,9 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
+
+/// Share of new traces sampled when `OTEL_TRACES_SAMPLER` is not set.
+pub const DEFAULT_SAMPLE_RATIO: f64 = 0.01;
 
 /// Flushes and shuts the exporter down when dropped (at the end of `main`).
 pub struct TelemetryGuard {
@@ -86,8 +89,15 @@ pub fn init(
             Ok(exporter) => {
                 let mut resource = vec![KeyValue::new("service.name", service.to_string())];
                 resource.extend(attributes.iter().map(|(k, v)| KeyValue::new(*k, v.clone())));
-                let provider = SdkTracerProvider::builder()
-                    .with_batch_exporter(exporter)
+                let mut builder = SdkTracerProvider::builder().with_batch_exporter(exporter);
+                if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
+                    // Head sampling keeps tracing cheap under load; a caller's sampled
+                    // traceparent is always honoured. OTEL_TRACES_SAMPLER overrides this.
+                    builder = builder.with_sampler(Sampler::ParentBased(Box::new(
+                        Sampler::TraceIdRatioBased(DEFAULT_SAMPLE_RATIO),
+                    )));
+                }
+                let provider = builder
                     .with_resource(Resource::builder().with_attributes(resource).build())
                     .build();
                 (

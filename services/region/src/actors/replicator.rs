@@ -219,15 +219,15 @@ async fn send_batch(
 fn send_span(peer: &Peer, cursor: u64, records: &[(u64, Vec<u8>)]) -> tracing::Span {
     let span = tracing::info_span!("replicate_send", "otel.kind" = "client", peer = %peer.name,
         after = cursor, entries = records.len());
-    let mut traces = records
+    let traces: Vec<String> = records
         .iter()
-        .filter_map(|(_, bytes)| LogRecord::decode(bytes).ok()?.trace);
-    if let Some(first) = traces.next() {
-        meridian_observability::propagation::set_parent(&span, &first);
-    }
-    traces
-        .take(crate::storage::MAX_SPAN_LINKS)
-        .for_each(|trace| meridian_observability::propagation::add_link(&span, &trace));
+        .filter_map(|(_, bytes)| LogRecord::decode(bytes).ok()?.trace)
+        .collect();
+    meridian_observability::propagation::continue_traces(
+        &span,
+        traces.iter().map(String::as_str),
+        crate::storage::MAX_SPAN_LINKS,
+    );
     span
 }
 

@@ -138,7 +138,7 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
 
 /// The route pattern of a path, for metric labels: asking the router again per request
 /// (`match_pattern`) costs a regex match; the API's shapes are few and fixed.
-fn route_label(path: &str) -> &'static str {
+pub(crate) fn route_label(path: &str) -> &'static str {
     let mut segments = path.trim_start_matches('/').split('/');
     let parts: [Option<&str>; 6] = std::array::from_fn(|_| segments.next());
     match parts {

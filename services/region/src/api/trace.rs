@@ -1,26 +1,56 @@
 //! The root span of every traced request: continues the caller's W3C `traceparent`.
 
+use super::route_label;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
+use tracing::field::Empty;
 use tracing::Span;
-use tracing_actix_web::{root_span, DefaultRootSpanBuilder, RootSpanBuilder};
+use tracing_actix_web::RootSpanBuilder;
 
-/// Like the default root span, but probes, scrapes and heartbeats are not traced: they would
-/// bury every trace worth reading under thousands that are not.
+/// A lean server span per request (the route label comes from the path's shape, not from
+/// re-running the router). Probes, scrapes and heartbeats are not traced: they would bury
+/// every trace worth reading under thousands that are not.
 pub struct RegionRootSpan;
 
 impl RootSpanBuilder for RegionRootSpan {
     fn on_request_start(request: &ServiceRequest) -> Span {
-        match request.path() {
-            "/healthz" | "/readyz" | "/metrics" | "/internal/v1/heartbeat" => Span::none(),
-            _ => root_span!(request),
+        let route = route_label(request.path());
+        if matches!(
+            route,
+            "/healthz" | "/readyz" | "/metrics" | "/internal/v1/heartbeat"
+        ) {
+            return Span::none();
         }
+        let span = tracing::info_span!(
+            "request",
+            "otel.name" = route,
+            "otel.kind" = "server",
+            "otel.status_code" = Empty,
+            "http.request.method" = %request.method(),
+            "http.route" = route,
+            "http.response.status_code" = Empty,
+        );
+        if let Some(parent) = request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+        {
+            meridian_observability::propagation::set_parent(&span, parent);
+        }
+        span
     }
 
     fn on_request_end<B: MessageBody>(
         span: Span,
         outcome: &Result<ServiceResponse<B>, actix_web::Error>,
     ) {
-        DefaultRootSpanBuilder::on_request_end(span, outcome);
+        let status = match outcome {
+            Ok(response) => response.status(),
+            Err(error) => error.as_response_error().status_code(),
+        };
+        span.record("http.response.status_code", status.as_u16());
+        if status.is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
     }
 }

@@ -274,15 +274,12 @@ impl Writer {
             }
             self.metrics.commit_queue_depth.sub(batch.len() as i64);
             let span = tracing::info_span!("group_commit", writes = batch.len());
-            // One commit carries many writes of many traces: link it to (a bounded number of) them.
-            batch
-                .iter()
-                .filter_map(|r| match r {
-                    Request::Key(write, _) => write.trace.as_deref(),
-                    _ => None,
-                })
-                .take(MAX_SPAN_LINKS)
-                .for_each(|trace| meridian_observability::propagation::add_link(&span, trace));
+            // One commit carries many writes of many traces: it continues the first, links the rest.
+            let traces = batch.iter().filter_map(|r| match r {
+                Request::Key(write, _) => write.trace.as_deref(),
+                _ => None,
+            });
+            meridian_observability::propagation::continue_traces(&span, traces, MAX_SPAN_LINKS);
             let _span = span.entered();
             let started = Instant::now();
             let result = self.commit(&batch);
