@@ -9,7 +9,8 @@ use opentelemetry::KeyValue;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
-use tracing_subscriber::filter::{filter_fn, EnvFilter};
+use std::sync::atomic::{AtomicU64, Ordering};
+use tracing_subscriber::filter::{DynFilterFn, EnvFilter};
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields};
 use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::layer::SubscriberExt;
@@ -19,6 +20,68 @@ use tracing_subscriber::Layer;
 
 /// Share of new traces sampled when `OTEL_TRACES_SAMPLER` is not set.
 pub const DEFAULT_SAMPLE_RATIO: f64 = 0.01;
+/// Name of a request's root span when its trace is sampled.
+pub const SAMPLED_REQUEST: &str = "request";
+/// Name of a request's root span when it is not: the OpenTelemetry layer never sees it (or
+/// anything under it), so unsampled requests cost the exporter nothing.
+pub const UNSAMPLED_REQUEST: &str = "request_unsampled";
+/// Spans that start their own (background) trace only when they carry a sampled write.
+const SAMPLED_ROOTS: [&str; 3] = [SAMPLED_REQUEST, "group_commit", "replicate_send"];
+
+/// Head-sampling ratio in millionths, set once by [`init`]; 0 when traces are not exported.
+static SAMPLE_PER_MILLION: AtomicU64 = AtomicU64::new(0);
+
+/// Whether a new trace (a request without `traceparent`) should be sampled.
+pub fn sample_new_trace() -> bool {
+    let ratio = SAMPLE_PER_MILLION.load(Ordering::Relaxed);
+    ratio > 0 && (ratio >= 1_000_000 || next_random() % 1_000_000 < ratio)
+}
+
+/// Whether a caller's `traceparent` asks for its trace to be sampled (flags bit 0).
+pub fn traceparent_sampled(traceparent: &str) -> bool {
+    SAMPLE_PER_MILLION.load(Ordering::Relaxed) > 0
+        && traceparent
+            .rsplit('-')
+            .next()
+            .and_then(|flags| u8::from_str_radix(flags, 16).ok())
+            .is_some_and(|flags| flags & 1 == 1)
+}
+
+/// The head-sampling ratio the standard `OTEL_TRACES_SAMPLER(_ARG)` variables ask for.
+fn sample_ratio() -> f64 {
+    let arg = || {
+        std::env::var("OTEL_TRACES_SAMPLER_ARG")
+            .ok()
+            .and_then(|a| a.parse::<f64>().ok())
+            .map_or(1.0, |a| a.clamp(0.0, 1.0))
+    };
+    match std::env::var("OTEL_TRACES_SAMPLER").as_deref() {
+        Err(_) => DEFAULT_SAMPLE_RATIO,
+        Ok("always_off" | "parentbased_always_off") => 0.0,
+        Ok("traceidratio" | "parentbased_traceidratio") => arg(),
+        Ok(_) => 1.0,
+    }
+}
+
+/// A cheap per-thread pseudo-random number (sampling needs spread, not secrecy).
+fn next_random() -> u64 {
+    thread_local!(static STATE: std::cell::Cell<u64> = std::cell::Cell::new(seed()));
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        x
+    })
+}
+
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0x9e37_79b9_7f4a_7c15);
+    hasher.finish() | 1
+}
 
 /// Flushes and shuts the exporter down when dropped (at the end of `main`).
 pub struct TelemetryGuard {
@@ -89,15 +152,13 @@ pub fn init(
             Ok(exporter) => {
                 let mut resource = vec![KeyValue::new("service.name", service.to_string())];
                 resource.extend(attributes.iter().map(|(k, v)| KeyValue::new(*k, v.clone())));
-                let mut builder = SdkTracerProvider::builder().with_batch_exporter(exporter);
-                if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
-                    // Head sampling keeps tracing cheap under load; a caller's sampled
-                    // traceparent is always honoured. OTEL_TRACES_SAMPLER overrides this.
-                    builder = builder.with_sampler(Sampler::ParentBased(Box::new(
-                        Sampler::TraceIdRatioBased(DEFAULT_SAMPLE_RATIO),
-                    )));
-                }
-                let provider = builder
+                // Sampling is decided once, at the request root (see `sample_new_trace`), so
+                // that unsampled requests never reach the layer; what reaches it is kept.
+                let ratio = sample_ratio();
+                SAMPLE_PER_MILLION.store((ratio * 1e6).round() as u64, Ordering::Relaxed);
+                let provider = SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
                     .with_resource(Resource::builder().with_attributes(resource).build())
                     .build();
                 (
@@ -116,7 +177,14 @@ pub fn init(
     let otel = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("meridian"))
-            .with_filter(filter_fn(|meta| exported(meta.target())))
+            .with_filter(DynFilterFn::new(|meta, cx| {
+                if !exported(meta.target()) || meta.name() == UNSAMPLED_REQUEST {
+                    return false;
+                }
+                // Sampled roots are created only when sampled; anything else only under one.
+                (meta.is_span() && SAMPLED_ROOTS.contains(&meta.name()))
+                    || cx.lookup_current().is_some()
+            }))
     });
     // `try_init` fails only when a subscriber is already installed (tests start several).
     let _ = tracing_subscriber::registry()

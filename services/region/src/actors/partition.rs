@@ -296,7 +296,9 @@ impl Handler<Write> for PartitionActor {
 
     fn handle(&mut self, mut msg: Write, _ctx: &mut Self::Context) -> Self::Result {
         self.shared.metrics.partition_mailbox_depth.dec();
-        let span = tracing::info_span!(parent: &msg.span, "partition_write", bucket = %msg.bucket);
+        let span = msg
+            .span
+            .in_scope(|| tracing::info_span!("partition_write", bucket = %msg.bucket));
         let prepared = span.in_scope(|| self.prepare(&mut msg));
         let (ticket, state, version) = match prepared {
             Ok(Prepared::Queued {
@@ -334,7 +336,9 @@ impl Handler<Merge> for PartitionActor {
 
     fn handle(&mut self, msg: Merge, ctx: &mut Self::Context) -> Self::Result {
         self.shared.metrics.partition_mailbox_depth.dec();
-        let span = tracing::info_span!(parent: &msg.span, "partition_merge", bucket = %msg.bucket);
+        let span = msg
+            .span
+            .in_scope(|| tracing::info_span!("partition_merge", bucket = %msg.bucket));
         let _entered = span.enter();
         let slot = (msg.bucket, msg.key);
         if let KeyState::Lww(reg) = &msg.state {

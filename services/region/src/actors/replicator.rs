@@ -217,12 +217,15 @@ async fn send_batch(
 /// The span of one batch: a child of its first traced write (so a single write's trace runs on
 /// into the peer) and linked to the others.
 fn send_span(peer: &Peer, cursor: u64, records: &[(u64, Vec<u8>)]) -> tracing::Span {
-    let span = tracing::info_span!("replicate_send", "otel.kind" = "client", peer = %peer.name,
-        after = cursor, entries = records.len());
     let traces: Vec<String> = records
         .iter()
         .filter_map(|(_, bytes)| LogRecord::decode(bytes).ok()?.trace)
         .collect();
+    if traces.is_empty() {
+        return tracing::Span::none(); // No sampled write in the batch: nothing to continue.
+    }
+    let span = tracing::info_span!("replicate_send", "otel.kind" = "client", peer = %peer.name,
+        after = cursor, entries = records.len());
     meridian_observability::propagation::continue_traces(
         &span,
         traces.iter().map(String::as_str),

@@ -3,6 +3,7 @@
 use super::route_label;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
+use meridian_observability::telemetry;
 use tracing::field::Empty;
 use tracing::Span;
 use tracing_actix_web::RootSpanBuilder;
@@ -21,20 +22,33 @@ impl RootSpanBuilder for RegionRootSpan {
         ) {
             return Span::none();
         }
-        let span = tracing::info_span!(
-            "request",
-            "otel.name" = route,
-            "otel.kind" = "server",
-            "otel.status_code" = Empty,
-            "http.request.method" = %request.method(),
-            "http.route" = route,
-            "http.response.status_code" = Empty,
-        );
-        if let Some(parent) = request
+        let parent = request
             .headers()
             .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-        {
+            .and_then(|v| v.to_str().ok());
+        // Decided once, here: follow the caller; start new traces only for client requests.
+        let sampled = match parent {
+            Some(parent) => telemetry::traceparent_sampled(parent),
+            None => route.starts_with("/v1/") && telemetry::sample_new_trace(),
+        };
+        macro_rules! request_span {
+            ($name:literal) => {
+                tracing::info_span!(
+                    $name,
+                    "otel.name" = route,
+                    "otel.kind" = "server",
+                    "otel.status_code" = Empty,
+                    "http.request.method" = %request.method(),
+                    "http.route" = route,
+                    "http.response.status_code" = Empty,
+                )
+            };
+        }
+        if !sampled {
+            return request_span!("request_unsampled");
+        }
+        let span = request_span!("request");
+        if let Some(parent) = parent {
             meridian_observability::propagation::set_parent(&span, parent);
         }
         span

@@ -273,13 +273,22 @@ impl Writer {
                 }
             }
             self.metrics.commit_queue_depth.sub(batch.len() as i64);
-            let span = tracing::info_span!("group_commit", writes = batch.len());
-            // One commit carries many writes of many traces: it continues the first, links the rest.
-            let traces = batch.iter().filter_map(|r| match r {
-                Request::Key(write, _) => write.trace.as_deref(),
-                _ => None,
-            });
-            meridian_observability::propagation::continue_traces(&span, traces, MAX_SPAN_LINKS);
+            // One commit carries many writes of many traces: traced only if one of them is
+            // sampled; it continues the first and links the rest.
+            let mut traces = batch
+                .iter()
+                .filter_map(|r| match r {
+                    Request::Key(write, _) => write.trace.as_deref(),
+                    _ => None,
+                })
+                .peekable();
+            let span = if traces.peek().is_some() {
+                let span = tracing::info_span!("group_commit", writes = batch.len());
+                meridian_observability::propagation::continue_traces(&span, traces, MAX_SPAN_LINKS);
+                span
+            } else {
+                tracing::Span::none()
+            };
             let _span = span.entered();
             let started = Instant::now();
             let result = self.commit(&batch);
