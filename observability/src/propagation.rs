@@ -14,6 +14,13 @@ pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
         .inject_context(&context, &mut opentelemetry_http::HeaderInjector(headers));
 }
 
+/// The hex trace id of `span`, if it is part of a valid trace.
+pub fn trace_id(span: &tracing::Span) -> Option<String> {
+    let context = span.context();
+    let ids = context.span().span_context().clone();
+    ids.is_valid().then(|| ids.trace_id().to_string())
+}
+
 /// `span`'s context as a `traceparent` value, if its trace is sampled (an unsampled trace
 /// has nothing to continue, so nothing is carried).
 pub fn traceparent(span: &tracing::Span) -> Option<String> {

@@ -10,6 +10,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use tracing_subscriber::filter::{DynFilterFn, EnvFilter};
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields};
 use tracing_subscriber::fmt::FmtContext;
@@ -61,6 +62,23 @@ fn sample_ratio() -> f64 {
         Ok("traceidratio" | "parentbased_traceidratio") => arg(),
         Ok(_) => 1.0,
     }
+}
+
+/// The exporter reports a down collector on every failed export; say each such thing once.
+fn once_for_exporter(meta: &tracing::Metadata<'_>) -> bool {
+    static SEEN: Mutex<Vec<tracing::callsite::Identifier>> = Mutex::new(Vec::new());
+    if !meta.is_event() || !meta.target().starts_with("opentelemetry") {
+        return true;
+    }
+    let Ok(mut seen) = SEEN.lock() else {
+        return true;
+    };
+    let callsite = meta.callsite();
+    if seen.contains(&callsite) {
+        return false;
+    }
+    seen.push(callsite);
+    true
 }
 
 /// A cheap per-thread pseudo-random number (sampling needs spread, not secrecy).
@@ -128,12 +146,14 @@ pub fn init(
             .with_current_span(true)
             .with_span_list(true)
             .with_writer(std::io::stderr)
+            .with_filter(DynFilterFn::new(|meta, _| once_for_exporter(meta)))
             .boxed()
     } else {
         let format = TraceIds(tracing_subscriber::fmt::format());
         tracing_subscriber::fmt::layer()
             .event_format(format)
             .with_writer(std::io::stderr)
+            .with_filter(DynFilterFn::new(|meta, _| once_for_exporter(meta)))
             .boxed()
     };
 
@@ -161,10 +181,11 @@ pub fn init(
                     .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
                     .with_resource(Resource::builder().with_attributes(resource).build())
                     .build();
-                (
-                    Some(provider),
-                    format!("exporting traces over OTLP/HTTP to {endpoint}"),
-                )
+                let note = format!(
+                    "exporting traces over OTLP/HTTP to {endpoint}, sampling {:.2}% of new traces",
+                    ratio * 100.0
+                );
+                (Some(provider), note)
             }
             Err(error) => (None, format!("trace export disabled: {error}")),
         },

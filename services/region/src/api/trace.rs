@@ -41,6 +41,7 @@ impl RootSpanBuilder for RegionRootSpan {
                     "http.request.method" = %request.method(),
                     "http.route" = route,
                     "http.response.status_code" = Empty,
+                    trace_id = Empty,
                 )
             };
         }
@@ -50,6 +51,11 @@ impl RootSpanBuilder for RegionRootSpan {
         let span = request_span!("request");
         if let Some(parent) = parent {
             meridian_observability::propagation::set_parent(&span, parent);
+        }
+        // Sampled requests only (cheap enough at the sampling ratio): JSON log lines find
+        // their trace through this field.
+        if let Some(trace_id) = meridian_observability::propagation::trace_id(&span) {
+            span.record("trace_id", trace_id.as_str());
         }
         span
     }
