@@ -26,8 +26,14 @@ pub const SAMPLED_REQUEST: &str = "request";
 /// Name of a request's root span when it is not: the OpenTelemetry layer never sees it (or
 /// anything under it), so unsampled requests cost the exporter nothing.
 pub const UNSAMPLED_REQUEST: &str = "request_unsampled";
-/// Spans that start their own (background) trace only when they carry a sampled write.
-const SAMPLED_ROOTS: [&str; 3] = [SAMPLED_REQUEST, "group_commit", "replicate_send"];
+/// Spans admitted as roots: sampled requests; commit and replication spans, which exist only
+/// when they carry a sampled write; and hint drains (background work worth a trace of its own).
+const SAMPLED_ROOTS: [&str; 4] = [
+    SAMPLED_REQUEST,
+    "group_commit",
+    "replicate_send",
+    "hint_drain",
+];
 
 /// Head-sampling ratio in millionths, set once by [`init`]; 0 when traces are not exported.
 static SAMPLE_PER_MILLION: AtomicU64 = AtomicU64::new(0);

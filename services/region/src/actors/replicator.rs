@@ -86,10 +86,20 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
             }
             continue;
         }
-        match send_batch(&region, &client, &peer, cursor).await {
+        let draining = pending > region.config.replication_batch_entries as u64;
+        // A returning peer's backlog drains as its own background trace, batch by batch.
+        let drain_span = if draining {
+            tracing::info_span!("hint_drain", peer = %peer.name, after = cursor, pending)
+        } else {
+            tracing::Span::none()
+        };
+        match send_batch(&region, &client, &peer, cursor)
+            .instrument(drain_span)
+            .await
+        {
             Ok(sent) => {
                 backoff.reset();
-                if pending > region.config.replication_batch_entries as u64 {
+                if draining {
                     // Draining a backlog: pace it so a returning peer does not starve live work.
                     region
                         .metrics
