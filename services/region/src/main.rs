@@ -62,7 +62,8 @@ fn main() -> ExitCode {
             base_port,
             data_dir,
         } => {
-            meridian_observability::logging::init(LOG_FILTER);
+            let _telemetry =
+                meridian_observability::telemetry::init("meridian-demo", &[], LOG_FILTER);
             demo::run(regions as usize, base_port, &data_dir)
         }
     };

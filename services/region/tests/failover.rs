@@ -114,11 +114,7 @@ async fn failover_writes_during_a_partition_merge_exactly_after_heal() {
 async fn a_forward_with_an_unknown_outcome_is_refused_not_applied_twice() {
     let cluster = Cluster::start(&REGIONS, "").await;
     cluster
-        .create_buckets(
-            "us-east",
-            &[("reg", "register"), ("cnt", "counter"), ("set", "set")],
-            None,
-        )
+        .create_buckets("us-east", &[("cnt", "counter")], None)
         .await;
     let home = "eu-west";
     let cnt = kv("cnt", &cluster.key_homed_at("cnt", home, "n"));
