@@ -42,7 +42,7 @@ pub struct Metrics {
     pub replication_entries: IntCounterVec,
     /// Entries per replication batch.
     pub replication_batch_entries: Histogram,
-    /// Time from commit here to durable apply at the peer, by peer.
+    /// Time from a write being durable here to its durable apply at the peer, by peer.
     pub replication_lag: HistogramVec,
     /// Log entries a peer has not acknowledged yet, by peer.
     pub replication_pending_entries: IntGaugeVec,
@@ -161,7 +161,7 @@ impl Metrics {
         let replication_lag = HistogramVec::new(
             HistogramOpts::new(
                 "replication_lag_seconds",
-                "Time from commit here to durable apply at the peer",
+                "Time from a write being durable here to its durable apply at the peer",
             )
             .buckets(latency_buckets()),
             &["peer"],

@@ -214,7 +214,9 @@ async fn send_batch(
         .replication_batch_entries
         .observe(count as f64);
     if ack.applied >= last {
-        let lag = now_us().saturating_sub(committed_us) as f64 / 1e6;
+        // From the moment the write was durable (acknowledged) here to its durable apply there.
+        let durable = region.storage.durable_at(last).unwrap_or(committed_us);
+        let lag = now_us().saturating_sub(durable) as f64 / 1e6;
         region
             .metrics
             .replication_lag

@@ -243,6 +243,11 @@ impl Storage {
         self.writer.submit_applied(origin, seq, epoch)
     }
 
+    /// When sequence number `seq` became durable here (wall-clock µs), if committed recently.
+    pub fn durable_at(&self, seq: u64) -> Option<u64> {
+        self.writer.durable_at(seq)
+    }
+
     /// Number of failed group commits so far.
     pub fn failure_epoch(&self) -> u64 {
         self.writer.failure_epoch()

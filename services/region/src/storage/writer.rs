@@ -95,10 +95,17 @@ enum Request {
     ExpireIdempotency(u64),
 }
 
+/// When recent commits became durable: `(highest sequence number, wall-clock µs)`, oldest
+/// first, bounded. Replication lag is measured from here, not from when the commit started.
+pub type DurableTimes = Arc<std::sync::Mutex<std::collections::VecDeque<(u64, u64)>>>;
+/// Commits remembered in [`DurableTimes`].
+const DURABLE_TIMES_KEPT: usize = 8192;
+
 /// Sending side of the writer's queue, plus what it publishes.
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::Sender<Request>,
+    durable_times: DurableTimes,
     failures: Arc<AtomicU64>,
     last_seq: watch::Receiver<u64>,
     applied: watch::Receiver<BTreeMap<Actor, u64>>,
@@ -132,6 +139,13 @@ impl WriterHandle {
         let (reply, ticket) = oneshot::channel();
         self.enqueue(Request::Applied(origin, seq, epoch, reply))?;
         Ok(ticket)
+    }
+
+    /// When `seq` became durable here (wall-clock µs), if it was committed recently.
+    pub(super) fn durable_at(&self, seq: u64) -> Option<u64> {
+        let times = self.durable_times.lock().ok()?;
+        let index = times.partition_point(|(last, _)| *last < seq);
+        times.get(index).map(|(_, at)| *at)
     }
 
     pub(super) fn failure_epoch(&self) -> u64 {
@@ -201,8 +215,10 @@ pub(super) fn spawn(
     let (applied_tx, applied_rx) = watch::channel(start.applied);
     let alive = Arc::new(AtomicBool::new(true));
     let failures = Arc::new(AtomicU64::new(0));
+    let durable_times = DurableTimes::default();
     let handle = WriterHandle {
         tx,
+        durable_times: durable_times.clone(),
         failures: failures.clone(),
         last_seq: last_seq_rx,
         applied: applied_rx,
@@ -220,6 +236,7 @@ pub(super) fn spawn(
         applied: applied_tx,
         alive,
         failures,
+        durable_times,
     };
     std::thread::Builder::new()
         .name("storage-writer".into())
@@ -241,6 +258,7 @@ struct Writer {
     applied: watch::Sender<BTreeMap<Actor, u64>>,
     alive: Arc<AtomicBool>,
     failures: Arc<AtomicU64>,
+    durable_times: DurableTimes,
 }
 
 /// Per-request result of a batch, sent only after the commit.
@@ -463,6 +481,12 @@ impl Writer {
     fn publish(&mut self, batch: &mut Vec<Request>, committed: Committed) {
         let previous = *self.last_seq.borrow();
         if committed.last_seq != previous {
+            if let Ok(mut times) = self.durable_times.lock() {
+                if times.len() == DURABLE_TIMES_KEPT {
+                    times.pop_front();
+                }
+                times.push_back((committed.last_seq, now_us()));
+            }
             self.metrics
                 .writes_committed
                 .inc_by(committed.last_seq - previous);
