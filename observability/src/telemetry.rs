@@ -38,6 +38,11 @@ const SAMPLED_ROOTS: [&str; 4] = [
 /// Head-sampling ratio in millionths, set once by [`init`]; 0 when traces are not exported.
 static SAMPLE_PER_MILLION: AtomicU64 = AtomicU64::new(0);
 
+/// Whether traces are exported (and so whether any span can be sampled at all).
+pub fn exporting() -> bool {
+    SAMPLE_PER_MILLION.load(Ordering::Relaxed) > 0
+}
+
 /// Whether a new trace (a request without `traceparent`) should be sampled.
 pub fn sample_new_trace() -> bool {
     let ratio = SAMPLE_PER_MILLION.load(Ordering::Relaxed);

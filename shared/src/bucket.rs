@@ -57,10 +57,3 @@ pub struct BucketDef {
     /// Region that accepts writes for all its keys; `None` = rendezvous hashing per key.
     pub home_region: Option<RegionName>,
 }
-
-impl BucketDef {
-    /// Whether two definitions describe the same bucket (name, type and home).
-    pub fn same_as(&self, other: &BucketDef) -> bool {
-        self == other
-    }
-}

@@ -94,12 +94,10 @@ pub async fn forward(
     let unknown = |error: String| {
         outcome("unknown");
         tracing::warn!(home = %home, %error, "forward outcome unknown");
-        let mut error = ApiError::unavailable(format!(
+        ApiError::unavailable(format!(
             "the home region {home} did not answer in time; the write may or may not have been \
              applied there. Retry with the same Idempotency-Key"
-        ));
-        error.retry_after = Some(1);
-        error
+        ))
     };
     let response = match request.send().instrument(span.clone()).await {
         Ok(response) => response,

@@ -102,10 +102,8 @@ pub async fn cluster(region: web::Data<Region>) -> HttpResponse {
         } else {
             region
                 .storage
-                .log_record(acked + 1)
-                .ok()
-                .flatten()
-                .map_or(0, |r| now_us().saturating_sub(r.committed_us) / 1000)
+                .durable_at(acked + 1)
+                .map_or(0, |durable| now_us().saturating_sub(durable) / 1000)
         };
         RegionStatus {
             name: peer.name.to_string(),

@@ -243,9 +243,15 @@ impl Storage {
         self.writer.submit_applied(origin, seq, epoch)
     }
 
-    /// When sequence number `seq` became durable here (wall-clock µs), if committed recently.
+    /// When sequence number `seq` became durable here (wall-clock µs): exact for recent
+    /// commits, else the start of its commit as recorded in the log.
     pub fn durable_at(&self, seq: u64) -> Option<u64> {
-        self.writer.durable_at(seq)
+        self.writer.durable_at(seq).or_else(|| {
+            self.log_record(seq)
+                .ok()
+                .flatten()
+                .map(|record| record.committed_us)
+        })
     }
 
     /// Number of failed group commits so far.

@@ -389,9 +389,7 @@ impl Writer {
                         let store =
                             |def: &BucketDef| postcard::to_allocvec(def).unwrap_or_default();
                         let outcome = match (existing, source) {
-                            (Some(existing), _) if existing.same_as(def) => {
-                                BucketOutcome::Identical
-                            }
+                            (Some(existing), _) if existing == *def => BucketOutcome::Identical,
                             (Some(existing), BucketSource::Client) => {
                                 BucketOutcome::Conflict(existing)
                             }
@@ -469,7 +467,7 @@ impl Writer {
                 meta_table.insert(meta::LOG_BYTES, &log_bytes.to_be_bytes()[..])?;
             }
         }
-        commit(txn)?;
+        txn.commit()?;
         Ok(Committed {
             outcomes,
             last_seq: seq,
@@ -591,11 +589,6 @@ fn open<'s, 'txn, K: redb::Key + 'static, V: redb::Value + 'static>(
     }
     slot.as_mut()
         .ok_or_else(|| StorageError::Corrupt("table could not be opened".into()))
-}
-
-fn commit(txn: WriteTransaction) -> Result<(), StorageError> {
-    txn.commit()?;
-    Ok(())
 }
 
 /// Every acknowledged write waits for this one thread, so on a busy machine it should get a
