@@ -27,12 +27,14 @@ pub const SAMPLED_REQUEST: &str = "request";
 /// anything under it), so unsampled requests cost the exporter nothing.
 pub const UNSAMPLED_REQUEST: &str = "request_unsampled";
 /// Spans admitted as roots: sampled requests; commit and replication spans, which exist only
-/// when they carry a sampled write; and hint drains (background work worth a trace of its own).
-const SAMPLED_ROOTS: [&str; 4] = [
+/// when they carry a sampled write; hint drains and anti-entropy exchanges (background work
+/// worth a trace of its own).
+const SAMPLED_ROOTS: [&str; 5] = [
     SAMPLED_REQUEST,
     "group_commit",
     "replicate_send",
     "hint_drain",
+    "anti_entropy",
 ];
 
 /// Head-sampling ratio in millionths, set once by [`init`]; 0 when traces are not exported.

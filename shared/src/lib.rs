@@ -11,6 +11,7 @@ pub mod hlc;
 pub mod home;
 pub mod ids;
 pub mod log;
+pub mod merkle;
 pub mod names;
 pub mod register;
 pub mod session;

@@ -62,3 +62,93 @@ impl ReplicateBatch {
         postcard::from_bytes(bytes)
     }
 }
+
+/// Anti-entropy, step 1: the initiator's root. The answer carries the responder's branches
+/// only when the roots differ, and always its bucket definitions (they must agree first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AeTopRequest {
+    /// Protocol version of the initiator.
+    pub version: u32,
+    /// The initiator's root hash.
+    pub root: u64,
+}
+
+/// Answer to [`AeTopRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AeTop {
+    /// The responder's root hash.
+    pub root: u64,
+    /// Every branch hash, when the roots differ.
+    pub branches: Option<Vec<u64>>,
+    /// The responder's bucket definitions.
+    pub buckets: Vec<crate::BucketDef>,
+}
+
+/// Step 2: the segment hashes under some branches (answer: one `Vec<u64>` per branch).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AeSegmentsRequest {
+    /// Branch indexes.
+    pub branches: Vec<u32>,
+}
+
+/// Which segments a digest scan covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SegmentSet {
+    /// Every segment (bootstrap, or most of the tree differs).
+    All,
+    /// These segments, ascending.
+    Some(Vec<u32>),
+}
+
+/// Step 3: digests of the keys in `segments`, in key order, after `after`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AeDigestsRequest {
+    /// Segments to report.
+    pub segments: SegmentSet,
+    /// Resume after this `(bucket, key)`; `None` from the start.
+    pub after: Option<(String, String)>,
+    /// Most digests in the answer.
+    pub max_digests: u32,
+    /// Most keys scanned for the answer (bounds the responder's work per request).
+    pub max_scan: u32,
+}
+
+/// Answer to [`AeDigestsRequest`]: every digest in `(after, scanned_to]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AeDigests {
+    /// Digests in key order.
+    pub digests: Vec<crate::merkle::Digest>,
+    /// Last key scanned when a limit stopped the scan; `None` when it reached the end.
+    pub scanned_to: Option<(String, String)>,
+}
+
+/// Step 4a: keys whose states the initiator wants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AeFetch {
+    /// `(bucket, key)` pairs.
+    pub keys: Vec<(String, String)>,
+}
+
+/// Step 4b (and the answer to [`AeFetch`]): key states to merge, canonically encoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AeStates {
+    /// `(bucket, key, state)`; keys the sender does not have are left out.
+    pub states: Vec<(String, String, Vec<u8>)>,
+}
+
+/// Answer to a push of [`AeStates`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AeMerged {
+    /// Keys whose state changed by the merge.
+    pub changed: u64,
+}
+
+/// Encodes any protocol body as postcard (strings, vectors and integers: cannot fail).
+pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
+    postcard::to_allocvec(body).unwrap_or_default()
+}
+
+/// Decodes a postcard protocol body.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(bytes)
+}

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Top-level fields that `MERIDIAN_<FIELD>` may override.
-const ENV_FIELDS: [&str; 23] = [
+const ENV_FIELDS: [&str; 25] = [
     "region",
     "listen",
     "data_dir",
@@ -33,6 +33,8 @@ const ENV_FIELDS: [&str; 23] = [
     "hint_max_bytes",
     "hint_max_age_secs",
     "hint_drain_rate",
+    "anti_entropy_interval_ms",
+    "anti_entropy_scan_rate",
 ];
 
 /// Everything a region needs to start. Defaults are documented in the README.
@@ -98,7 +100,7 @@ pub struct Config {
     #[serde(default = "default_replication_batch_bytes")]
     pub replication_batch_bytes: usize,
     /// Hints (unacknowledged log) kept per down peer, in bytes, before it is handed to
-    /// anti-entropy instead.
+    /// anti-entropy instead. 0 disables hints: a down peer is repaired by anti-entropy alone.
     #[serde(default = "default_hint_max_bytes")]
     pub hint_max_bytes: u64,
     /// Oldest hint kept for a down peer, in seconds, before it is handed to anti-entropy.
@@ -107,6 +109,13 @@ pub struct Config {
     /// Entries per second a returning peer's backlog is drained at.
     #[serde(default = "default_hint_drain_rate")]
     pub hint_drain_rate: u64,
+    /// Mean time between anti-entropy exchanges with each peer (jittered ±50%); flagged or
+    /// returning peers are repaired at once.
+    #[serde(default = "default_anti_entropy_interval_ms")]
+    pub anti_entropy_interval_ms: u64,
+    /// Keys per second an exchange may scan for digests: its IO/CPU budget.
+    #[serde(default = "default_anti_entropy_scan_rate")]
+    pub anti_entropy_scan_rate: u64,
 }
 
 /// Bearer tokens for clients and peers.
@@ -174,6 +183,12 @@ fn default_hint_max_age_secs() -> u64 {
 }
 fn default_hint_drain_rate() -> u64 {
     50_000
+}
+fn default_anti_entropy_interval_ms() -> u64 {
+    30_000
+}
+fn default_anti_entropy_scan_rate() -> u64 {
+    2_000_000
 }
 
 /// Why a configuration could not be used.
@@ -247,6 +262,11 @@ impl Config {
         if self.replication_batch_entries == 0 || self.hint_drain_rate == 0 {
             return invalid(
                 "replication_batch_entries and hint_drain_rate must be positive".into(),
+            );
+        }
+        if self.anti_entropy_interval_ms == 0 || self.anti_entropy_scan_rate == 0 {
+            return invalid(
+                "anti_entropy_interval_ms and anti_entropy_scan_rate must be positive".into(),
             );
         }
         if self.commit_max_batch == 0 {

@@ -11,5 +11,6 @@ pub mod demo;
 pub mod metrics;
 pub mod peers;
 pub mod region;
+pub mod repair;
 pub mod server;
 pub mod storage;

@@ -60,6 +60,20 @@ pub struct Metrics {
     pub failover_writes: IntCounter,
     /// Entries currently in the replication log.
     pub log_entries: IntGauge,
+    /// Anti-entropy exchanges, by peer and outcome (`in_sync`, `repaired`, `failed`).
+    pub ae_exchanges: IntCounterVec,
+    /// Duration of anti-entropy exchanges, by peer.
+    pub ae_duration: HistogramVec,
+    /// Tree segments compared in anti-entropy exchanges, by peer.
+    pub ae_segments_compared: IntCounterVec,
+    /// Keys whose state an exchange changed, by peer and side (`local`, `peer`).
+    pub ae_keys_repaired: IntCounterVec,
+    /// Anti-entropy body bytes, by peer and direction (`sent`, `received`).
+    pub ae_bytes: IntCounterVec,
+    /// Keys a quorum or all read wrote back to a stale region (this one included).
+    pub read_repairs: IntCounter,
+    /// 1 once this region has completed an exchange with every peer since it started empty.
+    pub caught_up: IntGauge,
 }
 
 impl Metrics {
@@ -78,6 +92,17 @@ impl Metrics {
             self.hints_drained.with_label_values(&labels);
             self.hints_overflowed.with_label_values(&labels);
             self.replicated_applied.with_label_values(&labels);
+            self.ae_duration.with_label_values(&labels);
+            self.ae_segments_compared.with_label_values(&labels);
+            for outcome in ["in_sync", "repaired", "failed"] {
+                self.ae_exchanges.with_label_values(&[peer, outcome]);
+            }
+            for side in ["local", "peer"] {
+                self.ae_keys_repaired.with_label_values(&[peer, side]);
+            }
+            for direction in ["sent", "received"] {
+                self.ae_bytes.with_label_values(&[peer, direction]);
+            }
         }
     }
 
@@ -214,6 +239,57 @@ impl Metrics {
         )?;
         let log_entries =
             IntGauge::new("replication_log_entries", "Entries in the replication log")?;
+        let ae_exchanges = IntCounterVec::new(
+            Opts::new(
+                "anti_entropy_exchanges_total",
+                "Anti-entropy exchanges with a peer, by outcome",
+            ),
+            &["peer", "outcome"],
+        )?;
+        let ae_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "anti_entropy_exchange_seconds",
+                "Duration of one anti-entropy exchange",
+            )
+            .buckets(exponential_buckets(0.001, 4.0, 10)?),
+            &["peer"],
+        )?;
+        let ae_segments_compared = IntCounterVec::new(
+            Opts::new(
+                "anti_entropy_segments_compared_total",
+                "Merkle tree segments compared with a peer",
+            ),
+            &["peer"],
+        )?;
+        let ae_keys_repaired = IntCounterVec::new(
+            Opts::new(
+                "anti_entropy_keys_repaired_total",
+                "Keys whose state an exchange changed, by the side that changed",
+            ),
+            &["peer", "side"],
+        )?;
+        let ae_bytes = IntCounterVec::new(
+            Opts::new(
+                "anti_entropy_bytes_total",
+                "Anti-entropy body bytes, by direction",
+            ),
+            &["peer", "direction"],
+        )?;
+        let read_repairs = IntCounter::new(
+            "read_repairs_total",
+            "Keys a quorum or all read wrote back to a stale region",
+        )?;
+        let caught_up = IntGauge::new(
+            "caught_up",
+            "1 once the region has completed an anti-entropy exchange with every peer",
+        )?;
+        registry.register(Box::new(ae_exchanges.clone()))?;
+        registry.register(Box::new(ae_duration.clone()))?;
+        registry.register(Box::new(ae_segments_compared.clone()))?;
+        registry.register(Box::new(ae_keys_repaired.clone()))?;
+        registry.register(Box::new(ae_bytes.clone()))?;
+        registry.register(Box::new(read_repairs.clone()))?;
+        registry.register(Box::new(caught_up.clone()))?;
         registry.register(Box::new(replication_batch_entries.clone()))?;
         registry.register(Box::new(peer_up.clone()))?;
         registry.register(Box::new(heartbeats_failed.clone()))?;
@@ -265,6 +341,13 @@ impl Metrics {
             forwards,
             failover_writes,
             log_entries,
+            ae_exchanges,
+            ae_duration,
+            ae_segments_compared,
+            ae_keys_repaired,
+            ae_bytes,
+            read_repairs,
+            caught_up,
         })
     }
 }

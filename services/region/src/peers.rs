@@ -24,6 +24,33 @@ pub struct Peer {
     ae_needed: AtomicBool,
     /// Woken when the peer comes back up.
     pub came_up: Notify,
+    /// The last anti-entropy exchange with it, if any since start.
+    last_exchange: std::sync::Mutex<Option<ExchangeReport>>,
+    /// Whether an exchange with it has completed since start.
+    synced: AtomicBool,
+}
+
+/// What one anti-entropy exchange with a peer did (shown in `/v1/cluster`).
+#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct ExchangeReport {
+    /// When it finished (RFC 3339).
+    pub at: String,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// Whether it walked the whole tree; `false`: it failed part way (`error` says why).
+    pub complete: bool,
+    /// Tree segments (leaves) compared.
+    pub segments_compared: u64,
+    /// Keys whose digests differed.
+    pub keys_differing: u64,
+    /// Keys whose state the exchange changed, here or at the peer.
+    pub keys_repaired: u64,
+    /// Body bytes sent to the peer.
+    pub bytes_sent: u64,
+    /// Body bytes received from the peer.
+    pub bytes_received: u64,
+    /// Why it stopped early.
+    pub error: Option<String>,
 }
 
 impl Peer {
@@ -87,6 +114,26 @@ impl Peer {
         self.ae_needed.store(needed, Ordering::Release);
     }
 
+    /// Records the outcome of an anti-entropy exchange.
+    pub fn set_last_exchange(&self, report: ExchangeReport) {
+        if report.complete {
+            self.synced.store(true, Ordering::Release);
+        }
+        if let Ok(mut last) = self.last_exchange.lock() {
+            *last = Some(report);
+        }
+    }
+
+    /// Whether an anti-entropy exchange with it has completed since start.
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// The last anti-entropy exchange, if any since start.
+    pub fn last_exchange(&self) -> Option<ExchangeReport> {
+        self.last_exchange.lock().ok()?.clone()
+    }
+
     /// Milliseconds since the last successful contact (None if never).
     pub fn silent_for_ms(&self) -> Option<u64> {
         match self.last_heartbeat_ms.load(Ordering::Acquire) {
@@ -123,6 +170,8 @@ impl Peers {
                     acked,
                     ae_needed: AtomicBool::new(flags.get(name.as_str()).copied().unwrap_or(false)),
                     came_up: Notify::new(),
+                    last_exchange: std::sync::Mutex::new(None),
+                    synced: AtomicBool::new(false),
                 })
             })
             .collect();
@@ -170,6 +219,50 @@ pub fn peer_request(builder: reqwest::RequestBuilder, config: &Config) -> reqwes
         Some(token) => builder.bearer_auth(token),
         None => builder,
     }
+}
+
+/// Body bytes of one binary peer call, for exchange accounting.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Traffic {
+    /// Request body bytes.
+    pub sent: u64,
+    /// Response body bytes.
+    pub received: u64,
+}
+
+/// POSTs a postcard body to `path` under the peer's `/internal/v1` and decodes the answer.
+pub async fn peer_call<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    config: &Config,
+    peer: &Peer,
+    path: &str,
+    body: &Req,
+    timeout: Duration,
+    traffic: &mut Traffic,
+) -> Result<Resp, String> {
+    let bytes = meridian_shared::wire::encode(body);
+    traffic.sent += bytes.len() as u64;
+    let url = format!("{}/internal/v1/{path}", peer.url);
+    let mut request = peer_request(client.post(url), config)
+        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+        .timeout(timeout)
+        .body(bytes);
+    if let Some(traceparent) =
+        meridian_observability::propagation::traceparent(&tracing::Span::current())
+    {
+        request = request.header("traceparent", traceparent);
+    }
+    let response = request.send().await.map_err(|e| format!("{path}: {e}"))?;
+    let status = response.status();
+    let answer = response.bytes().await.map_err(|e| format!("{path}: {e}"))?;
+    traffic.received += answer.len() as u64;
+    if !status.is_success() {
+        return Err(format!(
+            "{path}: peer answered {status}: {}",
+            String::from_utf8_lossy(&answer[..answer.len().min(200)])
+        ));
+    }
+    meridian_shared::wire::decode(&answer).map_err(|e| format!("{path}: undecodable answer: {e}"))
 }
 
 /// Exponential backoff with full jitter, for retrying a peer.

@@ -87,7 +87,7 @@ impl Region {
         })
     }
 
-    /// Starts membership, one replicator per peer and log GC.
+    /// Starts membership, one replicator per peer, log GC and anti-entropy.
     pub fn start_background(self: &Arc<Self>) {
         use actix::Actor;
         crate::actors::membership::Membership::new(self.clone()).start();
@@ -95,6 +95,7 @@ impl Region {
             crate::actors::replicator::Replicator::new(self.clone(), peer.clone()).start();
         }
         crate::actors::log_gc::LogGc::new(self.clone()).start();
+        crate::actors::anti_entropy::AntiEntropy::new(self.clone()).start();
     }
 
     /// This region's name.
@@ -131,9 +132,8 @@ impl Region {
         token
     }
 
-    /// Refuses a read whose consistency cannot be served here, after any waiting or
-    /// forwarding has been tried. Quorum and all reads arrive with anti-entropy's read repair;
-    /// until then a region with peers answers 503 rather than pretend.
+    /// Refuses a session read this region cannot serve, after any waiting or forwarding has
+    /// been tried (quorum and all reads are served by [`crate::repair::read_merged`]).
     pub fn check_read(
         &self,
         level: ReadConsistency,
@@ -147,10 +147,7 @@ impl Region {
                 "consistency_timeout",
                 "this region has not yet applied everything the session token has seen",
             )),
-            ReadConsistency::Quorum | ReadConsistency::All if self.peers.is_empty() => Ok(()),
-            ReadConsistency::Quorum | ReadConsistency::All => Err(ApiError::unavailable(
-                "consistency=quorum and consistency=all are not available in this build yet",
-            )),
+            ReadConsistency::Quorum | ReadConsistency::All => Ok(()),
         }
     }
 
@@ -179,12 +176,21 @@ impl Region {
         }
     }
 
+    /// Other regions a `quorum` or `all` operation needs besides this one.
+    pub fn others_needed(&self, all: bool) -> usize {
+        if all {
+            self.peers.len()
+        } else {
+            self.regions.len() / 2
+        }
+    }
+
     /// Waits until enough peers have durably applied `seq` (504 when they do not in time).
     pub async fn await_ack(&self, ack: Ack, seq: u64) -> Result<(), ApiError> {
         let needed = match ack {
             Ack::Local => 0,
-            Ack::Quorum => self.regions.len() / 2,
-            Ack::All => self.peers.len(),
+            Ack::Quorum => self.others_needed(false),
+            Ack::All => self.others_needed(true),
         };
         if needed == 0 {
             return Ok(());

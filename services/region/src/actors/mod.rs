@@ -1,6 +1,7 @@
 //! The region's actors: partition actors own the read-merge-write of their keys; background
-//! actors replicate, watch peers and collect the log.
+//! actors replicate, watch peers, repair divergence and collect the log.
 
+pub mod anti_entropy;
 pub mod log_gc;
 pub mod membership;
 pub mod partition;

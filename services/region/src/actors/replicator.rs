@@ -262,7 +262,8 @@ fn enforce_hint_bounds(region: &Region, peer: &Peer, cursor: u64, last: u64) {
     };
     let bytes = newest.log_offset.saturating_sub(oldest.log_offset);
     let age_secs = now_us().saturating_sub(oldest.committed_us) / 1_000_000;
-    if bytes > region.config.hint_max_bytes || age_secs > region.config.hint_max_age_secs {
+    let max_bytes = region.config.hint_max_bytes;
+    if max_bytes == 0 || bytes > max_bytes || age_secs > region.config.hint_max_age_secs {
         tracing::warn!(peer = %peer.name, bytes, age_secs, entries = last - cursor,
             "hints overflowed; the peer will be repaired by anti-entropy");
         region

@@ -1,4 +1,5 @@
-//! The region-to-region protocol (`/internal/v1/*`): heartbeats and log replication.
+//! The region-to-region protocol (`/internal/v1/*`): heartbeats and log replication (anti-entropy
+//! routes live in `anti_entropy.rs`).
 
 use super::error::ApiError;
 use crate::actors::partition::{Merge, WriteError};
@@ -23,7 +24,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_batch_bytes: usize) {
             .wrap(from_fn(require_peer))
             .app_data(web::PayloadConfig::new(max_batch_bytes))
             .route("/heartbeat", web::get().to(heartbeat))
-            .route("/replicate", web::post().to(replicate)),
+            .route("/replicate", web::post().to(replicate))
+            .service(super::anti_entropy::scope()),
     );
 }
 

@@ -439,10 +439,15 @@ pub async fn get(
         };
     }
     region.check_read(consistency, &session)?;
-    let state = region
-        .storage
-        .key_state(&def.name, &key)?
-        .unwrap_or_else(|| KeyState::empty(def.kind));
+    let state = match consistency {
+        ReadConsistency::Quorum | ReadConsistency::All if !region.peers.is_empty() => {
+            let needed = region.others_needed(consistency == ReadConsistency::All);
+            crate::repair::read_merged(&region.clone().into_inner(), &client.0, &def, &key, needed)
+                .await?
+        }
+        _ => region.storage.key_state(&def.name, &key)?,
+    }
+    .unwrap_or_else(|| KeyState::empty(def.kind));
     let home_region = Some(home.as_str());
     let body = match state.view() {
         View::Absent => {

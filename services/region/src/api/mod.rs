@@ -1,5 +1,6 @@
 //! The public REST API (API.md): routes, middleware and JSON errors.
 
+pub mod anti_entropy;
 pub mod buckets;
 pub mod error;
 pub mod extract;
@@ -162,6 +163,14 @@ pub(crate) fn route_label(path: &str) -> &'static str {
         [Some("openapi.json"), None, ..] => "/openapi.json",
         [Some("internal"), Some("v1"), Some("heartbeat"), None, ..] => "/internal/v1/heartbeat",
         [Some("internal"), Some("v1"), Some("replicate"), None, ..] => "/internal/v1/replicate",
+        [Some("internal"), Some("v1"), Some("ae"), Some(step), None, ..] => match step {
+            "top" => "/internal/v1/ae/top",
+            "segments" => "/internal/v1/ae/segments",
+            "digests" => "/internal/v1/ae/digests",
+            "fetch" => "/internal/v1/ae/fetch",
+            "push" => "/internal/v1/ae/push",
+            _ => "unmatched",
+        },
         _ => "unmatched",
     }
 }

@@ -1,6 +1,7 @@
 //! Operational routes: health, readiness, metrics, OpenAPI and the cluster view.
 
 use super::error::ApiError;
+use crate::peers::ExchangeReport;
 use crate::region::Region;
 use crate::storage::now_us;
 use actix_web::{web, HttpResponse};
@@ -54,8 +55,8 @@ pub struct RegionStatus {
     pub pending_entries: Option<u64>,
     /// Hints queued for it.
     pub hints: Option<u64>,
-    /// Last anti-entropy exchange (RFC 3339), if any.
-    pub last_anti_entropy: Option<String>,
+    /// The last anti-entropy exchange with it since this region started, if any.
+    pub last_anti_entropy: Option<ExchangeReport>,
     /// Its hints overflowed or expired: waiting for priority anti-entropy.
     pub needs_anti_entropy: bool,
     /// Milliseconds since it last answered (null if never).
@@ -75,6 +76,9 @@ pub struct ClusterView {
     pub regions: Vec<RegionStatus>,
     /// Per origin incarnation, the highest contiguous sequence number applied here.
     pub applied: BTreeMap<String, u64>,
+    /// Whether an anti-entropy exchange has completed with every peer since start: a new or
+    /// restored region has caught up.
+    pub caught_up: bool,
 }
 
 /// The cluster view.
@@ -113,7 +117,7 @@ pub async fn cluster(region: web::Data<Region>) -> HttpResponse {
             replication_lag_ms: Some(lag_ms),
             pending_entries: Some(pending),
             hints: Some(if peer.is_up() { 0 } else { pending }),
-            last_anti_entropy: None,
+            last_anti_entropy: peer.last_exchange(),
             needs_anti_entropy: peer.ae_needed(),
             last_contact_ms_ago: peer.silent_for_ms(),
         }
@@ -130,5 +134,6 @@ pub async fn cluster(region: web::Data<Region>) -> HttpResponse {
         incarnation: region.storage.identity().incarnation.to_string(),
         regions,
         applied,
+        caught_up: region.peers.iter().all(|p| p.synced()),
     })
 }

@@ -11,13 +11,14 @@ mod writer;
 pub use idempotency::IdempotencyRecord;
 pub use identity::Identity;
 pub use writer::{
-    now_ms, now_us, BucketOutcome, BucketSource, KeyWrite, PendingIdempotency, WriteTicket,
-    MAX_SPAN_LINKS,
+    now_ms, now_us, rfc3339, BucketOutcome, BucketSource, KeyWrite, PendingIdempotency, SharedTree,
+    WriteTicket, MAX_SPAN_LINKS,
 };
 
 use crate::metrics::Metrics;
 use meridian_shared::encoding::{decode_state, DecodeError};
 use meridian_shared::log::LogRecord;
+use meridian_shared::merkle::{entry_hash, segment_of, Digest, MerkleTree, SegmentFilter};
 use meridian_shared::state::View;
 use meridian_shared::{Actor, BucketDef, KeyState, RegionName};
 use redb::{Database, ReadableDatabase, ReadableTable};
@@ -140,7 +141,11 @@ pub struct Storage {
     identity: Arc<Identity>,
     writer: writer::WriterHandle,
     buckets: BucketCache,
+    tree: SharedTree,
 }
+
+/// A `(bucket, key)` position in key order.
+pub type KeyName = (String, String);
 
 /// What was persisted about each peer: its cursor in our log and its anti-entropy flag.
 #[derive(Debug, Default)]
@@ -176,11 +181,13 @@ impl Storage {
         let buckets: BucketCache = Arc::new(RwLock::new(load_buckets(&db)?));
         let (log_bytes, applied) = load_progress(&db)?;
         metrics.last_sequence.set(last_seq as i64);
+        let tree = Arc::new(std::sync::Mutex::new(build_tree(&db)?));
         let start = writer::WriterStart {
             last_seq,
             log_bytes,
             applied,
             max_batch: commit_max_batch,
+            tree: tree.clone(),
         };
         let writer = writer::spawn(db.clone(), start, buckets.clone(), metrics)
             .map_err(|e| StorageError::Redb(e.into()))?;
@@ -190,7 +197,72 @@ impl Storage {
             identity: Arc::new(identity),
             writer,
             buckets,
+            tree,
         })
+    }
+
+    /// A copy of the anti-entropy tree's root, branches or segments, read under its lock.
+    pub fn with_tree<T>(&self, read: impl FnOnce(&MerkleTree) -> T) -> Option<T> {
+        self.tree.lock().ok().map(|tree| read(&tree))
+    }
+
+    /// Digests of the keys in `segments` after `after` (exclusive) up to `upto` (inclusive;
+    /// `None`: the end), in key order. Stops early after `max_digests` digests or `max_scan`
+    /// keys scanned, returning the last key scanned; `None` when the range was covered.
+    pub fn digests(
+        &self,
+        segments: &SegmentFilter,
+        after: Option<&KeyName>,
+        upto: Option<&KeyName>,
+        max_digests: usize,
+        max_scan: usize,
+    ) -> Result<(Vec<Digest>, Option<KeyName>), StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(KEYS)?;
+        let range = match after {
+            Some((b, k)) => table.range::<(&str, &str)>((b.as_str(), k.as_str())..)?,
+            None => table.range::<(&str, &str)>(..)?,
+        };
+        let mut digests = Vec::new();
+        let mut scanned = 0;
+        for entry in range {
+            let (name, state) = entry?;
+            let (bucket, key) = name.value();
+            if after.is_some_and(|(b, k)| (b.as_str(), k.as_str()) == (bucket, key)) {
+                continue;
+            }
+            if upto.is_some_and(|(b, k)| (bucket, key) > (b.as_str(), k.as_str())) {
+                break;
+            }
+            if segments.contains(segment_of(bucket, key)) {
+                digests.push(Digest {
+                    bucket: bucket.to_string(),
+                    key: key.to_string(),
+                    hash: entry_hash(bucket, key, state.value()),
+                });
+            }
+            scanned += 1;
+            if digests.len() >= max_digests || scanned >= max_scan {
+                return Ok((digests, Some((bucket.to_string(), key.to_string()))));
+            }
+        }
+        Ok((digests, None))
+    }
+
+    /// The stored (canonical encoded) states of `keys`; absent keys are left out.
+    pub fn raw_states(
+        &self,
+        keys: &[KeyName],
+    ) -> Result<Vec<(String, String, Vec<u8>)>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(KEYS)?;
+        let mut out = Vec::with_capacity(keys.len());
+        for (bucket, key) in keys {
+            if let Some(state) = table.get((bucket.as_str(), key.as_str()))? {
+                out.push((bucket.clone(), key.clone(), state.value().to_vec()));
+            }
+        }
+        Ok(out)
     }
 
     /// The directory's identity stamp.
@@ -433,6 +505,29 @@ fn load_buckets(db: &Database) -> Result<BTreeMap<String, BucketDef>, StorageErr
         out.insert(def.name.clone(), def);
     }
     Ok(out)
+}
+
+/// The anti-entropy tree of every stored key state (one scan, at start).
+fn build_tree(db: &Database) -> Result<MerkleTree, StorageError> {
+    let started = std::time::Instant::now();
+    let txn = db.begin_read()?;
+    let mut tree = MerkleTree::new();
+    let mut keys = 0u64;
+    for entry in txn.open_table(KEYS)?.iter()? {
+        let (name, state) = entry?;
+        let (bucket, key) = name.value();
+        tree.toggle(
+            segment_of(bucket, key),
+            entry_hash(bucket, key, state.value()),
+        );
+        keys += 1;
+    }
+    tracing::info!(
+        keys,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "anti-entropy tree built"
+    );
+    Ok(tree)
 }
 
 /// Log bytes written so far and the applied vector.

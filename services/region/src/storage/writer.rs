@@ -10,6 +10,7 @@ use super::tables::{meta, APPLIED, BUCKETS, IDEMPOTENCY, KEYS, LOG, META, PEER_C
 use super::{BucketCache, StorageError};
 use crate::metrics::Metrics;
 use meridian_shared::log::{LogEntry, LogRecord};
+use meridian_shared::merkle::{entry_hash, segment_of, MerkleTree};
 use meridian_shared::{Actor, BucketDef};
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use std::collections::BTreeMap;
@@ -201,7 +202,11 @@ pub(super) struct WriterStart {
     pub log_bytes: u64,
     pub applied: BTreeMap<Actor, u64>,
     pub max_batch: usize,
+    pub tree: SharedTree,
 }
+
+/// The anti-entropy tree, updated by the writer after every commit.
+pub type SharedTree = Arc<std::sync::Mutex<MerkleTree>>;
 
 /// Starts the writer thread.
 pub(super) fn spawn(
@@ -237,6 +242,7 @@ pub(super) fn spawn(
         alive,
         failures,
         durable_times,
+        tree: start.tree,
     };
     std::thread::Builder::new()
         .name("storage-writer".into())
@@ -259,6 +265,7 @@ struct Writer {
     alive: Arc<AtomicBool>,
     failures: Arc<AtomicU64>,
     durable_times: DurableTimes,
+    tree: SharedTree,
 }
 
 /// Per-request result of a batch, sent only after the commit.
@@ -276,6 +283,8 @@ struct Committed {
     last_seq: u64,
     log_bytes: u64,
     applied: BTreeMap<Actor, u64>,
+    /// `(segment, old entry hash XOR new)` of every key state this commit changed.
+    tree_deltas: Vec<(u32, u64)>,
 }
 
 impl Writer {
@@ -330,6 +339,7 @@ impl Writer {
         let now_us = now_us();
         let now_ms = now_us / 1000;
         let mut outcomes = Vec::with_capacity(batch.len());
+        let mut tree_deltas = Vec::new();
         let mut meta_writes: Vec<(&str, &[u8])> = Vec::new();
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
@@ -349,10 +359,14 @@ impl Writer {
             for request in batch {
                 let outcome = match request {
                     Request::Key(write, _) => {
-                        open(&mut keys, &txn, KEYS)?.insert(
-                            (write.bucket.as_str(), write.key.as_str()),
-                            write.state.as_slice(),
-                        )?;
+                        let (bucket, key) = (write.bucket.as_str(), write.key.as_str());
+                        let old = open(&mut keys, &txn, KEYS)?
+                            .insert((bucket, key), write.state.as_slice())?
+                            .map_or(0, |old| entry_hash(bucket, key, old.value()));
+                        let delta = old ^ entry_hash(bucket, key, &write.state);
+                        if delta != 0 {
+                            tree_deltas.push((segment_of(bucket, key), delta));
+                        }
                         if !write.logged {
                             Outcome::Seq(0)
                         } else {
@@ -473,6 +487,7 @@ impl Writer {
             last_seq: seq,
             log_bytes,
             applied,
+            tree_deltas,
         })
     }
 
@@ -492,6 +507,13 @@ impl Writer {
             self.last_seq.send_replace(committed.last_seq);
         }
         self.log_bytes = committed.log_bytes;
+        if !committed.tree_deltas.is_empty() {
+            if let Ok(mut tree) = self.tree.lock() {
+                for (segment, delta) in &committed.tree_deltas {
+                    tree.toggle(*segment, *delta);
+                }
+            }
+        }
         if *self.applied.borrow() != committed.applied {
             self.applied.send_replace(committed.applied);
         }
@@ -602,6 +624,17 @@ fn raise_priority() {
     if result != 0 {
         tracing::debug!("storage writer keeps default priority (no CAP_SYS_NICE)");
     }
+}
+
+/// A wall-clock time in Unix milliseconds as RFC 3339 (UTC).
+pub fn rfc3339(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 /// Wall-clock microseconds since the Unix epoch.

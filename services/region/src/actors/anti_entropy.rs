@@ -1,0 +1,381 @@
+//! Anti-entropy: compares Merkle trees with every peer and repairs whatever differs.
+//!
+//! Hints are an optimisation; this is the guarantee. Each peer gets its own loop: an exchange
+//! at start, then every `anti_entropy_interval_ms` (jittered ±50%), and at once when the peer
+//! comes back up or is flagged (its hints overflowed). One exchange:
+//!
+//! 1. roots (and bucket definitions, which must agree before keys can merge);
+//! 2. branch hashes, then segment hashes under differing branches;
+//! 3. key digests of the differing segments, page by page in key order: both sides scan the
+//!    same key range, so memory stays bounded and an interrupted exchange loses one page;
+//! 4. states of differing keys, fetched and merged here, or pushed and merged there, through
+//!    the normal partition / group-commit path.
+//!
+//! Digest scans are paced to `anti_entropy_scan_rate` keys per second (the IO/CPU budget).
+
+use crate::peers::{http_client, peer_call, ExchangeReport, Peer, Traffic};
+use crate::region::Region;
+use crate::repair::{chunk_states, merge_states};
+use crate::storage::{now_ms, BucketSource, KeyName};
+use actix::prelude::*;
+use meridian_shared::merkle::{
+    diff_digests, differing, SegmentFilter, SEGMENTS, SEGMENTS_PER_BRANCH,
+};
+use meridian_shared::wire::{
+    AeDigests, AeDigestsRequest, AeFetch, AeMerged, AeSegmentsRequest, AeStates, AeTop,
+    AeTopRequest, SegmentSet, PROTOCOL_VERSION,
+};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+/// Keys scanned per digest page (each side), bounding one request's work and memory.
+pub const SCAN_PAGE: u32 = 50_000;
+/// Most digests per page.
+pub const DIGESTS_PAGE: u32 = 20_000;
+/// Branches whose segments are asked for in one request.
+const BRANCHES_PER_CALL: usize = 512;
+/// Above this many differing segments a scan reports every segment (cheaper to name).
+const SEGMENT_LIST_MAX: usize = SEGMENTS / 8;
+/// Time allowed for one protocol call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs anti-entropy with every peer.
+pub struct AntiEntropy {
+    region: Arc<Region>,
+}
+
+impl AntiEntropy {
+    /// Anti-entropy for the region.
+    pub fn new(region: Arc<Region>) -> Self {
+        Self { region }
+    }
+}
+
+impl Actor for AntiEntropy {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        for peer in self.region.peers.iter() {
+            let (region, peer) = (self.region.clone(), peer.clone());
+            ctx.spawn(actix::fut::wrap_future(exchange_forever(region, peer)));
+        }
+    }
+}
+
+async fn exchange_forever(region: Arc<Region>, peer: Arc<Peer>) {
+    let client = http_client();
+    let interval = Duration::from_millis(region.config.anti_entropy_interval_ms);
+    let poll = Duration::from_millis(region.config.heartbeat_interval_ms);
+    // First exchange as soon as the peer answers: a new or restored region catches up now.
+    let mut due = Instant::now();
+    let mut was_up = false;
+    loop {
+        let up = peer.is_up();
+        let returned = up && !was_up;
+        was_up = up;
+        if !up || (Instant::now() < due && !returned && !peer.ae_needed()) {
+            tokio::select! {
+                _ = peer.came_up.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+            continue;
+        }
+        let report = exchange(&region, &client, &peer).await;
+        let complete = report.complete;
+        if complete && peer.ae_needed() {
+            tracing::info!(peer = %peer.name, "priority anti-entropy done; flag cleared");
+            peer.set_ae_needed(false);
+            let _ = region.storage.submit_ae_flag(peer.name.as_str(), false);
+        }
+        peer.set_last_exchange(report);
+        if complete
+            && region.peers.iter().all(|p| p.synced())
+            && region.metrics.caught_up.get() == 0
+        {
+            tracing::info!("caught up: an anti-entropy exchange completed with every peer");
+            region.metrics.caught_up.set(1);
+        }
+        let wait = if complete {
+            interval.mul_f64(0.5 + crate::peers::jitter())
+        } else {
+            interval.min(Duration::from_secs(5))
+        };
+        due = Instant::now() + wait;
+    }
+}
+
+/// One exchange with `peer`, recorded in metrics and as an `anti_entropy` span.
+async fn exchange(region: &Region, client: &reqwest::Client, peer: &Peer) -> ExchangeReport {
+    let span = tracing::info_span!("anti_entropy", peer = %peer.name,
+        segments_compared = tracing::field::Empty, keys_repaired = tracing::field::Empty);
+    let started = Instant::now();
+    let mut run = Exchange {
+        region,
+        client,
+        peer,
+        traffic: Traffic::default(),
+        report: ExchangeReport::default(),
+    };
+    let outcome = run.run().instrument(span.clone()).await;
+    let mut report = run.report;
+    report.bytes_sent = run.traffic.sent;
+    report.bytes_received = run.traffic.received;
+    report.duration_ms = started.elapsed().as_millis() as u64;
+    report.at = crate::storage::rfc3339(now_ms());
+    span.record("segments_compared", report.segments_compared);
+    span.record("keys_repaired", report.keys_repaired);
+    let peer_label = peer.name.as_str();
+    let metrics = &region.metrics;
+    let result = match &outcome {
+        Ok(true) => "in_sync",
+        Ok(false) => "repaired",
+        Err(_) => "failed",
+    };
+    metrics
+        .ae_exchanges
+        .with_label_values(&[peer_label, result])
+        .inc();
+    metrics
+        .ae_duration
+        .with_label_values(&[peer_label])
+        .observe(started.elapsed().as_secs_f64());
+    metrics
+        .ae_segments_compared
+        .with_label_values(&[peer_label])
+        .inc_by(report.segments_compared);
+    metrics
+        .ae_bytes
+        .with_label_values(&[peer_label, "sent"])
+        .inc_by(report.bytes_sent);
+    metrics
+        .ae_bytes
+        .with_label_values(&[peer_label, "received"])
+        .inc_by(report.bytes_received);
+    match outcome {
+        Ok(_) => report.complete = true,
+        Err(error) => {
+            tracing::warn!(peer = %peer.name, %error, "anti-entropy exchange stopped early");
+            report.error = Some(error);
+        }
+    }
+    if report.keys_repaired > 0 {
+        tracing::info!(peer = %peer.name, repaired = report.keys_repaired,
+            differing = report.keys_differing, "anti-entropy repaired keys");
+    }
+    report
+}
+
+/// State of one exchange in progress.
+struct Exchange<'a> {
+    region: &'a Region,
+    client: &'a reqwest::Client,
+    peer: &'a Peer,
+    traffic: Traffic,
+    report: ExchangeReport,
+}
+
+impl Exchange<'_> {
+    /// Walks the trees top-down and repairs; `Ok(true)` when they were already equal.
+    async fn run(&mut self) -> Result<bool, String> {
+        let storage = &self.region.storage;
+        let root = storage.with_tree(|t| t.root()).unwrap_or(0);
+        let top: AeTop = self
+            .call(
+                "ae/top",
+                &AeTopRequest {
+                    version: PROTOCOL_VERSION,
+                    root,
+                },
+            )
+            .await?;
+        self.adopt_buckets(top.buckets).await?;
+        let Some(theirs) = top.branches else {
+            return Ok(true);
+        };
+        let mine = storage
+            .with_tree(|t| t.branches().to_vec())
+            .unwrap_or_default();
+        let mut segments = Vec::new();
+        for chunk in differing(&mine, &theirs).chunks(BRANCHES_PER_CALL) {
+            let theirs: Vec<Vec<u64>> = self
+                .call(
+                    "ae/segments",
+                    &AeSegmentsRequest {
+                        branches: chunk.to_vec(),
+                    },
+                )
+                .await?;
+            let mine: Vec<Vec<u64>> = storage
+                .with_tree(|t| chunk.iter().map(|b| t.segments_of(*b).to_vec()).collect())
+                .unwrap_or_default();
+            for (i, branch) in chunk.iter().enumerate() {
+                let (mine, theirs) = (mine.get(i), theirs.get(i));
+                let (mine, theirs) = (
+                    mine.map_or(&[][..], Vec::as_slice),
+                    theirs.map_or(&[][..], Vec::as_slice),
+                );
+                let base = branch * SEGMENTS_PER_BRANCH as u32;
+                segments.extend(differing(mine, theirs).into_iter().map(|s| base + s));
+            }
+            self.report.segments_compared += (chunk.len() * SEGMENTS_PER_BRANCH) as u64;
+        }
+        if segments.is_empty() {
+            return Ok(true); // The roots moved while we looked: in sync now.
+        }
+        let (set, filter) = if segments.len() > SEGMENT_LIST_MAX {
+            (SegmentSet::All, SegmentFilter::all())
+        } else {
+            let filter = SegmentFilter::of(&segments);
+            (SegmentSet::Some(segments), filter)
+        };
+        self.repair_segments(set, filter).await?;
+        Ok(false)
+    }
+
+    /// Pages through the digests of the differing segments and repairs each page.
+    async fn repair_segments(
+        &mut self,
+        set: SegmentSet,
+        filter: SegmentFilter,
+    ) -> Result<(), String> {
+        let scan_rate = self.region.config.anti_entropy_scan_rate.max(1) as f64;
+        let filter = Arc::new(filter);
+        let mut cursor: Option<KeyName> = None;
+        loop {
+            let page_started = Instant::now();
+            let theirs: AeDigests = self
+                .call(
+                    "ae/digests",
+                    &AeDigestsRequest {
+                        segments: set.clone(),
+                        after: cursor.clone(),
+                        max_digests: DIGESTS_PAGE,
+                        max_scan: SCAN_PAGE,
+                    },
+                )
+                .await?;
+            let storage = self.region.storage.clone();
+            let (after, upto, filter) = (cursor.clone(), theirs.scanned_to.clone(), filter.clone());
+            let (mine, my_end) = tokio::task::spawn_blocking(move || {
+                storage.digests(
+                    &filter,
+                    after.as_ref(),
+                    upto.as_ref(),
+                    DIGESTS_PAGE as usize,
+                    SCAN_PAGE as usize,
+                )
+            })
+            .await
+            .map_err(|e| format!("digest scan: {e}"))?
+            .map_err(|e| format!("digest scan: {e}"))?;
+            // Both sides stop at a limit: compare only the range both covered.
+            let end = match (my_end, theirs.scanned_to) {
+                (Some(mine), Some(theirs)) => Some(mine.min(theirs)),
+                (Some(end), None) | (None, Some(end)) => Some(end),
+                (None, None) => None,
+            };
+            let in_range = |d: &meridian_shared::merkle::Digest| {
+                end.as_ref()
+                    .is_none_or(|(b, k)| (&d.bucket, &d.key) <= (b, k))
+            };
+            let theirs: Vec<_> = theirs.digests.into_iter().filter(in_range).collect();
+            let mine: Vec<_> = mine.into_iter().filter(in_range).collect();
+            let diff = diff_digests(&mine, &theirs);
+            self.report.keys_differing += (diff.send.len() + diff.fetch.len()) as u64;
+            self.fetch(diff.fetch).await?;
+            self.push(diff.send).await?;
+            match end {
+                None => return Ok(()),
+                Some(end) => cursor = Some(end),
+            }
+            let budget = Duration::from_secs_f64(SCAN_PAGE as f64 / scan_rate);
+            if let Some(rest) = budget.checked_sub(page_started.elapsed()) {
+                tokio::time::sleep(rest).await;
+            }
+        }
+    }
+
+    /// Fetches the peer's states of `keys` and merges them here.
+    async fn fetch(&mut self, keys: Vec<KeyName>) -> Result<(), String> {
+        for chunk in keys.chunks(crate::repair::STATES_PER_CALL) {
+            let states: AeStates = self
+                .call(
+                    "ae/fetch",
+                    &AeFetch {
+                        keys: chunk.to_vec(),
+                    },
+                )
+                .await?;
+            let changed = merge_states(self.region, states.states)
+                .await
+                .map_err(|e| format!("merging fetched states: {}", e.message))?;
+            self.repaired("local", changed);
+        }
+        Ok(())
+    }
+
+    /// Sends our states of `keys` for the peer to merge.
+    async fn push(&mut self, keys: Vec<KeyName>) -> Result<(), String> {
+        for names in keys.chunks(crate::repair::STATES_PER_CALL) {
+            let states = self
+                .region
+                .storage
+                .raw_states(names)
+                .map_err(|e| format!("reading states to push: {e}"))?;
+            for chunk in chunk_states(states) {
+                let merged: AeMerged = self.call("ae/push", &AeStates { states: chunk }).await?;
+                self.repaired("peer", merged.changed);
+            }
+        }
+        Ok(())
+    }
+
+    fn repaired(&mut self, side: &str, changed: u64) {
+        self.report.keys_repaired += changed;
+        self.region
+            .metrics
+            .ae_keys_repaired
+            .with_label_values(&[self.peer.name.as_str(), side])
+            .inc_by(changed);
+    }
+
+    /// Creates (or resolves) every bucket definition the peer has and we lack or differ on.
+    async fn adopt_buckets(
+        &mut self,
+        buckets: Vec<meridian_shared::BucketDef>,
+    ) -> Result<(), String> {
+        for def in buckets {
+            if self.region.storage.bucket(&def.name).as_ref() == Some(&def) {
+                continue;
+            }
+            let ticket = self
+                .region
+                .storage
+                .submit_bucket(def, BucketSource::Replicated)
+                .map_err(|e| format!("bucket definition: {e}"))?;
+            ticket
+                .await
+                .map_err(|_| "storage writer stopped".to_string())?
+                .map_err(|e| format!("bucket definition: {e}"))?;
+        }
+        Ok(())
+    }
+
+    async fn call<Req: serde::Serialize, Resp: serde::de::DeserializeOwned>(
+        &mut self,
+        path: &str,
+        body: &Req,
+    ) -> Result<Resp, String> {
+        peer_call(
+            self.client,
+            &self.region.config,
+            self.peer,
+            path,
+            body,
+            CALL_TIMEOUT,
+            &mut self.traffic,
+        )
+        .await
+    }
+}

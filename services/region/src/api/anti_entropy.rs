@@ -1,0 +1,117 @@
+//! The responder's side of anti-entropy and read repair (`/internal/v1/ae/*`, postcard bodies).
+
+use super::error::ApiError;
+use crate::actors::anti_entropy::{DIGESTS_PAGE, SCAN_PAGE};
+use crate::region::Region;
+use crate::repair::merge_states;
+use actix_web::{web, HttpResponse};
+use meridian_shared::merkle::{SegmentFilter, BRANCHES};
+use meridian_shared::wire::{
+    self, AeDigests, AeDigestsRequest, AeFetch, AeMerged, AeSegmentsRequest, AeStates, AeTop,
+    AeTopRequest, SegmentSet, PROTOCOL_VERSION,
+};
+use serde::de::DeserializeOwned;
+
+/// The anti-entropy routes, nested in the internal scope (which checks the peer).
+pub fn scope() -> actix_web::Scope {
+    web::scope("/ae")
+        .route("/top", web::post().to(top))
+        .route("/segments", web::post().to(segments))
+        .route("/digests", web::post().to(digests))
+        .route("/fetch", web::post().to(fetch))
+        .route("/push", web::post().to(push))
+}
+
+fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    wire::decode(bytes)
+        .map_err(|e| ApiError::bad_request("invalid_body", format!("undecodable body: {e}")))
+}
+
+fn answer<T: serde::Serialize>(value: &T) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .body(wire::encode(value))
+}
+
+/// Step 1: our root, our branches if the roots differ, and our bucket definitions.
+async fn top(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpResponse, ApiError> {
+    let request: AeTopRequest = body(&bytes)?;
+    if request.version != PROTOCOL_VERSION {
+        return Err(ApiError::bad_request(
+            "protocol_version",
+            format!(
+                "peer speaks protocol {}, this region {PROTOCOL_VERSION}",
+                request.version
+            ),
+        ));
+    }
+    let (root, branches) = region
+        .storage
+        .with_tree(|t| {
+            let root = t.root();
+            (root, (root != request.root).then(|| t.branches().to_vec()))
+        })
+        .ok_or_else(|| ApiError::unavailable("anti-entropy tree is unavailable"))?;
+    Ok(answer(&AeTop {
+        root,
+        branches,
+        buckets: region.storage.buckets(),
+    }))
+}
+
+/// Step 2: segment hashes under the asked branches.
+async fn segments(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpResponse, ApiError> {
+    let request: AeSegmentsRequest = body(&bytes)?;
+    if request.branches.iter().any(|&b| b as usize >= BRANCHES) {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "branch index out of range",
+        ));
+    }
+    let hashes: Vec<Vec<u64>> = region
+        .storage
+        .with_tree(|t| {
+            request
+                .branches
+                .iter()
+                .map(|b| t.segments_of(*b).to_vec())
+                .collect()
+        })
+        .ok_or_else(|| ApiError::unavailable("anti-entropy tree is unavailable"))?;
+    Ok(answer(&hashes))
+}
+
+/// Step 3: digests of the keys in the asked segments, one bounded page.
+async fn digests(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpResponse, ApiError> {
+    let request: AeDigestsRequest = body(&bytes)?;
+    let filter = match &request.segments {
+        SegmentSet::All => SegmentFilter::all(),
+        SegmentSet::Some(list) => SegmentFilter::of(list),
+    };
+    let storage = region.storage.clone();
+    let max_digests = request.max_digests.clamp(1, DIGESTS_PAGE) as usize;
+    let max_scan = request.max_scan.clamp(1, SCAN_PAGE) as usize;
+    let (digests, scanned_to) = web::block(move || {
+        storage.digests(&filter, request.after.as_ref(), None, max_digests, max_scan)
+    })
+    .await
+    .map_err(|e| ApiError::unavailable(format!("digest scan: {e}")))??;
+    Ok(answer(&AeDigests {
+        digests,
+        scanned_to,
+    }))
+}
+
+/// Step 4a (and read repair): our states of the asked keys.
+async fn fetch(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpResponse, ApiError> {
+    let request: AeFetch = body(&bytes)?;
+    let states = region.storage.raw_states(&request.keys)?;
+    Ok(answer(&AeStates { states }))
+}
+
+/// Step 4b (and read repair write-back): merges the peer's states into ours, durably.
+async fn push(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpResponse, ApiError> {
+    let request: AeStates = body(&bytes)?;
+    let changed = merge_states(&region, request.states).await?;
+    Ok(answer(&AeMerged { changed }))
+}

@@ -1,0 +1,193 @@
+//! Repair: joins peers' states into ours through the normal commit path (anti-entropy, read
+//! repair), and quorum / all reads that merge what several regions hold.
+
+use crate::actors::partition::{Merge, WriteError};
+use crate::api::error::ApiError;
+use crate::peers::{peer_call, Peer, Traffic};
+use crate::region::Region;
+use crate::storage::StorageError;
+use meridian_shared::encoding::{decode_state, encode_state};
+use meridian_shared::wire::{AeFetch, AeMerged, AeStates};
+use meridian_shared::{BucketDef, KeyState};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Most states in one anti-entropy or read-repair body.
+pub const STATES_PER_CALL: usize = 1000;
+/// About the most state bytes in one body (well under the internal body limit).
+pub const STATE_BYTES_PER_CALL: usize = 1024 * 1024;
+
+/// Joins `(bucket, key, encoded state)` into our states, durably; returns how many changed.
+///
+/// Every merge is queued before any is awaited, so one group commit carries the lot.
+pub async fn merge_states(
+    region: &Region,
+    states: Vec<(String, String, Vec<u8>)>,
+) -> Result<u64, ApiError> {
+    let mut sends = Vec::with_capacity(states.len());
+    for (bucket, key, bytes) in states {
+        let state = decode_state(&bytes)
+            .map_err(|e| ApiError::bad_request("invalid_state", format!("{bucket}/{key}: {e}")))?;
+        sends.push(region.partitions.merge(Merge {
+            bucket,
+            key,
+            state,
+            span: tracing::Span::current(),
+        }));
+    }
+    let mut queued = Vec::new();
+    for sent in futures_util::future::join_all(sends).await {
+        match sent {
+            Ok(Some(commit)) => queued.push(commit),
+            Ok(None) => {}
+            // Another type than ours (concurrent conflicting bucket definitions): never fits.
+            Err(WriteError::State(error)) => {
+                tracing::warn!(%error, "repaired state does not fit the local bucket type; skipped")
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let changed = queued.len() as u64;
+    for result in futures_util::future::join_all(queued).await {
+        result.map_err(|error| ApiError::from(StorageError::CommitFailed(error)))?;
+    }
+    Ok(changed)
+}
+
+/// Splits states into bodies bounded by count and bytes.
+pub fn chunk_states(states: Vec<(String, String, Vec<u8>)>) -> Vec<Vec<(String, String, Vec<u8>)>> {
+    let mut chunks = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for state in states {
+        bytes += state.0.len() + state.1.len() + state.2.len();
+        current.push(state);
+        if current.len() >= STATES_PER_CALL || bytes >= STATE_BYTES_PER_CALL {
+            chunks.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
+}
+
+/// A `consistency=quorum|all` read: asks `needed` peers for the key (all peers are asked, the
+/// first `needed` answers count), merges their states with ours, answers the merge, and
+/// writes it back to every region that answered with less (this one included).
+pub async fn read_merged(
+    region: &Arc<Region>,
+    client: &reqwest::Client,
+    def: &BucketDef,
+    key: &str,
+    needed: usize,
+) -> Result<Option<KeyState>, ApiError> {
+    let name = (def.name.clone(), key.to_string());
+    let timeout = Duration::from_millis(region.config.forward_timeout_ms);
+    let up: Vec<&Arc<Peer>> = region.peers.iter().filter(|p| p.is_up()).collect();
+    if up.len() < needed {
+        return Err(ApiError::unavailable(format!(
+            "this read needs {needed} other regions and only {} are up",
+            up.len()
+        )));
+    }
+    let asks = up.into_iter().map(|peer| {
+        let fetch = AeFetch {
+            keys: vec![name.clone()],
+        };
+        async move {
+            let mut traffic = Traffic::default();
+            let answer: Result<AeStates, String> = peer_call(
+                client,
+                &region.config,
+                peer,
+                "ae/fetch",
+                &fetch,
+                timeout,
+                &mut traffic,
+            )
+            .await;
+            (peer.clone(), answer)
+        }
+    });
+    let mut answers: Vec<(Arc<Peer>, Option<Vec<u8>>)> = Vec::new();
+    for (peer, answer) in futures_util::future::join_all(asks).await {
+        match answer {
+            Ok(states) => {
+                let state = states.states.into_iter().next().map(|(_, _, bytes)| bytes);
+                answers.push((peer, state));
+            }
+            Err(error) => tracing::debug!(peer = %peer.name, %error, "read repair: no answer"),
+        }
+    }
+    if answers.len() < needed {
+        return Err(ApiError::unavailable(format!(
+            "this read needs {needed} other regions and only {} answered",
+            answers.len()
+        )));
+    }
+    let local = region.storage.raw_states(std::slice::from_ref(&name))?;
+    let local = local.into_iter().next().map(|(_, _, bytes)| bytes);
+    let mut merged: Option<KeyState> = None;
+    for bytes in answers
+        .iter()
+        .filter_map(|(_, b)| b.as_ref())
+        .chain(local.as_ref())
+    {
+        let state = decode_state(bytes)
+            .map_err(|e| ApiError::from(StorageError::Corrupt(e.to_string())))?;
+        match &mut merged {
+            None => merged = Some(state),
+            Some(acc) => acc.merge(state).map_err(|e| {
+                ApiError::new(
+                    actix_web::http::StatusCode::CONFLICT,
+                    "type_mismatch",
+                    format!("regions disagree on the key's type: {e}"),
+                )
+            })?,
+        }
+    }
+    let Some(merged) = merged else {
+        return Ok(None);
+    };
+    let encoded = encode_state(&merged);
+    let entry = vec![(name.0.clone(), name.1.clone(), encoded.clone())];
+    if local.as_ref() != Some(&encoded) {
+        let changed = merge_states(region, entry.clone()).await?;
+        region.metrics.read_repairs.inc_by(changed);
+    }
+    for (peer, state) in answers {
+        if state.as_ref() == Some(&encoded) {
+            continue;
+        }
+        // Written back in the background: the reader already has the merged answer.
+        let (region, client, body) = (
+            region.clone(),
+            client.clone(),
+            AeStates {
+                states: entry.clone(),
+            },
+        );
+        actix_web::rt::spawn(async move {
+            let mut traffic = Traffic::default();
+            let pushed: Result<AeMerged, String> = peer_call(
+                &client,
+                &region.config,
+                &peer,
+                "ae/push",
+                &body,
+                timeout,
+                &mut traffic,
+            )
+            .await;
+            match pushed {
+                Ok(merged) => region.metrics.read_repairs.inc_by(merged.changed),
+                Err(error) => {
+                    tracing::warn!(peer = %peer.name, %error, "read repair write-back failed")
+                }
+            }
+        });
+    }
+    Ok(Some(merged))
+}
