@@ -24,8 +24,16 @@ pub struct DvvRegister {
 
 impl DvvRegister {
     /// Writes `value` (or deletes, with `None`) as `actor`, superseding the siblings `seen`
-    /// covers; without `seen`, everything this register holds.
-    pub fn write(&mut self, value: Option<String>, seen: Option<&VClock<Actor>>, actor: Actor) {
+    /// covers; without `seen`, everything this register holds. The new dot's counter is at
+    /// least `floor` (a hybrid clock reading): dots stay unique even after a causally stable
+    /// tombstone was removed and the key starts again from an empty register.
+    pub fn write(
+        &mut self,
+        value: Option<String>,
+        seen: Option<&VClock<Actor>>,
+        actor: Actor,
+        floor: u64,
+    ) {
         let covered = seen.unwrap_or(&self.context);
         self.siblings
             .retain(|(owner, counter), _| *counter > covered.get(owner));
@@ -35,7 +43,7 @@ impl DvvRegister {
             self.context.merge(seen.clone());
         }
         if let Some(value) = value {
-            let dot = Dot::new(actor, self.context.get(&actor) + 1);
+            let dot = Dot::new(actor, (self.context.get(&actor) + 1).max(floor));
             self.siblings.insert((dot.actor, dot.counter), value);
             self.context.apply(dot);
         }

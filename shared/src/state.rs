@@ -2,7 +2,8 @@
 
 use crate::register::DvvRegister;
 use crate::{Actor, BucketType};
-use crdts::{CmRDT, CvRDT, LWWReg, Orswot, PNCounter, VClock};
+use crdts::ctx::AddCtx;
+use crdts::{CmRDT, CvRDT, Dot, LWWReg, Orswot, PNCounter, VClock};
 use num_traits::ToPrimitive;
 use serde::{Deserialize, Serialize};
 
@@ -141,10 +142,10 @@ impl KeyState {
         };
         match (self, op) {
             (KeyState::Register(reg), Op::Put { value, context }) => {
-                reg.write(Some(value), context.as_ref(), actor)
+                reg.write(Some(value), context.as_ref(), actor, hlc)
             }
             (KeyState::Register(reg), Op::Delete { context }) => {
-                reg.write(None, context.as_ref(), actor)
+                reg.write(None, context.as_ref(), actor, hlc)
             }
             (KeyState::Lww(reg), Op::Put { value, .. }) => {
                 reg.update(Some(value), LwwStamp { hlc, actor })
@@ -158,8 +159,12 @@ impl KeyState {
                 }
             }
             (KeyState::Set(set), Op::Add { members }) => {
-                let ctx = set.read_ctx().derive_add_ctx(actor);
-                set.apply(set.add_all(members, ctx));
+                // Like `derive_add_ctx`, with the dot's counter at least `hlc`: unique even
+                // after a causally stable empty set was removed and the key starts again.
+                let mut clock = set.read_ctx().add_clock;
+                let dot = Dot::new(actor, (clock.get(&actor) + 1).max(hlc));
+                clock.apply(dot);
+                set.apply(set.add_all(members, AddCtx { clock, dot }));
             }
             (KeyState::Set(set), Op::Remove { members }) => {
                 let ctx = set.read_ctx().derive_rm_ctx();
@@ -186,6 +191,17 @@ impl KeyState {
             _ => return Err(StateError::TypeMismatch { op: "merge", kind }),
         }
         Ok(())
+    }
+
+    /// Whether the state holds nothing a client can see (a deleted register, an emptied set):
+    /// a tombstone, kept until causally stable. Counters are never deleted.
+    pub fn is_tombstone(&self) -> bool {
+        match self {
+            KeyState::Register(reg) => reg.values().next().is_none(),
+            KeyState::Lww(reg) => reg.val.is_none(),
+            KeyState::Counter(_) => false,
+            KeyState::Set(set) => set.read().val.is_empty(),
+        }
     }
 
     /// The causal context a client passes back to supersede what it has seen (registers);

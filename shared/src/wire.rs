@@ -49,6 +49,12 @@ pub struct Heartbeat {
     pub last_seq: u64,
     /// What it has applied from every origin incarnation.
     pub applied: BTreeMap<Actor, u64>,
+    /// Group commits that changed its key states (a restored old copy reports fewer).
+    #[serde(default)]
+    pub commits: u64,
+    /// The highest `commits` it has seen from each peer.
+    #[serde(default)]
+    pub seen_commits: BTreeMap<RegionName, u64>,
 }
 
 impl ReplicateBatch {

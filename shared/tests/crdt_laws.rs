@@ -305,3 +305,42 @@ fn operations_that_do_not_fit_the_type_are_refused() {
         .is_err());
     assert!(s.merge(KeyState::empty(BucketType::Set)).is_err());
 }
+
+/// After a causally stable tombstone is removed, the key starts again from an empty state; a
+/// region that still holds the tombstone must not treat the new write as already deleted.
+#[test]
+fn a_write_after_a_removed_tombstone_survives_the_tombstone() {
+    let a = Actor::from_u128(1);
+    for (kind, write, delete) in [
+        (
+            BucketType::Register,
+            Op::Put {
+                value: "1".into(),
+                context: None,
+            },
+            Op::Delete { context: None },
+        ),
+        (
+            BucketType::Set,
+            Op::Add {
+                members: vec!["m".into()],
+            },
+            Op::Delete { context: None },
+        ),
+    ] {
+        let mut tombstone = KeyState::empty(kind);
+        for hlc in 1..=5 {
+            tombstone.apply(write.clone(), a, hlc).unwrap();
+        }
+        tombstone.apply(delete, a, 6).unwrap();
+        assert!(tombstone.is_tombstone());
+        // Removed here; a later write starts from empty, at a later hybrid time.
+        let mut fresh = KeyState::empty(kind);
+        fresh.apply(write, a, 7).unwrap();
+        let mut held_elsewhere = tombstone.clone();
+        held_elsewhere.merge(fresh.clone()).unwrap();
+        assert_eq!(held_elsewhere.view(), fresh.view(), "{kind:?}");
+        fresh.merge(tombstone).unwrap();
+        assert!(!fresh.is_tombstone(), "{kind:?}");
+    }
+}

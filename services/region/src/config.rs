@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Top-level fields that `MERIDIAN_<FIELD>` may override.
-const ENV_FIELDS: [&str; 25] = [
+const ENV_FIELDS: [&str; 26] = [
     "region",
     "listen",
     "data_dir",
@@ -35,6 +35,7 @@ const ENV_FIELDS: [&str; 25] = [
     "hint_drain_rate",
     "anti_entropy_interval_ms",
     "anti_entropy_scan_rate",
+    "tombstone_gc_interval_ms",
 ];
 
 /// Everything a region needs to start. Defaults are documented in the README.
@@ -110,12 +111,16 @@ pub struct Config {
     #[serde(default = "default_hint_drain_rate")]
     pub hint_drain_rate: u64,
     /// Mean time between anti-entropy exchanges with each peer (jittered ±50%); flagged or
-    /// returning peers are repaired at once.
+    /// returning peers are repaired at once. 0 disables anti-entropy (tests, maintenance).
     #[serde(default = "default_anti_entropy_interval_ms")]
     pub anti_entropy_interval_ms: u64,
     /// Keys per second an exchange may scan for digests: its IO/CPU budget.
     #[serde(default = "default_anti_entropy_scan_rate")]
     pub anti_entropy_scan_rate: u64,
+    /// Mean time between tombstone GC rounds (removal is by causal stability, never by age).
+    /// 0 keeps every tombstone.
+    #[serde(default = "default_tombstone_gc_interval_ms")]
+    pub tombstone_gc_interval_ms: u64,
 }
 
 /// Bearer tokens for clients and peers.
@@ -189,6 +194,9 @@ fn default_anti_entropy_interval_ms() -> u64 {
 }
 fn default_anti_entropy_scan_rate() -> u64 {
     2_000_000
+}
+fn default_tombstone_gc_interval_ms() -> u64 {
+    10_000
 }
 
 /// Why a configuration could not be used.
@@ -264,10 +272,8 @@ impl Config {
                 "replication_batch_entries and hint_drain_rate must be positive".into(),
             );
         }
-        if self.anti_entropy_interval_ms == 0 || self.anti_entropy_scan_rate == 0 {
-            return invalid(
-                "anti_entropy_interval_ms and anti_entropy_scan_rate must be positive".into(),
-            );
+        if self.anti_entropy_scan_rate == 0 {
+            return invalid("anti_entropy_scan_rate must be positive".into());
         }
         if self.commit_max_batch == 0 {
             return invalid("commit_max_batch must be at least 1".into());

@@ -74,6 +74,8 @@ pub struct Metrics {
     pub read_repairs: IntCounter,
     /// 1 once this region has completed an exchange with every peer since it started empty.
     pub caught_up: IntGauge,
+    /// Causally stable tombstones removed.
+    pub tombstones_removed: IntCounter,
 }
 
 impl Metrics {
@@ -283,6 +285,11 @@ impl Metrics {
             "caught_up",
             "1 once the region has completed an anti-entropy exchange with every peer",
         )?;
+        let tombstones_removed = IntCounter::new(
+            "tombstones_removed_total",
+            "Deletion tombstones removed once causally stable",
+        )?;
+        registry.register(Box::new(tombstones_removed.clone()))?;
         registry.register(Box::new(ae_exchanges.clone()))?;
         registry.register(Box::new(ae_duration.clone()))?;
         registry.register(Box::new(ae_segments_compared.clone()))?;
@@ -348,6 +355,7 @@ impl Metrics {
             ae_bytes,
             read_repairs,
             caught_up,
+            tombstones_removed,
         })
     }
 }

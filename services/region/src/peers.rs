@@ -2,7 +2,7 @@
 
 use crate::config::Config;
 use crate::storage::now_ms;
-use meridian_shared::wire::{CLUSTER_HEADER, PEER_HEADER};
+use meridian_shared::wire::{Heartbeat, CLUSTER_HEADER, PEER_HEADER};
 use meridian_shared::RegionName;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,6 +28,11 @@ pub struct Peer {
     last_exchange: std::sync::Mutex<Option<ExchangeReport>>,
     /// Whether an exchange with it has completed since start.
     synced: AtomicBool,
+    /// Its last heartbeat answer and when it arrived.
+    beat: std::sync::Mutex<Option<(Heartbeat, std::time::Instant)>>,
+    /// The highest commit counter it reported, and the last value persisted.
+    seen_commits: AtomicU64,
+    persisted_commits: AtomicU64,
 }
 
 /// What one anti-entropy exchange with a peer did (shown in `/v1/cluster`).
@@ -124,6 +129,39 @@ impl Peer {
         }
     }
 
+    /// The highest commit counter it has reported.
+    pub fn seen_commits(&self) -> u64 {
+        self.seen_commits.load(Ordering::Acquire)
+    }
+
+    /// Raises the commit counter seen from it; returns the value to persist, if one is due
+    /// (at most one write per `every` commits, so heartbeats do not each cost a commit).
+    pub fn observe_commits(&self, commits: u64, every: u64) -> Option<u64> {
+        let seen = self
+            .seen_commits
+            .fetch_max(commits, Ordering::AcqRel)
+            .max(commits);
+        let persisted = self.persisted_commits.load(Ordering::Acquire);
+        (seen >= persisted.saturating_add(every) || (persisted == 0 && seen > 0)).then(|| {
+            self.persisted_commits.store(seen, Ordering::Release);
+            seen
+        })
+    }
+
+    /// Records its heartbeat answer.
+    pub fn set_beat(&self, beat: Heartbeat) {
+        if let Ok(mut last) = self.beat.lock() {
+            *last = Some((beat, std::time::Instant::now()));
+        }
+    }
+
+    /// Its last heartbeat answer, if it arrived after `since`.
+    pub fn beat_since(&self, since: std::time::Instant) -> Option<Heartbeat> {
+        let last = self.beat.lock().ok()?;
+        let (beat, at) = last.as_ref()?;
+        (*at >= since).then(|| beat.clone())
+    }
+
     /// Whether an anti-entropy exchange with it has completed since start.
     pub fn synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
@@ -155,6 +193,7 @@ impl Peers {
         config: &Config,
         cursors: &std::collections::BTreeMap<String, u64>,
         flags: &std::collections::BTreeMap<String, bool>,
+        commits: &std::collections::BTreeMap<String, u64>,
     ) -> Self {
         let list = config
             .peers
@@ -172,6 +211,11 @@ impl Peers {
                     came_up: Notify::new(),
                     last_exchange: std::sync::Mutex::new(None),
                     synced: AtomicBool::new(false),
+                    beat: std::sync::Mutex::new(None),
+                    seen_commits: AtomicU64::new(commits.get(name.as_str()).copied().unwrap_or(0)),
+                    persisted_commits: AtomicU64::new(
+                        commits.get(name.as_str()).copied().unwrap_or(0),
+                    ),
                 })
             })
             .collect();

@@ -57,17 +57,30 @@ impl Region {
             config.storage_cache_bytes,
         )?;
         let seen = peers_have_seen(&config, opened.identity().incarnation).await;
-        if seen > opened.last_seq() {
+        if seen.commits > opened.commits() {
             tracing::warn!(
-                seen,
+                seen = seen.commits,
+                holds = opened.commits(),
+                "peers have seen more commits from this region than its disk holds: a restored \
+                 old copy; its key states are dropped and refilled by anti-entropy"
+            );
+            opened.reincarnate(true, seen.commits)?;
+        } else if seen.seq > opened.last_seq() {
+            tracing::warn!(
+                seen = seen.seq,
                 holds = opened.last_seq(),
                 "peers have seen more of this region than its disk holds"
             );
-            opened.reincarnate()?;
+            opened.reincarnate(false, 0)?;
         }
         let storage = Storage::start(opened, config.commit_max_batch, metrics.clone())?;
         let progress = storage.peer_progress()?;
-        let peers = Peers::new(&config, &progress.cursors, &progress.flags);
+        let peers = Peers::new(
+            &config,
+            &progress.cursors,
+            &progress.flags,
+            &progress.commits,
+        );
         metrics.register_peers(peers.iter().map(|p| p.name.as_str()));
         let shared = Arc::new(PartitionShared {
             storage: storage.clone(),
@@ -87,7 +100,7 @@ impl Region {
         })
     }
 
-    /// Starts membership, one replicator per peer, log GC and anti-entropy.
+    /// Starts membership, one replicator per peer, log GC, tombstone GC and anti-entropy.
     pub fn start_background(self: &Arc<Self>) {
         use actix::Actor;
         crate::actors::membership::Membership::new(self.clone()).start();
@@ -95,7 +108,14 @@ impl Region {
             crate::actors::replicator::Replicator::new(self.clone(), peer.clone()).start();
         }
         crate::actors::log_gc::LogGc::new(self.clone()).start();
-        crate::actors::anti_entropy::AntiEntropy::new(self.clone()).start();
+        if self.config.tombstone_gc_interval_ms > 0 {
+            crate::actors::tombstone_gc::TombstoneGc::new(self.clone()).start();
+        }
+        if self.config.anti_entropy_interval_ms > 0 {
+            crate::actors::anti_entropy::AntiEntropy::new(self.clone()).start();
+        } else {
+            tracing::warn!("anti-entropy is disabled (anti_entropy_interval_ms = 0)");
+        }
     }
 
     /// This region's name.
@@ -224,8 +244,17 @@ impl Region {
     }
 }
 
-/// The most any reachable peer has applied of `incarnation` (0 when none answers in time).
-async fn peers_have_seen(config: &Config, incarnation: Actor) -> u64 {
+/// What reachable peers have seen of this region.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The most any has applied of our incarnation's log.
+    seq: u64,
+    /// The highest commit counter any has seen from us.
+    commits: u64,
+}
+
+/// What the reachable peers have seen of this region (zero when none answers in time).
+async fn peers_have_seen(config: &Config, incarnation: Actor) -> Seen {
     let client = http_client();
     let asks = config.peers.values().map(|url| {
         let url = format!("{}/internal/v1/heartbeat", url.trim_end_matches('/'));
@@ -233,13 +262,18 @@ async fn peers_have_seen(config: &Config, incarnation: Actor) -> u64 {
         async move {
             let response = request.send().await.ok()?;
             let beat: meridian_shared::wire::Heartbeat = response.json().await.ok()?;
-            beat.applied.get(&incarnation).copied()
+            Some((
+                beat.applied.get(&incarnation).copied().unwrap_or(0),
+                beat.seen_commits.get(&config.region).copied().unwrap_or(0),
+            ))
         }
     });
     futures_util::future::join_all(asks)
         .await
         .into_iter()
         .flatten()
-        .max()
-        .unwrap_or(0)
+        .fold(Seen::default(), |seen, (seq, commits)| Seen {
+            seq: seen.seq.max(seq),
+            commits: seen.commits.max(commits),
+        })
 }

@@ -75,6 +75,14 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
                     peer.set_acked(applied);
                 }
             }
+            // Remembered durably so a restored old copy of the peer is recognised even after
+            // we restart; every commit is not worth a write, the restore check needs no more.
+            if let Some(commits) = peer.observe_commits(beat.commits, 1) {
+                let _ = region
+                    .storage
+                    .submit_peer_commits(peer.name.as_str(), commits);
+            }
+            peer.set_beat(beat);
         }
         Ok(beat) => {
             tracing::error!(peer = %peer.name, their_cluster = %beat.cluster_id, version = beat.version,

@@ -6,3 +6,4 @@ pub mod log_gc;
 pub mod membership;
 pub mod partition;
 pub mod replicator;
+pub mod tombstone_gc;

@@ -259,6 +259,7 @@ impl PartitionActor {
             bucket: slot.0.clone(),
             key: slot.1.clone(),
             state: encoded,
+            tombstone: state.is_tombstone(),
             logged,
             idempotency,
             trace,

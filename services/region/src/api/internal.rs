@@ -78,6 +78,12 @@ async fn heartbeat(region: web::Data<Region>) -> HttpResponse {
         incarnation: region.storage.identity().incarnation,
         last_seq: region.storage.last_seq(),
         applied: region.applied(),
+        commits: region.storage.commits(),
+        seen_commits: region
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.seen_commits()))
+            .collect(),
     })
 }
 

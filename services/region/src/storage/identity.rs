@@ -1,7 +1,7 @@
 //! The data directory's identity stamp (DESIGN.md, "Identity").
 
 use super::tables::{
-    meta, APPLIED, BUCKETS, IDEMPOTENCY, KEYS, LOG, META, PEER_CURSORS, SCHEMA_VERSION,
+    meta, APPLIED, BUCKETS, IDEMPOTENCY, KEYS, LOG, META, PEER_CURSORS, SCHEMA_VERSION, TOMBSTONES,
 };
 use super::StorageError;
 use meridian_shared::{Actor, RegionName};
@@ -103,6 +103,7 @@ fn create(
         txn.open_table(IDEMPOTENCY)?;
         txn.open_table(PEER_CURSORS)?;
         txn.open_table(APPLIED)?;
+        txn.open_table(TOMBSTONES)?;
     }
     txn.commit()?;
     let identity = Identity {
@@ -114,11 +115,26 @@ fn create(
 }
 
 /// Mints a new incarnation: new id, empty log, sequence and cursors reset, in one transaction.
-pub fn reincarnate(db: &Database) -> Result<Actor, StorageError> {
+/// With `forget_states` (a restored old copy) key states and the applied vector go too, and
+/// the commit counter jumps to `commits`: the region starts empty and catches up.
+pub fn reincarnate(
+    db: &Database,
+    forget_states: bool,
+    commits: u64,
+) -> Result<Actor, StorageError> {
     let incarnation = Actor::now_v7();
     let txn = db.begin_write()?;
     {
         let mut meta_table = txn.open_table(META)?;
+        if forget_states {
+            meta_table.insert(meta::COMMITS, &commits.to_be_bytes()[..])?;
+            txn.delete_table(KEYS)?;
+            txn.open_table(KEYS)?;
+            txn.delete_table(TOMBSTONES)?;
+            txn.open_table(TOMBSTONES)?;
+            txn.delete_table(APPLIED)?;
+            txn.open_table(APPLIED)?;
+        }
         meta_table.insert(meta::INCARNATION, &incarnation.as_bytes()[..])?;
         meta_table.insert(meta::LAST_SEQ, &0u64.to_be_bytes()[..])?;
         meta_table.insert(meta::LOG_BYTES, &0u64.to_be_bytes()[..])?;

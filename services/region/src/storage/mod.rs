@@ -11,8 +11,8 @@ mod writer;
 pub use idempotency::IdempotencyRecord;
 pub use identity::Identity;
 pub use writer::{
-    now_ms, now_us, rfc3339, BucketOutcome, BucketSource, KeyWrite, PendingIdempotency, SharedTree,
-    WriteTicket, MAX_SPAN_LINKS,
+    now_ms, now_us, rfc3339, BucketOutcome, BucketSource, KeyWrite, PendingIdempotency, Purge,
+    SharedTree, WriteTicket, MAX_SPAN_LINKS,
 };
 
 use crate::metrics::Metrics;
@@ -25,7 +25,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use tables::{meta, APPLIED, BUCKETS, IDEMPOTENCY, KEYS, LOG, META, PEER_CURSORS};
+use tables::{meta, APPLIED, BUCKETS, IDEMPOTENCY, KEYS, LOG, META, PEER_CURSORS, TOMBSTONES};
 use tokio::sync::watch;
 
 /// Why a storage operation failed.
@@ -84,6 +84,7 @@ pub struct OpenedDb {
     path: PathBuf,
     identity: Identity,
     last_seq: u64,
+    commits: u64,
 }
 
 impl OpenedDb {
@@ -103,11 +104,13 @@ impl OpenedDb {
                 .create(&path)?,
         );
         let (identity, last_seq) = identity::stamp_or_check(&db, region, cluster_id)?;
+        let commits = read_meta_u64(&db, meta::COMMITS)?;
         Ok(Self {
             db,
             path,
             identity,
             last_seq,
+            commits,
         })
     }
 
@@ -121,10 +124,21 @@ impl OpenedDb {
         self.last_seq
     }
 
+    /// Group commits that changed key states in this directory.
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+
     /// Starts a new incarnation: peers have seen more of the old one than this copy holds, so
     /// its sequence numbers and dots must never be reused. The old log is dropped with it.
-    pub fn reincarnate(&mut self) -> Result<(), StorageError> {
-        let incarnation = identity::reincarnate(&self.db)?;
+    /// With `forget_states` (peers saw more commits than this copy holds: a restored old copy)
+    /// its key states go too; anti-entropy refills them, and a stale copy cannot bring back
+    /// what was deleted and collected since.
+    pub fn reincarnate(&mut self, forget_states: bool, commits: u64) -> Result<(), StorageError> {
+        let incarnation = identity::reincarnate(&self.db, forget_states, commits)?;
+        if forget_states {
+            self.commits = commits;
+        }
         tracing::warn!(old = %self.identity.incarnation, new = %incarnation,
             "data directory is behind what peers have seen from it: new incarnation");
         self.identity.incarnation = incarnation;
@@ -154,6 +168,8 @@ pub struct PeerProgress {
     pub cursors: BTreeMap<String, u64>,
     /// Peer name → flagged for priority anti-entropy.
     pub flags: BTreeMap<String, bool>,
+    /// Peer name → highest commit counter it reported.
+    pub commits: BTreeMap<String, u64>,
 }
 
 /// One page of a key listing.
@@ -177,6 +193,7 @@ impl Storage {
             path,
             identity,
             last_seq,
+            commits,
         } = opened;
         let buckets: BucketCache = Arc::new(RwLock::new(load_buckets(&db)?));
         let (log_bytes, applied) = load_progress(&db)?;
@@ -188,6 +205,7 @@ impl Storage {
             applied,
             max_batch: commit_max_batch,
             tree: tree.clone(),
+            commits,
         };
         let writer = writer::spawn(db.clone(), start, buckets.clone(), metrics)
             .map_err(|e| StorageError::Redb(e.into()))?;
@@ -285,6 +303,17 @@ impl Storage {
         self.writer.applied()
     }
 
+    /// Group commits that changed key states, durable so far.
+    pub fn commits(&self) -> u64 {
+        self.writer.commits()
+    }
+
+    /// Persists the highest commit counter seen from a peer (restored-copy detection).
+    pub fn submit_peer_commits(&self, peer: &str, commits: u64) -> Result<(), StorageError> {
+        let key = format!("{}{peer}", meta::PEER_COMMITS_PREFIX);
+        self.writer.submit_meta(key, commits.to_be_bytes().to_vec())
+    }
+
     /// Whether the writer thread is still accepting writes.
     pub fn writable(&self) -> bool {
         self.writer.alive()
@@ -339,6 +368,39 @@ impl Storage {
     /// Removes log entries up to `upto` (in bounded chunks).
     pub fn submit_truncate(&self, upto: u64) -> Result<(), StorageError> {
         self.writer.submit_truncate(upto)
+    }
+
+    /// Removes causally stable tombstones (only where the stored state is unchanged) and
+    /// forgets stale candidates; the ticket resolves to the number removed.
+    pub fn submit_purge(&self, purge: Purge) -> Result<WriteTicket<u64>, StorageError> {
+        self.writer.submit_purge(purge)
+    }
+
+    /// Up to `limit` tombstone candidates after `after`, in key order.
+    pub fn tombstone_candidates(
+        &self,
+        after: Option<&KeyName>,
+        limit: usize,
+    ) -> Result<Vec<KeyName>, StorageError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TOMBSTONES)?;
+        let range = match after {
+            Some((b, k)) => table.range::<(&str, &str)>((b.as_str(), k.as_str())..)?,
+            None => table.range::<(&str, &str)>(..)?,
+        };
+        let mut out = Vec::new();
+        for entry in range {
+            let (name, _) = entry?;
+            let (bucket, key) = name.value();
+            if after.is_some_and(|(b, k)| (b.as_str(), k.as_str()) == (bucket, key)) {
+                continue;
+            }
+            out.push((bucket.to_string(), key.to_string()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Removes idempotency records stored before `before_ms` (wall-clock milliseconds).
@@ -446,7 +508,20 @@ impl Storage {
             };
             flags.insert(peer.to_string(), value.value() == [1]);
         }
-        Ok(PeerProgress { cursors, flags })
+        let mut commits = BTreeMap::new();
+        for entry in meta_table.range(meta::PEER_COMMITS_PREFIX..)? {
+            let (key, value) = entry?;
+            let Some(peer) = key.value().strip_prefix(meta::PEER_COMMITS_PREFIX) else {
+                break;
+            };
+            let seen = u64::from_be_bytes(value.value().try_into().unwrap_or([0; 8]));
+            commits.insert(peer.to_string(), seen);
+        }
+        Ok(PeerProgress {
+            cursors,
+            flags,
+            commits,
+        })
     }
 
     /// Lists live keys of a bucket in byte order, starting after `after`, filtered by `prefix`.
@@ -528,6 +603,16 @@ fn build_tree(db: &Database) -> Result<MerkleTree, StorageError> {
         "anti-entropy tree built"
     );
     Ok(tree)
+}
+
+/// A u64 meta value (0 when absent).
+fn read_meta_u64(db: &Database, key: &str) -> Result<u64, StorageError> {
+    let txn = db.begin_read()?;
+    let value = match txn.open_table(META)?.get(key)? {
+        Some(v) => u64::from_be_bytes(v.value().try_into().unwrap_or([0; 8])),
+        None => 0,
+    };
+    Ok(value)
 }
 
 /// Log bytes written so far and the applied vector.

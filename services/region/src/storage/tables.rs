@@ -17,6 +17,9 @@ pub const PEER_CURSORS: TableDefinition<&str, u64> = TableDefinition::new("peer_
 /// Applied vector: origin incarnation (u128) → highest contiguous sequence applied.
 pub const APPLIED: TableDefinition<u128, u64> = TableDefinition::new("applied");
 
+/// Tombstone candidates for causally stable removal: `(bucket, key)` written as a tombstone.
+pub const TOMBSTONES: TableDefinition<(&str, &str), ()> = TableDefinition::new("tombstones");
+
 /// Meta keys.
 pub mod meta {
     /// Region name the directory belongs to.
@@ -31,6 +34,11 @@ pub mod meta {
     pub const LAST_SEQ: &str = "last_seq";
     /// Bytes of replication log written by this incarnation (u64 big-endian).
     pub const LOG_BYTES: &str = "log_bytes";
+    /// Group commits that changed key states (u64 big-endian). Peers remember the highest they
+    /// saw; a directory behind that is a restored old copy.
+    pub const COMMITS: &str = "commits";
+    /// Prefix of the highest commit counter seen from each peer (`peer_commits:<peer>`).
+    pub const PEER_COMMITS_PREFIX: &str = "peer_commits:";
     /// Prefix of per-peer "needs priority anti-entropy" flags (`ae_needed:<peer>`).
     pub const AE_NEEDED_PREFIX: &str = "ae_needed:";
 }

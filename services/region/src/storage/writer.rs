@@ -6,7 +6,9 @@
 //! order, so the replication log never has a gap that a later commit fills.
 
 use super::idempotency::IdempotencyRecord;
-use super::tables::{meta, APPLIED, BUCKETS, IDEMPOTENCY, KEYS, LOG, META, PEER_CURSORS};
+use super::tables::{
+    meta, APPLIED, BUCKETS, IDEMPOTENCY, KEYS, LOG, META, PEER_CURSORS, TOMBSTONES,
+};
 use super::{BucketCache, StorageError};
 use crate::metrics::Metrics;
 use meridian_shared::log::{LogEntry, LogRecord};
@@ -35,6 +37,8 @@ pub struct KeyWrite {
     pub key: String,
     /// Canonical encoded state after the write.
     pub state: Vec<u8>,
+    /// The state is a tombstone: recorded as a candidate for causally stable removal.
+    pub tombstone: bool,
     /// `true` for a client write accepted here: it gets a sequence number and a log entry.
     /// `false` for a merge of a peer's state: the origin's own log carries it.
     pub logged: bool,
@@ -94,6 +98,16 @@ enum Request {
     Truncate(u64),
     Meta(String, Vec<u8>),
     ExpireIdempotency(u64),
+    Purge(Purge, oneshot::Sender<Result<u64, StorageError>>),
+}
+
+/// Causally stable tombstones to remove, and candidates that are no longer tombstones.
+#[derive(Debug, Default)]
+pub struct Purge {
+    /// `(bucket, key, state)`: removed only if the stored state is still exactly `state`.
+    pub remove: Vec<(String, String, Vec<u8>)>,
+    /// Candidates to forget (rewritten since; no longer tombstones).
+    pub forget: Vec<(String, String)>,
 }
 
 /// When recent commits became durable: `(highest sequence number, wall-clock µs)`, oldest
@@ -112,9 +126,14 @@ pub struct WriterHandle {
     applied: watch::Receiver<BTreeMap<Actor, u64>>,
     alive: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
+    commits: Arc<AtomicU64>,
 }
 
 impl WriterHandle {
+    pub(super) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Acquire)
+    }
+
     pub(super) fn submit_key(&self, write: KeyWrite) -> Result<WriteTicket<u64>, StorageError> {
         let (reply, ticket) = oneshot::channel();
         self.enqueue(Request::Key(write, reply))?;
@@ -165,6 +184,12 @@ impl WriterHandle {
         self.enqueue(Request::Meta(key, value))
     }
 
+    pub(super) fn submit_purge(&self, purge: Purge) -> Result<WriteTicket<u64>, StorageError> {
+        let (reply, ticket) = oneshot::channel();
+        self.enqueue(Request::Purge(purge, reply))?;
+        Ok(ticket)
+    }
+
     pub(super) fn submit_expire_idempotency(&self, before_ms: u64) -> Result<(), StorageError> {
         self.enqueue(Request::ExpireIdempotency(before_ms))
     }
@@ -203,6 +228,7 @@ pub(super) struct WriterStart {
     pub applied: BTreeMap<Actor, u64>,
     pub max_batch: usize,
     pub tree: SharedTree,
+    pub commits: u64,
 }
 
 /// The anti-entropy tree, updated by the writer after every commit.
@@ -221,7 +247,9 @@ pub(super) fn spawn(
     let alive = Arc::new(AtomicBool::new(true));
     let failures = Arc::new(AtomicU64::new(0));
     let durable_times = DurableTimes::default();
+    let commits = Arc::new(AtomicU64::new(start.commits));
     let handle = WriterHandle {
+        commits: commits.clone(),
         tx,
         durable_times: durable_times.clone(),
         failures: failures.clone(),
@@ -243,6 +271,7 @@ pub(super) fn spawn(
         failures,
         durable_times,
         tree: start.tree,
+        commits,
     };
     std::thread::Builder::new()
         .name("storage-writer".into())
@@ -266,6 +295,7 @@ struct Writer {
     failures: Arc<AtomicU64>,
     durable_times: DurableTimes,
     tree: SharedTree,
+    commits: Arc<AtomicU64>,
 }
 
 /// Per-request result of a batch, sent only after the commit.
@@ -285,6 +315,8 @@ struct Committed {
     applied: BTreeMap<Actor, u64>,
     /// `(segment, old entry hash XOR new)` of every key state this commit changed.
     tree_deltas: Vec<(u32, u64)>,
+    /// The commit counter after this commit.
+    commits: u64,
 }
 
 impl Writer {
@@ -340,6 +372,7 @@ impl Writer {
         let now_ms = now_us / 1000;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut tree_deltas = Vec::new();
+        let mut commits = self.commits.load(Ordering::Acquire);
         let mut meta_writes: Vec<(&str, &[u8])> = Vec::new();
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
@@ -351,6 +384,7 @@ impl Writer {
             let mut buckets = None;
             let mut applied_table = None;
             let mut cursors = None;
+            let mut tombstones = None;
             let mut appender = Appender {
                 seq: &mut seq,
                 log_bytes: &mut log_bytes,
@@ -366,6 +400,9 @@ impl Writer {
                         let delta = old ^ entry_hash(bucket, key, &write.state);
                         if delta != 0 {
                             tree_deltas.push((segment_of(bucket, key), delta));
+                        }
+                        if write.tombstone {
+                            open(&mut tombstones, &txn, TOMBSTONES)?.insert((bucket, key), ())?;
                         }
                         if !write.logged {
                             Outcome::Seq(0)
@@ -457,6 +494,26 @@ impl Writer {
                         }
                         Outcome::None
                     }
+                    Request::Purge(purge, _) => {
+                        let mut removed = 0;
+                        for (bucket, key, state) in &purge.remove {
+                            let name = (bucket.as_str(), key.as_str());
+                            let keys_table = open(&mut keys, &txn, KEYS)?;
+                            let current = keys_table.get(name)?.map(|v| v.value().to_vec());
+                            if current.as_ref() == Some(state) {
+                                keys_table.remove(name)?;
+                                let hash = entry_hash(bucket, key, state);
+                                tree_deltas.push((segment_of(bucket, key), hash));
+                                open(&mut tombstones, &txn, TOMBSTONES)?.remove(name)?;
+                                removed += 1;
+                            }
+                        }
+                        for (bucket, key) in &purge.forget {
+                            open(&mut tombstones, &txn, TOMBSTONES)?
+                                .remove((bucket.as_str(), key.as_str()))?;
+                        }
+                        Outcome::Seq(removed)
+                    }
                     Request::Meta(key, value) => {
                         meta_writes.push((key.as_str(), value.as_slice()));
                         Outcome::None
@@ -472,8 +529,15 @@ impl Writer {
                 };
                 outcomes.push(outcome);
             }
-            if seq != *self.last_seq.borrow() || !meta_writes.is_empty() {
+            let changes_states = batch
+                .iter()
+                .any(|r| matches!(r, Request::Key(..) | Request::Purge(..)));
+            if changes_states {
+                commits += 1;
+            }
+            if seq != *self.last_seq.borrow() || !meta_writes.is_empty() || changes_states {
                 let mut meta_table = txn.open_table(META)?;
+                meta_table.insert(meta::COMMITS, &commits.to_be_bytes()[..])?;
                 for (key, value) in meta_writes {
                     meta_table.insert(key, value)?;
                 }
@@ -488,6 +552,7 @@ impl Writer {
             log_bytes,
             applied,
             tree_deltas,
+            commits,
         })
     }
 
@@ -507,6 +572,7 @@ impl Writer {
             self.last_seq.send_replace(committed.last_seq);
         }
         self.log_bytes = committed.log_bytes;
+        self.commits.store(committed.commits, Ordering::Release);
         if !committed.tree_deltas.is_empty() {
             if let Ok(mut tree) = self.tree.lock() {
                 for (segment, delta) in &committed.tree_deltas {
@@ -520,6 +586,7 @@ impl Writer {
         for (request, outcome) in batch.drain(..).zip(committed.outcomes) {
             match (request, outcome) {
                 (Request::Key(_, reply), Outcome::Seq(seq))
+                | (Request::Purge(_, reply), Outcome::Seq(seq))
                 | (Request::Applied(_, _, _, reply), Outcome::Seq(seq)) => {
                     let _ = reply.send(Ok(seq));
                 }
@@ -550,7 +617,9 @@ impl Writer {
         let failed = || StorageError::CommitFailed(error.to_string());
         for request in batch.drain(..) {
             match request {
-                Request::Key(_, reply) | Request::Applied(_, _, _, reply) => {
+                Request::Key(_, reply)
+                | Request::Applied(_, _, _, reply)
+                | Request::Purge(_, reply) => {
                     let _ = reply.send(Err(failed()));
                 }
                 Request::Bucket(_, _, reply) => {
