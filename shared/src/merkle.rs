@@ -165,6 +165,8 @@ pub struct DigestDiff {
     pub send: Vec<(String, String)>,
     /// Keys whose state this side must fetch (the other side has them; this lacks or differs).
     pub fetch: Vec<(String, String)>,
+    /// Distinct keys that differ (a key in both lists counts once).
+    pub differing: usize,
 }
 
 /// Compares digests of the same key range, both sorted by `(bucket, key)`.
@@ -181,16 +183,19 @@ pub fn diff_digests(mine: &[Digest], theirs: &[Digest]) -> DigestDiff {
         match order {
             std::cmp::Ordering::Less => {
                 diff.send.push(name(&mine[i]));
+                diff.differing += 1;
                 i += 1;
             }
             std::cmp::Ordering::Greater => {
                 diff.fetch.push(name(&theirs[j]));
+                diff.differing += 1;
                 j += 1;
             }
             std::cmp::Ordering::Equal => {
                 if mine[i].hash != theirs[j].hash {
                     diff.send.push(name(&mine[i]));
                     diff.fetch.push(name(&theirs[j]));
+                    diff.differing += 1;
                 }
                 i += 1;
                 j += 1;

@@ -12,6 +12,9 @@ pub const PEER_HEADER: &str = "x-meridian-peer";
 pub const CLUSTER_HEADER: &str = "x-meridian-cluster";
 /// Header marking a request forwarded by another region (never forwarded again).
 pub const FORWARDED_HEADER: &str = "x-meridian-forwarded-by";
+/// Header carrying the bucket definition (JSON) with a forwarded request, so a home that has
+/// not yet received the definition by replication can serve it at once.
+pub const BUCKET_DEF_HEADER: &str = "x-meridian-bucket-def";
 
 /// A run of the origin's replication log, in sequence order (postcard body).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -30,10 +30,12 @@ fn digests(space: &Keyspace, segments: &BTreeSet<u32>) -> Vec<Digest> {
 }
 
 /// The exchange as the anti-entropy actor runs it, minus the network.
-fn walk(a: &Keyspace, b: &Keyspace) -> (BTreeSet<(String, String)>, BTreeSet<(String, String)>) {
+type Names = BTreeSet<(String, String)>;
+
+fn walk(a: &Keyspace, b: &Keyspace) -> (Names, Names, usize) {
     let (ta, tb) = (tree_of(a), tree_of(b));
     if ta.root() == tb.root() {
-        return Default::default();
+        return (Names::new(), Names::new(), 0);
     }
     let mut segments = BTreeSet::new();
     for branch in differing(ta.branches(), tb.branches()) {
@@ -46,6 +48,7 @@ fn walk(a: &Keyspace, b: &Keyspace) -> (BTreeSet<(String, String)>, BTreeSet<(St
     (
         diff.send.into_iter().collect(),
         diff.fetch.into_iter().collect(),
+        diff.differing,
     )
 }
 
@@ -80,7 +83,8 @@ fn check(a: &Keyspace, b: &Keyspace) -> Result<(), TestCaseError> {
         .filter(|name| a.get(*name) != b.get(*name))
         .cloned()
         .collect();
-    let (send, fetch) = walk(a, b);
+    let (send, fetch, differing) = walk(a, b);
+    prop_assert_eq!(differing, expected.len());
     let expected_send: BTreeSet<_> = expected
         .iter()
         .filter(|n| a.contains_key(*n))

@@ -282,6 +282,10 @@ pub struct BenchArgs {
     /// Send 90% of operations to 1% of the keys.
     #[arg(long)]
     pub hot: bool,
+    /// Instead of a timed run: write every key k0..k{keys-1} exactly once over --concurrency
+    /// connections, print the rate and exit (fills a region for anti-entropy benchmarks).
+    #[arg(long)]
+    pub fill: bool,
     /// Bucket to load; created as a `register` bucket when absent.
     #[arg(long, default_value = "bench")]
     pub bucket: String,

@@ -106,6 +106,26 @@ async fn writes_at_a_region_that_is_not_home_are_forwarded_to_the_home() {
 }
 
 #[tokio::test]
+async fn a_write_right_after_creating_its_bucket_reaches_a_home_that_has_not_seen_it_yet() {
+    let cluster = Cluster::start(&REGIONS, "").await;
+    let here = cluster.region("us-east");
+    // The definition replicates asynchronously; the forwarded write brings it along, so the
+    // home never answers 404 for a bucket the client has just been told exists.
+    for i in 0..20 {
+        let bucket = format!("fresh{i}");
+        let def = json!({"type": "register", "home_region": "eu-west"});
+        here.put(&format!("/v1/buckets/{bucket}"), &def)
+            .await
+            .expect(201);
+        let reply = here.put(&kv(&bucket, "k"), &json!(i)).await;
+        reply.expect(200);
+        assert_eq!(reply.header("x-meridian-region"), Some("eu-west"));
+    }
+    let body = cluster.converged(&kv("fresh19", "k"), CONVERGE).await;
+    assert_eq!(body["values"], json!([19]));
+}
+
+#[tokio::test]
 async fn ack_all_returns_only_once_every_region_has_applied_the_write() {
     let cluster = Cluster::start(&REGIONS, "ack_timeout_ms = 1500\n").await;
     cluster

@@ -69,9 +69,27 @@ pub async fn run(
         auth: bearer(token.as_deref())?,
     });
 
+    if args.fill {
+        let started = std::time::Instant::now();
+        preload(
+            &targets[0],
+            &requests,
+            args.keys,
+            u64::from(args.concurrency),
+        )
+        .await?;
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "filled {} keys into {} in {secs:.1} s ({:.0} writes/s)",
+            args.keys,
+            urls[0],
+            args.keys as f64 / secs.max(1e-9)
+        );
+        return Ok(());
+    }
     if let Some(count) = preload_count {
         note(&args, format!("preloading {count} keys into {}", urls[0]));
-        preload(&targets[0], &requests, count).await?;
+        preload(&targets[0], &requests, count, PRELOAD_CONNECTIONS).await?;
         if clients.len() > 1 {
             wait_for_replication(&clients, &args.bucket).await?;
         }
@@ -255,8 +273,9 @@ async fn preload(
     target: &Arc<Target>,
     requests: &Arc<Requests>,
     count: u64,
+    connections: u64,
 ) -> Result<(), CliError> {
-    let connections = PRELOAD_CONNECTIONS.min(count).max(1);
+    let connections = connections.min(count).max(1);
     let handles: Vec<_> = (0..connections)
         .map(|c| {
             let keys: Vec<u64> = (c..count).step_by(connections as usize).collect();

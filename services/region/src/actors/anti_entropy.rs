@@ -282,7 +282,7 @@ impl Exchange<'_> {
             let theirs: Vec<_> = theirs.digests.into_iter().filter(in_range).collect();
             let mine: Vec<_> = mine.into_iter().filter(in_range).collect();
             let diff = diff_digests(&mine, &theirs);
-            self.report.keys_differing += (diff.send.len() + diff.fetch.len()) as u64;
+            self.report.keys_differing += diff.differing as u64;
             self.fetch(diff.fetch).await?;
             self.push(diff.send).await?;
             match end {

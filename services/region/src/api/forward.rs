@@ -9,8 +9,8 @@ use super::error::ApiError;
 use crate::region::Region;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse};
-use meridian_shared::wire::FORWARDED_HEADER;
-use meridian_shared::RegionName;
+use meridian_shared::wire::{BUCKET_DEF_HEADER, FORWARDED_HEADER};
+use meridian_shared::{BucketDef, RegionName};
 use std::time::Duration;
 use tracing::Instrument;
 
@@ -50,12 +50,23 @@ pub fn was_forwarded(req: &HttpRequest) -> bool {
     req.headers().contains_key(FORWARDED_HEADER)
 }
 
+/// The bucket definition a forwarding region sent along, if it names `bucket`.
+pub fn forwarded_bucket(req: &HttpRequest, bucket: &str) -> Option<BucketDef> {
+    if !was_forwarded(req) {
+        return None;
+    }
+    let header = req.headers().get(BUCKET_DEF_HEADER)?.to_str().ok()?;
+    let def: BucketDef = serde_json::from_str(header).ok()?;
+    (def.name == bucket).then_some(def)
+}
+
 /// Sends the request to `home` and returns its answer, or says the home is unreachable.
 /// `home_may_wait` is how long the home may hold the request by design (ack or session waits).
 pub async fn forward(
     region: &Region,
     client: &PeerClient,
     req: &HttpRequest,
+    def: &BucketDef,
     body: &[u8],
     home: &RegionName,
     home_may_wait: Duration,
@@ -81,6 +92,10 @@ pub async fn forward(
         // The home may legitimately wait (for acks, for a session): allow it that on top.
         .timeout(Duration::from_millis(region.config.forward_timeout_ms) + home_may_wait)
         .header(FORWARDED_HEADER, region.name().as_str())
+        .header(
+            BUCKET_DEF_HEADER,
+            serde_json::to_string(def).unwrap_or_default(),
+        )
         .body(body.to_vec());
     for name in PASSED_REQUEST_HEADERS {
         if let Some(value) = req.headers().get(name) {

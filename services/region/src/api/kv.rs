@@ -7,6 +7,7 @@ use super::extract::{
 use super::forward::{self, Forwarded, PeerClient};
 use crate::actors::partition::{Responder, Write, WriteError, WriteOutcome};
 use crate::region::Region;
+use crate::storage::{BucketSource, StorageError};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use meridian_shared::context::encode_context;
@@ -152,10 +153,24 @@ fn key_response(
 }
 
 /// Names, bucket definition and home of a `/v1/kv/{bucket}/{key}[/...]` request.
-fn target(region: &Region, req: &HttpRequest) -> Result<(BucketDef, String), ApiError> {
+/// The bucket and key a request names. A forwarded request may name a bucket created so
+/// recently that its definition has not replicated here yet: it brought the definition along.
+async fn target(region: &Region, req: &HttpRequest) -> Result<(BucketDef, String), ApiError> {
     let bucket = extract::name_at(req, 3)?;
     let key = extract::name_at(req, 4)?;
-    Ok((region.bucket(&bucket)?, key))
+    match region.bucket(&bucket) {
+        Ok(def) => Ok((def, key)),
+        Err(missing) => {
+            let Some(def) = forward::forwarded_bucket(req, &bucket) else {
+                return Err(missing);
+            };
+            let ticket = region
+                .storage
+                .submit_bucket(def, BucketSource::Replicated)?;
+            ticket.await.unwrap_or(Err(StorageError::WriterGone))?;
+            Ok((region.bucket(&bucket)?, key))
+        }
+    }
 }
 
 /// A write as the handlers parsed it.
@@ -217,7 +232,7 @@ async fn write(
             extract::Ack::Local => Duration::ZERO,
             _ => Duration::from_millis(region.config.ack_timeout_ms),
         };
-        match forward::forward(region, client, req, body, &home, home_may_wait).await? {
+        match forward::forward(region, client, req, &def, body, &home, home_may_wait).await? {
             Forwarded::Answered(response) => return Ok(response),
             Forwarded::HomeUnreachable => region.metrics.failover_writes.inc(),
         }
@@ -286,7 +301,7 @@ async fn write_body<B: serde::de::DeserializeOwned>(
     to_op: fn(B) -> Op,
     respond: Responder,
 ) -> Result<HttpResponse, ApiError> {
-    let (def, key) = target(region, req)?;
+    let (def, key) = target(region, req).await?;
     let body = extract::read_body(req, payload, region.config.max_body_bytes).await?;
     let op = to_op(extract::json(&body)?);
     let change = Change {
@@ -315,7 +330,7 @@ pub async fn put(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let (def, key) = target(&region, &req)?;
+    let (def, key) = target(&region, &req).await?;
     let body = extract::read_body(&req, payload, region.config.max_body_bytes).await?;
     let value = extract::json_value_text(&body)?;
     let context = extract::context(&req)?;
@@ -341,7 +356,7 @@ pub async fn delete(
     client: web::Data<PeerClient>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let (def, key) = target(&region, &req)?;
+    let (def, key) = target(&region, &req).await?;
     let context = extract::context(&req)?;
     let respond: Responder = match def.kind {
         meridian_shared::BucketType::Set => respond_members,
@@ -418,7 +433,7 @@ pub async fn get(
     client: web::Data<PeerClient>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let (def, key) = target(&region, &req)?;
+    let (def, key) = target(&region, &req).await?;
     let ReadQuery { consistency } = extract::query(&req)?;
     let session = extract::session(&req)?;
     let home = region.home_of(&def, &key).clone();
@@ -430,7 +445,9 @@ pub async fn get(
     };
     if go_home {
         let home_may_wait = Duration::from_millis(region.config.session_wait_ms);
-        return match forward::forward(&region, &client, &req, b"", &home, home_may_wait).await? {
+        return match forward::forward(&region, &client, &req, &def, b"", &home, home_may_wait)
+            .await?
+        {
             Forwarded::Answered(response) => Ok(response),
             Forwarded::HomeUnreachable => Err(ApiError::unavailable(format!(
                 "consistency={} needs the home region {home}, which is unreachable",

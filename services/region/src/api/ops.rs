@@ -79,6 +79,9 @@ pub struct ClusterView {
     /// Whether an anti-entropy exchange has completed with every peer since start: a new or
     /// restored region has caught up.
     pub caught_up: bool,
+    /// Root of this region's anti-entropy tree (hex): two regions holding the same data show
+    /// the same root.
+    pub tree_root: String,
 }
 
 /// The cluster view.
@@ -135,5 +138,9 @@ pub async fn cluster(region: web::Data<Region>) -> HttpResponse {
         regions,
         applied,
         caught_up: region.peers.iter().all(|p| p.synced()),
+        tree_root: format!(
+            "{:016x}",
+            region.storage.with_tree(|t| t.root()).unwrap_or(0)
+        ),
     })
 }
