@@ -28,6 +28,9 @@ pub fn render_status(cluster: &Value) -> Result<String, String> {
     if let Some(incarnation) = object.get("incarnation") {
         out.push_str(&format!("  incarnation: {}", cell(Some(incarnation))));
     }
+    if let Some(Value::Bool(caught_up)) = object.get("caught_up") {
+        out.push_str(&format!("  caught up: {}", if *caught_up { "yes" } else { "no" }));
+    }
     out.push('\n');
 
     let regions = match object.get("regions") {
@@ -45,7 +48,7 @@ pub fn render_status(cluster: &Value) -> Result<String, String> {
             field("replication_lag_ms"),
             field("pending_entries"),
             field("hints"),
-            field("last_anti_entropy"),
+            exchange(region.get("last_anti_entropy")),
         ]);
     }
     out.push_str(&format_table(&rows));
@@ -53,6 +56,19 @@ pub fn render_status(cluster: &Value) -> Result<String, String> {
         out.push_str("(no regions listed)\n");
     }
     Ok(out)
+}
+
+/// The last anti-entropy exchange: when, and what it repaired (or that it stopped early).
+fn exchange(value: Option<&Value>) -> String {
+    let Some(Value::Object(report)) = value else {
+        return cell(value);
+    };
+    let at = cell(report.get("at"));
+    let repaired = cell(report.get("keys_repaired"));
+    match report.get("complete") {
+        Some(Value::Bool(false)) => format!("{at} incomplete"),
+        _ => format!("{at} repaired {repaired}"),
+    }
 }
 
 /// One table cell: strings unquoted, numbers and booleans as written, null/missing as `-`.
@@ -105,15 +121,21 @@ mod tests {
                  "last_anti_entropy": "2025-01-01T00:00:00Z"},
                 {"name": "eu-west", "url": "http://127.0.0.1:7002", "status": "down",
                  "replication_lag_ms": 1520, "pending_entries": 42, "hints": 7,
-                 "last_anti_entropy": null}
+                 "last_anti_entropy": null},
+                {"name": "ap-south", "url": "http://127.0.0.1:7003", "status": "up",
+                 "replication_lag_ms": 1, "pending_entries": 0, "hints": 0,
+                 "last_anti_entropy": {"at": "2025-01-01T00:00:01Z", "complete": true,
+                                       "keys_repaired": 3}}
             ],
-            "applied": {"0190c8a4-7d0e-7cc1-9a53-0d3f1e9c2b11": 17}
+            "applied": {"0190c8a4-7d0e-7cc1-9a53-0d3f1e9c2b11": 17},
+            "caught_up": true
         });
         let expected = "\
-region: us-east  cluster: demo  incarnation: 0190c8a4-7d0e-7cc1-9a53-0d3f1e9c2b11
-REGION   URL                    STATUS  LAG_MS  PENDING  HINTS  LAST_ANTI_ENTROPY
-us-east  http://127.0.0.1:7001  up      0       0        0      2025-01-01T00:00:00Z
-eu-west  http://127.0.0.1:7002  down    1520    42       7      -
+region: us-east  cluster: demo  incarnation: 0190c8a4-7d0e-7cc1-9a53-0d3f1e9c2b11  caught up: yes
+REGION    URL                    STATUS  LAG_MS  PENDING  HINTS  LAST_ANTI_ENTROPY
+us-east   http://127.0.0.1:7001  up      0       0        0      2025-01-01T00:00:00Z
+eu-west   http://127.0.0.1:7002  down    1520    42       7      -
+ap-south  http://127.0.0.1:7003  up      1       0        0      2025-01-01T00:00:01Z repaired 3
 ";
         assert_eq!(render_status(&sample).expect("renders"), expected);
     }
