@@ -37,6 +37,8 @@ pub const DIGESTS_PAGE: u32 = 20_000;
 const BRANCHES_PER_CALL: usize = 512;
 /// Above this many differing segments a scan reports every segment (cheaper to name).
 const SEGMENT_LIST_MAX: usize = SEGMENTS / 8;
+/// Wait before confirming differing segments: writes in flight land meanwhile.
+const SETTLE: Duration = Duration::from_millis(500);
 /// Time allowed for one protocol call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -166,6 +168,16 @@ async fn exchange(region: &Region, client: &reqwest::Client, peer: &Peer) -> Exc
     report
 }
 
+/// The branches above `segments` (ascending, once each).
+fn unique_branches(segments: &[u32]) -> Vec<u32> {
+    let mut branches: Vec<u32> = segments
+        .iter()
+        .map(|s| meridian_shared::merkle::branch_of(*s))
+        .collect();
+    branches.dedup();
+    branches
+}
+
 /// State of one exchange in progress.
 struct Exchange<'a> {
     region: &'a Region,
@@ -196,8 +208,39 @@ impl Exchange<'_> {
         let mine = storage
             .with_tree(|t| t.branches().to_vec())
             .unwrap_or_default();
+        let branches = differing(&mine, &theirs);
+        let first = self.differing_segments(&branches).await?;
+        if first.is_empty() {
+            return Ok(true); // The roots moved while we looked: in sync now.
+        }
+        // Writes still in flight between the two regions differ for a moment too. Looking
+        // again after they have landed keeps only lasting differences, so an exchange during
+        // heavy traffic does not scan the keyspace for keys replication is about to deliver.
+        tokio::time::sleep(SETTLE).await;
+        let again: std::collections::HashSet<u32> = self
+            .differing_segments(&unique_branches(&first))
+            .await?
+            .into_iter()
+            .collect();
+        let segments: Vec<u32> = first.into_iter().filter(|s| again.contains(s)).collect();
+        if segments.is_empty() {
+            return Ok(true); // Only writes in flight differed.
+        }
+        let (set, filter) = if segments.len() > SEGMENT_LIST_MAX {
+            (SegmentSet::All, SegmentFilter::all())
+        } else {
+            let filter = SegmentFilter::of(&segments);
+            (SegmentSet::Some(segments), filter)
+        };
+        self.repair_segments(set, filter).await?;
+        Ok(false)
+    }
+
+    /// The segments under `branches` whose hashes differ between the two trees.
+    async fn differing_segments(&mut self, branches: &[u32]) -> Result<Vec<u32>, String> {
+        let storage = &self.region.storage;
         let mut segments = Vec::new();
-        for chunk in differing(&mine, &theirs).chunks(BRANCHES_PER_CALL) {
+        for chunk in branches.chunks(BRANCHES_PER_CALL) {
             let theirs: Vec<Vec<u64>> = self
                 .call(
                     "ae/segments",
@@ -220,17 +263,7 @@ impl Exchange<'_> {
             }
             self.report.segments_compared += (chunk.len() * SEGMENTS_PER_BRANCH) as u64;
         }
-        if segments.is_empty() {
-            return Ok(true); // The roots moved while we looked: in sync now.
-        }
-        let (set, filter) = if segments.len() > SEGMENT_LIST_MAX {
-            (SegmentSet::All, SegmentFilter::all())
-        } else {
-            let filter = SegmentFilter::of(&segments);
-            (SegmentSet::Some(segments), filter)
-        };
-        self.repair_segments(set, filter).await?;
-        Ok(false)
+        Ok(segments)
     }
 
     /// Pages through the digests of the differing segments and repairs each page.
