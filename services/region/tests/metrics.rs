@@ -65,8 +65,39 @@ async fn metrics_are_present_and_follow_traffic_and_partitions() {
         "meridian_hints_overflowed_total",
         "meridian_peer_up",
         "meridian_replication_log_entries",
+        "meridian_anti_entropy_exchanges_total",
+        "meridian_anti_entropy_exchange_seconds_bucket",
+        "meridian_anti_entropy_segments_compared_total",
+        "meridian_anti_entropy_keys_repaired_total",
+        "meridian_anti_entropy_bytes_total",
+        "meridian_read_repairs_total",
+        "meridian_tombstones_removed_total",
+        "meridian_caught_up",
     ] {
         assert!(text.contains(family), "{family} missing from /metrics");
+    }
+    // Every series the Grafana dashboard queries exists (a renamed metric breaks a panel).
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../observability/grafana/meridian.json"
+    ))
+    .expect("dashboard");
+    let queried: std::collections::BTreeSet<&str> = dashboard
+        .match_indices("meridian_")
+        .map(|(at, _)| {
+            let rest = &dashboard[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    assert!(queried.len() > 10, "dashboard queries found: {queried:?}");
+    for name in queried {
+        assert!(
+            text.contains(name),
+            "dashboard queries {name}, missing from /metrics"
+        );
     }
     let route = [
         ("route", "/v1/kv/{bucket}/{key}/increment"),
