@@ -91,6 +91,10 @@ pub struct AeTop {
     pub branches: Option<Vec<u64>>,
     /// The responder's bucket definitions.
     pub buckets: Vec<crate::BucketDef>,
+    /// The responder's applied vector (its own incarnation: its last sequence number), read
+    /// before its tree: once the initiator holds everything the tree held, it has applied
+    /// this much of every origin.
+    pub applied: BTreeMap<Actor, u64>,
 }
 
 /// Step 2: the segment hashes under some branches (answer: one `Vec<u64>` per branch).

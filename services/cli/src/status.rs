@@ -29,7 +29,10 @@ pub fn render_status(cluster: &Value) -> Result<String, String> {
         out.push_str(&format!("  incarnation: {}", cell(Some(incarnation))));
     }
     if let Some(Value::Bool(caught_up)) = object.get("caught_up") {
-        out.push_str(&format!("  caught up: {}", if *caught_up { "yes" } else { "no" }));
+        out.push_str(&format!(
+            "  caught up: {}",
+            if *caught_up { "yes" } else { "no" }
+        ));
     }
     out.push('\n');
 

@@ -321,7 +321,13 @@ impl Metrics {
         registry.register(Box::new(writes_shed.clone()))?;
         registry.register(Box::new(last_sequence.clone()))?;
         registry.register(Box::new(storage_size_bytes.clone()))?;
-        for outcome in ["answered", "refused", "unknown", "home_down", "unknown_home"] {
+        for outcome in [
+            "answered",
+            "refused",
+            "unknown",
+            "home_down",
+            "unknown_home",
+        ] {
             forwards.with_label_values(&[outcome]);
         }
         Ok(Self {

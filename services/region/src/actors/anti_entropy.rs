@@ -188,21 +188,52 @@ struct Exchange<'a> {
 }
 
 impl Exchange<'_> {
-    /// Walks the trees top-down and repairs; `Ok(true)` when they were already equal.
+    /// Walks the trees top-down and repairs; `Ok(true)` when they were already equal. After
+    /// a complete exchange this region holds everything the peer's tree held when it answered,
+    /// so it has also applied what the peer had: the applied vector advances to match (this is
+    /// what lets session reads and tombstone GC move on after log entries were skipped).
     async fn run(&mut self) -> Result<bool, String> {
+        let epoch = self.region.storage.failure_epoch();
+        let root = self.region.storage.with_tree(|t| t.root()).unwrap_or(0);
+        let request = AeTopRequest {
+            version: PROTOCOL_VERSION,
+            root,
+        };
+        let mut top: AeTop = self.call("ae/top", &request).await?;
+        self.adopt_buckets(std::mem::take(&mut top.buckets)).await?;
+        let in_sync = self.walk(top.branches.take()).await?;
+        self.adopt_applied(top.applied, epoch).await?;
+        Ok(in_sync)
+    }
+
+    /// Raises our applied vector to the peer's (our own incarnation excepted).
+    async fn adopt_applied(
+        &mut self,
+        theirs: std::collections::BTreeMap<meridian_shared::Actor, u64>,
+        epoch: u64,
+    ) -> Result<(), String> {
         let storage = &self.region.storage;
-        let root = storage.with_tree(|t| t.root()).unwrap_or(0);
-        let top: AeTop = self
-            .call(
-                "ae/top",
-                &AeTopRequest {
-                    version: PROTOCOL_VERSION,
-                    root,
-                },
-            )
-            .await?;
-        self.adopt_buckets(top.buckets).await?;
-        let Some(theirs) = top.branches else {
+        let own = storage.identity().incarnation;
+        let ours = self.region.applied();
+        for (origin, seq) in theirs {
+            if origin == own || ours.get(&origin).copied().unwrap_or(0) >= seq {
+                continue;
+            }
+            let ticket = storage
+                .submit_applied(origin, seq, epoch)
+                .map_err(|e| format!("applied mark: {e}"))?;
+            ticket
+                .await
+                .map_err(|_| "storage writer stopped".to_string())?
+                .map_err(|e| format!("applied mark: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Compares branches, then segments, then digests, repairing what differs.
+    async fn walk(&mut self, theirs: Option<Vec<u64>>) -> Result<bool, String> {
+        let storage = &self.region.storage;
+        let Some(theirs) = theirs else {
             return Ok(true);
         };
         let mine = storage

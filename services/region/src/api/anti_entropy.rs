@@ -45,6 +45,8 @@ async fn top(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpRespons
             ),
         ));
     }
+    // Applied vector first, then the tree (the writer publishes them in the other order).
+    let applied = region.applied();
     let (root, branches) = region
         .storage
         .with_tree(|t| {
@@ -56,6 +58,7 @@ async fn top(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpRespons
         root,
         branches,
         buckets: region.storage.buckets(),
+        applied,
     }))
 }
 

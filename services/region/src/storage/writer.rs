@@ -557,6 +557,15 @@ impl Writer {
     }
 
     fn publish(&mut self, batch: &mut Vec<Request>, committed: Committed) {
+        // The tree first: whoever reads the applied vector and then the tree sees every state
+        // the vector claims (anti-entropy relies on that order).
+        if !committed.tree_deltas.is_empty() {
+            if let Ok(mut tree) = self.tree.lock() {
+                for (segment, delta) in &committed.tree_deltas {
+                    tree.toggle(*segment, *delta);
+                }
+            }
+        }
         let previous = *self.last_seq.borrow();
         if committed.last_seq != previous {
             if let Ok(mut times) = self.durable_times.lock() {
@@ -573,13 +582,6 @@ impl Writer {
         }
         self.log_bytes = committed.log_bytes;
         self.commits.store(committed.commits, Ordering::Release);
-        if !committed.tree_deltas.is_empty() {
-            if let Ok(mut tree) = self.tree.lock() {
-                for (segment, delta) in &committed.tree_deltas {
-                    tree.toggle(*segment, *delta);
-                }
-            }
-        }
         if *self.applied.borrow() != committed.applied {
             self.applied.send_replace(committed.applied);
         }

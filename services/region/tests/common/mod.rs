@@ -192,6 +192,17 @@ impl Region {
         }
     }
 
+    /// Rewrites the configuration with a new `extra` part (same name, port, data directory and
+    /// cluster id); it takes effect at the next [`Region::restart`].
+    pub fn reconfigure(&mut self, extra: &str) {
+        let data_dir = self.data_dir();
+        fs::write(
+            &self.config,
+            config_toml(&self.name, self.port, &data_dir, CLUSTER_ID, extra),
+        )
+        .expect("rewrite config");
+    }
+
     /// Starts the process again with the same config, data directory and port (stopping it
     /// gracefully first if it still runs) and waits until it is ready.
     pub async fn restart(&mut self) {
