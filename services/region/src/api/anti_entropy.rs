@@ -12,6 +12,9 @@ use meridian_shared::wire::{
 };
 use serde::de::DeserializeOwned;
 
+/// Most keys one fetch may ask for (exchanges and read repair ask for at most 1000).
+const MAX_FETCH_KEYS: usize = 10_000;
+
 /// The anti-entropy routes, nested in the internal scope (which checks the peer).
 pub fn scope() -> actix_web::Scope {
     web::scope("/ae")
@@ -108,6 +111,12 @@ async fn digests(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpRes
 /// Step 4a (and read repair): our states of the asked keys.
 async fn fetch(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpResponse, ApiError> {
     let request: AeFetch = body(&bytes)?;
+    if request.keys.len() > MAX_FETCH_KEYS {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            format!("at most {MAX_FETCH_KEYS} keys per fetch"),
+        ));
+    }
     let states = region.storage.raw_states(&request.keys)?;
     Ok(answer(&AeStates { states }))
 }
