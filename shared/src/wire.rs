@@ -85,6 +85,9 @@ pub struct AeTopRequest {
 /// Answer to [`AeTopRequest`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AeTop {
+    /// The responder is itself exchanging with the initiator and wins the tie (smaller region
+    /// name): the initiator stops, since one exchange repairs both sides.
+    pub deferred: bool,
     /// The responder's root hash.
     pub root: u64,
     /// Every branch hash, when the roots differ.
@@ -150,10 +153,13 @@ pub struct AeStates {
 }
 
 /// Answer to a push of [`AeStates`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AeMerged {
     /// Keys whose state changed by the merge.
     pub changed: u64,
+    /// Merged states that hold more than what was pushed (the responder had something the
+    /// sender lacks): the sender merges them, so a key present on both sides needs one trip.
+    pub newer: Vec<(String, String, Vec<u8>)>,
 }
 
 /// Encodes any protocol body as postcard (strings, vectors and integers: cannot fail).

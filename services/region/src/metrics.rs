@@ -60,7 +60,7 @@ pub struct Metrics {
     pub failover_writes: IntCounter,
     /// Entries currently in the replication log.
     pub log_entries: IntGauge,
-    /// Anti-entropy exchanges, by peer and outcome (`in_sync`, `repaired`, `failed`).
+    /// Anti-entropy exchanges, by peer and outcome (`in_sync`, `repaired`, `deferred`, `failed`).
     pub ae_exchanges: IntCounterVec,
     /// Duration of anti-entropy exchanges, by peer.
     pub ae_duration: HistogramVec,
@@ -96,7 +96,7 @@ impl Metrics {
             self.replicated_applied.with_label_values(&labels);
             self.ae_duration.with_label_values(&labels);
             self.ae_segments_compared.with_label_values(&labels);
-            for outcome in ["in_sync", "repaired", "failed"] {
+            for outcome in ["in_sync", "repaired", "deferred", "failed"] {
                 self.ae_exchanges.with_label_values(&[peer, outcome]);
             }
             for side in ["local", "peer"] {
@@ -244,7 +244,7 @@ impl Metrics {
         let ae_exchanges = IntCounterVec::new(
             Opts::new(
                 "anti_entropy_exchanges_total",
-                "Anti-entropy exchanges with a peer, by outcome",
+                "Anti-entropy exchanges with a peer, by outcome (deferred: the peer ran it)",
             ),
             &["peer", "outcome"],
         )?;

@@ -28,6 +28,8 @@ pub struct Peer {
     last_exchange: std::sync::Mutex<Option<ExchangeReport>>,
     /// Whether an exchange with it has completed since start.
     synced: AtomicBool,
+    /// Whether this region is running an anti-entropy exchange with it right now.
+    pub exchanging: AtomicBool,
     /// Its last heartbeat answer and when it arrived.
     beat: std::sync::Mutex<Option<(Heartbeat, std::time::Instant)>>,
     /// The highest commit counter it reported, and the last value persisted.
@@ -211,6 +213,7 @@ impl Peers {
                     came_up: Notify::new(),
                     last_exchange: std::sync::Mutex::new(None),
                     synced: AtomicBool::new(false),
+                    exchanging: AtomicBool::new(false),
                     beat: std::sync::Mutex::new(None),
                     seen_commits: AtomicU64::new(commits.get(name.as_str()).copied().unwrap_or(0)),
                     persisted_commits: AtomicU64::new(

@@ -25,6 +25,7 @@ use meridian_shared::wire::{
     AeDigests, AeDigestsRequest, AeFetch, AeMerged, AeSegmentsRequest, AeStates, AeTop,
     AeTopRequest, SegmentSet, PROTOCOL_VERSION,
 };
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
@@ -38,7 +39,9 @@ const BRANCHES_PER_CALL: usize = 512;
 /// Above this many differing segments a scan reports every segment (cheaper to name).
 const SEGMENT_LIST_MAX: usize = SEGMENTS / 8;
 /// Wait before confirming differing segments: writes in flight land meanwhile.
-const SETTLE: Duration = Duration::from_millis(500);
+const SETTLE: Duration = Duration::from_millis(250);
+/// Wait before trying again after the peer said it is running the exchange itself.
+const DEFERRED_RETRY: Duration = Duration::from_secs(1);
 /// Time allowed for one protocol call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -83,7 +86,14 @@ async fn exchange_forever(region: Arc<Region>, peer: Arc<Peer>) {
             }
             continue;
         }
+        peer.exchanging.store(true, Ordering::Release);
         let report = exchange(&region, &client, &peer).await;
+        peer.exchanging.store(false, Ordering::Release);
+        let Some(report) = report else {
+            // The peer is repairing us both right now; look again shortly.
+            due = Instant::now() + DEFERRED_RETRY;
+            continue;
+        };
         let complete = report.complete;
         if complete && peer.ae_needed() {
             tracing::info!(peer = %peer.name, "priority anti-entropy done; flag cleared");
@@ -107,8 +117,23 @@ async fn exchange_forever(region: Arc<Region>, peer: Arc<Peer>) {
     }
 }
 
-/// One exchange with `peer`, recorded in metrics and as an `anti_entropy` span.
-async fn exchange(region: &Region, client: &reqwest::Client, peer: &Peer) -> ExchangeReport {
+/// What an exchange found.
+enum Outcome {
+    /// The trees were equal.
+    InSync,
+    /// Differences were repaired.
+    Repaired,
+    /// The peer is running the exchange with us itself.
+    Deferred,
+}
+
+/// One exchange with `peer`, recorded in metrics and as an `anti_entropy` span; `None` when
+/// the peer deferred it (it is running one with us).
+async fn exchange(
+    region: &Region,
+    client: &reqwest::Client,
+    peer: &Peer,
+) -> Option<ExchangeReport> {
     let span = tracing::info_span!("anti_entropy", peer = %peer.name,
         segments_compared = tracing::field::Empty, keys_repaired = tracing::field::Empty);
     let started = Instant::now();
@@ -130,8 +155,9 @@ async fn exchange(region: &Region, client: &reqwest::Client, peer: &Peer) -> Exc
     let peer_label = peer.name.as_str();
     let metrics = &region.metrics;
     let result = match &outcome {
-        Ok(true) => "in_sync",
-        Ok(false) => "repaired",
+        Ok(Outcome::InSync) => "in_sync",
+        Ok(Outcome::Repaired) => "repaired",
+        Ok(Outcome::Deferred) => "deferred",
         Err(_) => "failed",
     };
     metrics
@@ -155,6 +181,7 @@ async fn exchange(region: &Region, client: &reqwest::Client, peer: &Peer) -> Exc
         .with_label_values(&[peer_label, "received"])
         .inc_by(report.bytes_received);
     match outcome {
+        Ok(Outcome::Deferred) => return None,
         Ok(_) => report.complete = true,
         Err(error) => {
             tracing::warn!(peer = %peer.name, %error, "anti-entropy exchange stopped early");
@@ -165,7 +192,7 @@ async fn exchange(region: &Region, client: &reqwest::Client, peer: &Peer) -> Exc
         tracing::info!(peer = %peer.name, repaired = report.keys_repaired,
             differing = report.keys_differing, "anti-entropy repaired keys");
     }
-    report
+    Some(report)
 }
 
 /// The branches above `segments` (ascending, once each).
@@ -188,11 +215,11 @@ struct Exchange<'a> {
 }
 
 impl Exchange<'_> {
-    /// Walks the trees top-down and repairs; `Ok(true)` when they were already equal. After
+    /// Walks the trees top-down and repairs. After
     /// a complete exchange this region holds everything the peer's tree held when it answered,
     /// so it has also applied what the peer had: the applied vector advances to match (this is
     /// what lets session reads and tombstone GC move on after log entries were skipped).
-    async fn run(&mut self) -> Result<bool, String> {
+    async fn run(&mut self) -> Result<Outcome, String> {
         let epoch = self.region.storage.failure_epoch();
         let root = self.region.storage.with_tree(|t| t.root()).unwrap_or(0);
         let request = AeTopRequest {
@@ -200,10 +227,17 @@ impl Exchange<'_> {
             root,
         };
         let mut top: AeTop = self.call("ae/top", &request).await?;
+        if top.deferred {
+            return Ok(Outcome::Deferred);
+        }
         self.adopt_buckets(std::mem::take(&mut top.buckets)).await?;
         let in_sync = self.walk(top.branches.take()).await?;
         self.adopt_applied(top.applied, epoch).await?;
-        Ok(in_sync)
+        Ok(if in_sync {
+            Outcome::InSync
+        } else {
+            Outcome::Repaired
+        })
     }
 
     /// Raises our applied vector to the peer's (our own incarnation excepted).
@@ -308,6 +342,19 @@ impl Exchange<'_> {
         let mut cursor: Option<KeyName> = None;
         loop {
             let page_started = Instant::now();
+            // Our scan runs while the peer scans: both stop at the same limits, and only the
+            // range both covered is compared.
+            let storage = self.region.storage.clone();
+            let (after, local_filter) = (cursor.clone(), filter.clone());
+            let local = tokio::task::spawn_blocking(move || {
+                storage.digests(
+                    &local_filter,
+                    after.as_ref(),
+                    None,
+                    DIGESTS_PAGE as usize,
+                    SCAN_PAGE as usize,
+                )
+            });
             let theirs: AeDigests = self
                 .call(
                     "ae/digests",
@@ -319,20 +366,10 @@ impl Exchange<'_> {
                     },
                 )
                 .await?;
-            let storage = self.region.storage.clone();
-            let (after, upto, filter) = (cursor.clone(), theirs.scanned_to.clone(), filter.clone());
-            let (mine, my_end) = tokio::task::spawn_blocking(move || {
-                storage.digests(
-                    &filter,
-                    after.as_ref(),
-                    upto.as_ref(),
-                    DIGESTS_PAGE as usize,
-                    SCAN_PAGE as usize,
-                )
-            })
-            .await
-            .map_err(|e| format!("digest scan: {e}"))?
-            .map_err(|e| format!("digest scan: {e}"))?;
+            let (mine, my_end) = local
+                .await
+                .map_err(|e| format!("digest scan: {e}"))?
+                .map_err(|e| format!("digest scan: {e}"))?;
             // Both sides stop at a limit: compare only the range both covered.
             let end = match (my_end, theirs.scanned_to) {
                 (Some(mine), Some(theirs)) => Some(mine.min(theirs)),
@@ -347,7 +384,16 @@ impl Exchange<'_> {
             let mine: Vec<_> = mine.into_iter().filter(in_range).collect();
             let diff = diff_digests(&mine, &theirs);
             self.report.keys_differing += diff.differing as u64;
-            self.fetch(diff.fetch).await?;
+            // Keys both sides hold are only pushed: the answer carries back whatever the
+            // peer had that we lack. Only keys we do not hold at all are fetched.
+            let pushed: std::collections::HashSet<&KeyName> = diff.send.iter().collect();
+            let missing: Vec<KeyName> = diff
+                .fetch
+                .iter()
+                .filter(|k| !pushed.contains(k))
+                .cloned()
+                .collect();
+            self.fetch(missing).await?;
             self.push(diff.send).await?;
             match end {
                 None => return Ok(()),
@@ -390,6 +436,12 @@ impl Exchange<'_> {
             for chunk in chunk_states(states) {
                 let merged: AeMerged = self.call("ae/push", &AeStates { states: chunk }).await?;
                 self.repaired("peer", merged.changed);
+                if !merged.newer.is_empty() {
+                    let changed = merge_states(self.region, merged.newer)
+                        .await
+                        .map_err(|e| format!("merging returned states: {}", e.message))?;
+                    self.repaired("local", changed);
+                }
             }
         }
         Ok(())

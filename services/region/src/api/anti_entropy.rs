@@ -37,8 +37,30 @@ fn answer<T: serde::Serialize>(value: &T) -> HttpResponse {
 }
 
 /// Step 1: our root, our branches if the roots differ, and our bucket definitions.
-async fn top(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpResponse, ApiError> {
+async fn top(
+    region: web::Data<Region>,
+    req: actix_web::HttpRequest,
+    bytes: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
     let request: AeTopRequest = body(&bytes)?;
+    let from = req
+        .headers()
+        .get(meridian_shared::wire::PEER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|name| region.peers.iter().find(|p| p.name.as_str() == name));
+    if let Some(peer) = from {
+        // Both sides started at once (a peer returning, say): the smaller name goes on.
+        let ours_runs = peer.exchanging.load(std::sync::atomic::Ordering::Acquire);
+        if ours_runs && region.name() < &peer.name {
+            return Ok(answer(&AeTop {
+                deferred: true,
+                root: 0,
+                branches: None,
+                buckets: Vec::new(),
+                applied: Default::default(),
+            }));
+        }
+    }
     if request.version != PROTOCOL_VERSION {
         return Err(ApiError::bad_request(
             "protocol_version",
@@ -58,6 +80,7 @@ async fn top(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpRespons
         })
         .ok_or_else(|| ApiError::unavailable("anti-entropy tree is unavailable"))?;
     Ok(answer(&AeTop {
+        deferred: false,
         root,
         branches,
         buckets: region.storage.buckets(),
@@ -124,6 +147,22 @@ async fn fetch(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpRespo
 /// Step 4b (and read repair write-back): merges the peer's states into ours, durably.
 async fn push(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpResponse, ApiError> {
     let request: AeStates = body(&bytes)?;
+    let names: Vec<(String, String)> = request
+        .states
+        .iter()
+        .map(|(b, k, _)| (b.clone(), k.clone()))
+        .collect();
+    let pushed: std::collections::HashMap<(String, String), Vec<u8>> = request
+        .states
+        .iter()
+        .map(|(b, k, s)| ((b.clone(), k.clone()), s.clone()))
+        .collect();
     let changed = merge_states(&region, request.states).await?;
-    Ok(answer(&AeMerged { changed }))
+    let newer = region
+        .storage
+        .raw_states(&names)?
+        .into_iter()
+        .filter(|(b, k, merged)| pushed.get(&(b.clone(), k.clone())) != Some(merged))
+        .collect();
+    Ok(answer(&AeMerged { changed, newer }))
 }
