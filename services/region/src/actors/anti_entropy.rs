@@ -74,24 +74,31 @@ async fn exchange_forever(region: Arc<Region>, peer: Arc<Peer>) {
     let poll = Duration::from_millis(region.config.heartbeat_interval_ms);
     // First exchange as soon as the peer answers: a new or restored region catches up now.
     let mut due = Instant::now();
+    // After the peer deferred an exchange, nothing (not even a flag) starts one before this.
+    let mut hold = Instant::now();
     let mut was_up = false;
+    let mut returned = false;
     loop {
         let up = peer.is_up();
-        let returned = up && !was_up;
+        returned |= up && !was_up;
         was_up = up;
-        if !up || (Instant::now() < due && !returned && !peer.ae_needed()) {
+        let now = Instant::now();
+        let wanted = now >= due || returned || peer.ae_needed();
+        if !up || now < hold || !wanted {
             tokio::select! {
                 _ = peer.came_up.notified() => {}
                 _ = tokio::time::sleep(poll) => {}
             }
             continue;
         }
+        returned = false;
         peer.exchanging.store(true, Ordering::Release);
         let report = exchange(&region, &client, &peer).await;
         peer.exchanging.store(false, Ordering::Release);
         let Some(report) = report else {
-            // The peer is repairing us both right now; look again shortly.
-            due = Instant::now() + DEFERRED_RETRY;
+            // The peer is running the exchange for both of us; look again shortly.
+            hold = Instant::now() + DEFERRED_RETRY;
+            due = hold;
             continue;
         };
         let complete = report.complete;
