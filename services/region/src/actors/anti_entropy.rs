@@ -13,7 +13,7 @@
 //!
 //! Digest scans are paced to `anti_entropy_scan_rate` keys per second (the IO/CPU budget).
 
-use crate::peers::{http_client, peer_call, ExchangeReport, Peer, Traffic};
+use crate::peers::{http_client, peer_call, Backoff, ExchangeReport, Peer, Traffic};
 use crate::region::Region;
 use crate::repair::{chunk_states, merge_states};
 use crate::storage::{now_ms, BucketSource, KeyName};
@@ -78,6 +78,7 @@ async fn exchange_forever(region: Arc<Region>, peer: Arc<Peer>) {
     let mut hold = Instant::now();
     let mut was_up = false;
     let mut returned = false;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let up = peer.is_up();
         returned |= up && !was_up;
@@ -115,12 +116,14 @@ async fn exchange_forever(region: Arc<Region>, peer: Arc<Peer>) {
             tracing::info!("caught up: an anti-entropy exchange completed with every peer");
             region.metrics.caught_up.set(1);
         }
-        let wait = if complete {
-            interval.mul_f64(0.5 + crate::peers::jitter())
+        if complete {
+            backoff.reset();
+            due = Instant::now() + interval.mul_f64(0.5 + crate::peers::jitter());
         } else {
-            interval.min(Duration::from_secs(5))
-        };
-        due = Instant::now() + wait;
+            // Failed part way: retry with backoff, whatever asks for an exchange meanwhile.
+            hold = Instant::now() + backoff.next_delay();
+            due = hold;
+        }
     }
 }
 
