@@ -1,7 +1,7 @@
 //! Repair: joins peers' states into ours through the normal commit path (anti-entropy, read
 //! repair), and quorum / all reads that merge what several regions hold.
 
-use crate::actors::partition::{Merge, WriteError};
+use crate::actors::partition::{Merge, MergeCommit, WriteError};
 use crate::api::error::ApiError;
 use crate::peers::{peer_call, Peer, Traffic};
 use crate::region::Region;
@@ -18,35 +18,53 @@ pub const STATES_PER_CALL: usize = 1000;
 pub const STATE_BYTES_PER_CALL: usize = 1024 * 1024;
 
 /// Joins `(bucket, key, encoded state)` into our states, durably; returns how many changed.
-///
-/// Every merge is queued before any is awaited, so one group commit carries the lot.
 pub async fn merge_states(
     region: &Region,
     states: Vec<(String, String, Vec<u8>)>,
 ) -> Result<u64, ApiError> {
-    let mut sends = Vec::with_capacity(states.len());
+    let mut decoded = Vec::with_capacity(states.len());
     for (bucket, key, bytes) in states {
         let state = decode_state(&bytes)
             .map_err(|e| ApiError::bad_request("invalid_state", format!("{bucket}/{key}: {e}")))?;
-        sends.push(region.partitions.merge(Merge {
+        decoded.push((bucket, key, state));
+    }
+    let queued = queue_merges(region, decoded).await?;
+    await_merges(queued).await
+}
+
+/// Hands peers' states to their partition actors; returns the merges that changed something,
+/// queued for the group commit. Every merge is queued before any is awaited, so one commit
+/// usually carries the lot (and a caller may queue more, such as an applied mark, first).
+pub async fn queue_merges(
+    region: &Region,
+    states: Vec<(String, String, KeyState)>,
+) -> Result<Vec<MergeCommit>, ApiError> {
+    let sends = states.into_iter().map(|(bucket, key, state)| {
+        region.partitions.merge(Merge {
             bucket,
             key,
             state,
             span: tracing::Span::current(),
-        }));
-    }
+        })
+    });
     let mut queued = Vec::new();
     for sent in futures_util::future::join_all(sends).await {
         match sent {
             Ok(Some(commit)) => queued.push(commit),
             Ok(None) => {}
-            // Another type than ours (concurrent conflicting bucket definitions): never fits.
+            // Another type than ours (concurrent conflicting bucket definitions): it can
+            // never apply; skipping keeps replication and repair moving.
             Err(WriteError::State(error)) => {
-                tracing::warn!(%error, "repaired state does not fit the local bucket type; skipped")
+                tracing::error!(%error, "a peer's state does not fit the local bucket type; skipped")
             }
             Err(error) => return Err(error.into()),
         }
     }
+    Ok(queued)
+}
+
+/// Waits until queued merges are durable; returns how many there were.
+pub async fn await_merges(queued: Vec<MergeCommit>) -> Result<u64, ApiError> {
     let changed = queued.len() as u64;
     for result in futures_util::future::join_all(queued).await {
         result.map_err(|error| ApiError::from(StorageError::CommitFailed(error)))?;

@@ -16,28 +16,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::proxy::Link;
-use support::{eventually, port_of, Cluster, FAST};
+use support::{eventually, port_of, sample, Cluster, FAST};
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 const CONVERGE: Duration = Duration::from_secs(30);
 /// Hints off (entries for a down peer are dropped at once) and an exchange about every second.
 const AE_ONLY: &str = "hint_max_bytes = 0\nanti_entropy_interval_ms = 1000\n";
-
-/// Sum of every sample of `name` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-            let wanted = metric == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            wanted.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
 
 async fn scrape(region: &Region) -> String {
     let reply = region.get("/metrics").await;

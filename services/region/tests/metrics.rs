@@ -7,25 +7,9 @@ mod support;
 use common::kv;
 use serde_json::json;
 use std::time::Duration;
-use support::{eventually, Cluster};
+use support::{eventually, sample, Cluster};
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
-
-/// Sum of every sample of `name` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-            let wanted = metric == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            wanted.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
 
 async fn scrape(cluster: &Cluster, region: &str) -> String {
     let reply = cluster.region(region).get("/metrics").await;

@@ -7,28 +7,15 @@ mod support;
 use common::kv;
 use serde_json::{json, Value};
 use std::time::Duration;
-use support::{eventually, Cluster};
+use support::{eventually, sample, Cluster};
 
 const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 const CONVERGE: Duration = Duration::from_secs(20);
 const FAST_GC: &str = "tombstone_gc_interval_ms = 300\nanti_entropy_interval_ms = 1000\n";
 
 async fn removed(cluster: &Cluster, region: &str) -> u64 {
-    let text = cluster
-        .region(region)
-        .client()
-        .get(format!("{}/metrics", cluster.region(region).url()))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .find(|l| l.starts_with("meridian_tombstones_removed_total"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    let text = cluster.region(region).get("/metrics").await.text;
+    sample(&text, "meridian_tombstones_removed_total", &[]) as u64
 }
 
 async fn tree_root(cluster: &Cluster, region: &str) -> String {

@@ -2,7 +2,6 @@
 //! routes live in `anti_entropy.rs`).
 
 use super::error::ApiError;
-use crate::actors::partition::{Merge, WriteError};
 use crate::region::Region;
 use crate::storage::BucketSource;
 use actix_web::body::MessageBody;
@@ -146,7 +145,7 @@ async fn apply_batch(
     // usually carries the whole batch. The failure epoch makes the mark fail if any commit
     // failed after this point: `applied` never covers a merge that did not become durable.
     let epoch = region.storage.failure_epoch();
-    let mut sends = Vec::new();
+    let mut states = Vec::new();
     for (seq, bytes) in batch.records {
         if seq <= applied && !batch.resync {
             continue; // Redelivery of what is already durable here.
@@ -167,35 +166,14 @@ async fn apply_batch(
                 let state = decode_state(&state).map_err(|e| {
                     ApiError::bad_request("invalid_batch", format!("entry {seq}: {e}"))
                 })?;
-                sends.push(region.partitions.merge(Merge {
-                    bucket,
-                    key,
-                    state,
-                    span: tracing::Span::current(),
-                }));
+                states.push((bucket, key, state));
             }
         }
     }
     // Every merge is queued (in parallel across partitions) before the applied mark is.
-    let mut queued = Vec::new();
-    for sent in futures_util::future::join_all(sends).await {
-        match sent {
-            Ok(Some(commit)) => queued.push(commit),
-            Ok(None) => {}
-            // A state of another type than ours (concurrent conflicting bucket definitions):
-            // it can never apply; skipping keeps replication moving.
-            Err(WriteError::State(error)) => {
-                tracing::error!(origin, %error, "replicated state does not fit the local bucket type; skipped")
-            }
-            Err(error) => return Err(error.into()),
-        }
-    }
-    let count = queued.len() as u64;
+    let queued = crate::repair::queue_merges(region, states).await?;
     let mark = region.storage.submit_applied(incarnation, last, epoch)?;
-    for result in futures_util::future::join_all(queued).await {
-        result
-            .map_err(|error| ApiError::from(crate::storage::StorageError::CommitFailed(error)))?;
-    }
+    let count = crate::repair::await_merges(queued).await?;
     let applied = mark
         .await
         .unwrap_or(Err(crate::storage::StorageError::WriterGone))?;

@@ -246,6 +246,22 @@ where
     }
 }
 
+/// Sum of every sample (Prometheus text) of `name` whose labels include all of `labels`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            let wanted = metric == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
 /// The port of a `http://127.0.0.1:PORT` URL.
 pub fn port_of(url: &str) -> u16 {
     url.rsplit(':')
