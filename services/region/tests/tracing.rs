@@ -229,3 +229,54 @@ async fn a_write_at_a_non_home_region_is_one_trace_across_all_regions() {
         );
     }
 }
+
+/// Every anti-entropy exchange is a trace of its own, continued at the peer: the peer's
+/// request spans for the exchange's calls are children of the initiator's `anti_entropy` span.
+#[tokio::test]
+async fn an_anti_entropy_exchange_is_a_trace_continued_at_the_peer() {
+    let (endpoint, spans) = start_receiver();
+    let env = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+    ];
+    let _cluster = Cluster::start_with_env(
+        &["us-east", "eu-west"],
+        "anti_entropy_interval_ms = 1000\n",
+        &env,
+    )
+    .await;
+    // The exchange and the peer's side of it, in one trace.
+    let continued = |all: &[Span]| -> Option<(Span, Vec<Span>)> {
+        all.iter()
+            .filter(|s| s.name == "anti_entropy")
+            .find_map(|exchange| {
+                let remote: Vec<Span> = all
+                    .iter()
+                    .filter(|s| s.service != exchange.service && s.trace_id == exchange.trace_id)
+                    .cloned()
+                    .collect();
+                remote
+                    .iter()
+                    .any(|s| s.name == "/internal/v1/ae/top")
+                    .then(|| (exchange.clone(), remote))
+            })
+    };
+    eventually(
+        Duration::from_secs(20),
+        "an exchange and the peer's side of it are exported",
+        || async { continued(&spans.lock().expect("spans")).is_some() },
+    )
+    .await;
+    let all = spans.lock().expect("spans").clone();
+    let (exchange, remote) = continued(&all).expect("found above");
+    assert!(
+        exchange.parent.is_empty(),
+        "an exchange is a root: {exchange:?}"
+    );
+    let top = remote
+        .iter()
+        .find(|s| s.name == "/internal/v1/ae/top")
+        .expect("found above");
+    assert_eq!(top.parent, exchange.span_id, "{remote:#?}");
+}
