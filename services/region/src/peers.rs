@@ -30,6 +30,9 @@ pub struct Peer {
     synced: AtomicBool,
     /// Whether this region is running an anti-entropy exchange with it right now.
     pub exchanging: AtomicBool,
+    /// Times entries for it were dropped (hints overflowed or expired): an exchange clears the
+    /// flag only if none were dropped after it started.
+    pub drops: AtomicU64,
     /// Its last heartbeat answer and when it arrived.
     beat: std::sync::Mutex<Option<(Heartbeat, std::time::Instant)>>,
     /// The highest commit counter it reported, and the last value persisted.
@@ -214,6 +217,7 @@ impl Peers {
                     last_exchange: std::sync::Mutex::new(None),
                     synced: AtomicBool::new(false),
                     exchanging: AtomicBool::new(false),
+                    drops: AtomicU64::new(0),
                     beat: std::sync::Mutex::new(None),
                     seen_commits: AtomicU64::new(commits.get(name.as_str()).copied().unwrap_or(0)),
                     persisted_commits: AtomicU64::new(

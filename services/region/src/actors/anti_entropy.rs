@@ -93,6 +93,7 @@ async fn exchange_forever(region: Arc<Region>, peer: Arc<Peer>) {
             continue;
         }
         returned = false;
+        let drops = peer.drops.load(Ordering::Acquire);
         peer.exchanging.store(true, Ordering::Release);
         let report = exchange(&region, &client, &peer).await;
         peer.exchanging.store(false, Ordering::Release);
@@ -103,7 +104,8 @@ async fn exchange_forever(region: Arc<Region>, peer: Arc<Peer>) {
             continue;
         };
         let complete = report.complete;
-        if complete && peer.ae_needed() {
+        // Entries dropped during the exchange may have missed it: the flag then stays.
+        if complete && peer.ae_needed() && peer.drops.load(Ordering::Acquire) == drops {
             tracing::info!(peer = %peer.name, "priority anti-entropy done; flag cleared");
             peer.set_ae_needed(false);
             let _ = region.storage.submit_ae_flag(peer.name.as_str(), false);

@@ -278,6 +278,7 @@ fn enforce_hint_bounds(region: &Region, peer: &Peer, cursor: u64, last: u64) {
 }
 
 fn flag_for_anti_entropy(region: &Region, peer: &Peer, why: &str) {
+    peer.drops.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     if !peer.ae_needed() {
         tracing::warn!(peer = %peer.name, why, "peer flagged for priority anti-entropy");
         peer.set_ae_needed(true);
