@@ -11,7 +11,8 @@
 //! 4. states of differing keys, fetched and merged here, or pushed and merged there, through
 //!    the normal partition / group-commit path.
 //!
-//! Digest scans are paced to `anti_entropy_scan_rate` keys per second (the IO/CPU budget).
+//! Digest scans are paced to `anti_entropy_scan_rate` keys per second (the IO/CPU budget),
+//! and while clients write to this region repair takes at most a quarter of the time.
 
 use crate::peers::{http_client, peer_call, Backoff, ExchangeReport, Peer, Traffic};
 use crate::region::Region;
@@ -38,6 +39,8 @@ pub const DIGESTS_PAGE: u32 = 20_000;
 const BRANCHES_PER_CALL: usize = 512;
 /// Above this many differing segments a scan reports every segment (cheaper to name).
 const SEGMENT_LIST_MAX: usize = SEGMENTS / 8;
+/// While clients write here, pause this many times as long as each repaired page took.
+const FOREGROUND_YIELD: f64 = 3.0;
 /// Wait before confirming differing segments: writes in flight land meanwhile.
 const SETTLE: Duration = Duration::from_millis(250);
 /// Wait before trying again after the peer said it is running the exchange itself.
@@ -354,6 +357,7 @@ impl Exchange<'_> {
         let mut cursor: Option<KeyName> = None;
         loop {
             let page_started = Instant::now();
+            let seq_at_page_start = self.region.storage.last_seq();
             // Our scan runs while the peer scans: both stop at the same limits, and only the
             // range both covered is compared.
             let storage = self.region.storage.clone();
@@ -411,10 +415,14 @@ impl Exchange<'_> {
                 None => return Ok(()),
                 Some(end) => cursor = Some(end),
             }
-            let budget = Duration::from_secs_f64(SCAN_PAGE as f64 / scan_rate);
-            if let Some(rest) = budget.checked_sub(page_started.elapsed()) {
-                tokio::time::sleep(rest).await;
+            let elapsed = page_started.elapsed();
+            let mut pause =
+                Duration::from_secs_f64(SCAN_PAGE as f64 / scan_rate).saturating_sub(elapsed);
+            if self.region.storage.last_seq() != seq_at_page_start {
+                // Clients are writing here: repair takes at most a quarter of the time.
+                pause = pause.max(elapsed.mul_f64(FOREGROUND_YIELD));
             }
+            tokio::time::sleep(pause).await;
         }
     }
 
