@@ -35,9 +35,8 @@ pub struct Peer {
     pub drops: AtomicU64,
     /// Its last heartbeat answer and when it arrived.
     beat: std::sync::Mutex<Option<(Heartbeat, std::time::Instant)>>,
-    /// The highest commit counter it reported, and the last value persisted.
+    /// The highest commit counter it reported.
     seen_commits: AtomicU64,
-    persisted_commits: AtomicU64,
 }
 
 /// What one anti-entropy exchange with a peer did (shown in `/v1/cluster`).
@@ -139,18 +138,10 @@ impl Peer {
         self.seen_commits.load(Ordering::Acquire)
     }
 
-    /// Raises the commit counter seen from it; returns the value to persist, if one is due
-    /// (at most one write per `every` commits, so heartbeats do not each cost a commit).
-    pub fn observe_commits(&self, commits: u64, every: u64) -> Option<u64> {
-        let seen = self
-            .seen_commits
-            .fetch_max(commits, Ordering::AcqRel)
-            .max(commits);
-        let persisted = self.persisted_commits.load(Ordering::Acquire);
-        (seen >= persisted.saturating_add(every) || (persisted == 0 && seen > 0)).then(|| {
-            self.persisted_commits.store(seen, Ordering::Release);
-            seen
-        })
+    /// Raises the commit counter seen from it; returns the new value when it rose (to persist).
+    pub fn observe_commits(&self, commits: u64) -> Option<u64> {
+        let previous = self.seen_commits.fetch_max(commits, Ordering::AcqRel);
+        (commits > previous).then_some(commits)
     }
 
     /// Records its heartbeat answer.
@@ -220,9 +211,6 @@ impl Peers {
                     drops: AtomicU64::new(0),
                     beat: std::sync::Mutex::new(None),
                     seen_commits: AtomicU64::new(commits.get(name.as_str()).copied().unwrap_or(0)),
-                    persisted_commits: AtomicU64::new(
-                        commits.get(name.as_str()).copied().unwrap_or(0),
-                    ),
                 })
             })
             .collect();

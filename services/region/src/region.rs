@@ -138,6 +138,11 @@ impl Region {
             .unwrap_or(&self.config.region)
     }
 
+    /// Whether an anti-entropy exchange has completed with every peer since start.
+    pub fn caught_up(&self) -> bool {
+        self.peers.iter().all(|p| p.synced())
+    }
+
     /// Per origin incarnation, the highest contiguous sequence number applied here.
     pub fn applied(&self) -> BTreeMap<Actor, u64> {
         let mut applied = self.storage.applied_watch().borrow().clone();

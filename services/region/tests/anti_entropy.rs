@@ -589,26 +589,36 @@ async fn wait_tombstones_removed(cluster: &Cluster, baseline: &BTreeMap<String, 
     }
 }
 
-#[tokio::test]
-async fn deleted_key_stays_deleted() {
-    // Tombstone GC runs often: the tombstones are gone everywhere before the stale states
-    // come back, which is when a deleted key is most at risk of resurrection.
+/// The region cut off in the deletion tests: home of the doomed key.
+const CUT: &str = "ap-south";
+
+/// Three regions with anti-entropy only and frequent tombstone GC, and a register key homed
+/// at `home`, written at us-east and present everywhere; returns the cluster and its path.
+async fn cluster_with_live_key_homed_at(home: &str) -> (Cluster, String) {
     let config = format!("{AE_ONLY}tombstone_gc_interval_ms = 500\n");
-    let mut cluster = Cluster::start(&REGIONS, &config).await;
+    let cluster = Cluster::start(&REGIONS, &config).await;
     cluster
         .create_buckets("us-east", &[("reg", "register")], None)
         .await;
-
-    // 1. Deleted on the majority side of a partition, while the (home) region cut off still
-    //    holds the live value.
-    let cut = "ap-south";
-    let doomed = kv("reg", &cluster.key_homed_at("reg", cut, "doomed"));
+    let doomed = kv("reg", &cluster.key_homed_at("reg", home, "doomed"));
     cluster
         .region("us-east")
         .put(&doomed, &json!("alive"))
         .await
         .expect(200);
     converged_to(&cluster, &doomed, "values", json!(["alive"])).await;
+    (cluster, doomed)
+}
+
+#[tokio::test]
+async fn deleted_key_stays_deleted() {
+    // Tombstone GC runs often: the tombstones are gone everywhere before the stale states
+    // come back, which is when a deleted key is most at risk of resurrection.
+    let (mut cluster, doomed) = cluster_with_live_key_homed_at(CUT).await;
+
+    // 1. Deleted on the majority side of a partition, while the (home) region cut off still
+    //    holds the live value.
+    let cut = CUT;
     cluster.cut_off(cut);
     for other in ["us-east", "eu-west"] {
         cluster.wait_status(other, cut, "down").await;
@@ -676,19 +686,8 @@ async fn deleted_key_stays_deleted() {
 /// causally stable and is collected in every region, without any further write.
 #[tokio::test]
 async fn tombstones_are_collected_after_anti_entropy_delivered_them() {
-    let config = format!("{AE_ONLY}tombstone_gc_interval_ms = 500\n");
-    let cluster = Cluster::start(&REGIONS, &config).await;
-    cluster
-        .create_buckets("us-east", &[("reg", "register")], None)
-        .await;
-    let cut = "ap-south";
-    let doomed = kv("reg", &cluster.key_homed_at("reg", cut, "doomed"));
-    cluster
-        .region("us-east")
-        .put(&doomed, &json!("alive"))
-        .await
-        .expect(200);
-    converged_to(&cluster, &doomed, "values", json!(["alive"])).await;
+    let (cluster, doomed) = cluster_with_live_key_homed_at(CUT).await;
+    let cut = CUT;
     let removed_before = tombstones_removed(&cluster).await;
     cluster.cut_off(cut);
     cluster.wait_status("eu-west", cut, "down").await;

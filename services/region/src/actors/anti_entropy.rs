@@ -114,10 +114,7 @@ async fn exchange_forever(region: Arc<Region>, peer: Arc<Peer>) {
             let _ = region.storage.submit_ae_flag(peer.name.as_str(), false);
         }
         peer.set_last_exchange(report);
-        if complete
-            && region.peers.iter().all(|p| p.synced())
-            && region.metrics.caught_up.get() == 0
-        {
+        if complete && region.caught_up() && region.metrics.caught_up.get() == 0 {
             tracing::info!("caught up: an anti-entropy exchange completed with every peer");
             region.metrics.caught_up.set(1);
         }

@@ -76,8 +76,8 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
                 }
             }
             // Remembered durably so a restored old copy of the peer is recognised even after
-            // we restart; every commit is not worth a write, the restore check needs no more.
-            if let Some(commits) = peer.observe_commits(beat.commits, 1) {
+            // we restart (a small meta write that rides the next group commit).
+            if let Some(commits) = peer.observe_commits(beat.commits) {
                 let _ = region
                     .storage
                     .submit_peer_commits(peer.name.as_str(), commits);

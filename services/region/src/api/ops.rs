@@ -137,7 +137,7 @@ pub async fn cluster(region: web::Data<Region>) -> HttpResponse {
         incarnation: region.storage.identity().incarnation.to_string(),
         regions,
         applied,
-        caught_up: region.peers.iter().all(|p| p.synced()),
+        caught_up: region.caught_up(),
         tree_root: format!(
             "{:016x}",
             region.storage.with_tree(|t| t.root()).unwrap_or(0)

@@ -23,6 +23,7 @@ use meridian_shared::state::View;
 use meridian_shared::{Actor, BucketDef, KeyState, RegionName};
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use tables::{meta, APPLIED, BUCKETS, IDEMPOTENCY, KEYS, LOG, META, PEER_CURSORS, TOMBSTONES};
@@ -237,18 +238,12 @@ impl Storage {
     ) -> Result<(Vec<Digest>, Option<KeyName>), StorageError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(KEYS)?;
-        let range = match after {
-            Some((b, k)) => table.range::<(&str, &str)>((b.as_str(), k.as_str())..)?,
-            None => table.range::<(&str, &str)>(..)?,
-        };
+        let range = table.range::<(&str, &str)>(exclusive_after(after))?;
         let mut digests = Vec::new();
         let mut scanned = 0;
         for entry in range {
             let (name, state) = entry?;
             let (bucket, key) = name.value();
-            if after.is_some_and(|(b, k)| (b.as_str(), k.as_str()) == (bucket, key)) {
-                continue;
-            }
             if upto.is_some_and(|(b, k)| (bucket, key) > (b.as_str(), k.as_str())) {
                 break;
             }
@@ -384,17 +379,11 @@ impl Storage {
     ) -> Result<Vec<KeyName>, StorageError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(TOMBSTONES)?;
-        let range = match after {
-            Some((b, k)) => table.range::<(&str, &str)>((b.as_str(), k.as_str())..)?,
-            None => table.range::<(&str, &str)>(..)?,
-        };
+        let range = table.range::<(&str, &str)>(exclusive_after(after))?;
         let mut out = Vec::new();
         for entry in range {
             let (name, _) = entry?;
             let (bucket, key) = name.value();
-            if after.is_some_and(|(b, k)| (b.as_str(), k.as_str()) == (bucket, key)) {
-                continue;
-            }
             out.push((bucket.to_string(), key.to_string()));
             if out.len() >= limit {
                 break;
@@ -580,6 +569,17 @@ fn load_buckets(db: &Database) -> Result<BTreeMap<String, BucketDef>, StorageErr
         out.insert(def.name.clone(), def);
     }
     Ok(out)
+}
+
+/// A `(bucket, key)` position borrowed for a range bound.
+type NameBound<'a> = Bound<(&'a str, &'a str)>;
+
+/// Range bounds for `(bucket, key)` tables: everything after `after`, or everything.
+fn exclusive_after(after: Option<&KeyName>) -> (NameBound<'_>, NameBound<'_>) {
+    let lower = after.map_or(Bound::Unbounded, |(b, k)| {
+        Bound::Excluded((b.as_str(), k.as_str()))
+    });
+    (lower, Bound::Unbounded)
 }
 
 /// The anti-entropy tree of every stored key state (one scan, at start).
