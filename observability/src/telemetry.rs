@@ -9,6 +9,7 @@ use opentelemetry::KeyValue;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use tracing_subscriber::filter::{DynFilterFn, EnvFilter};
@@ -163,8 +164,11 @@ pub fn init(
             .boxed()
     } else {
         let format = TraceIds(tracing_subscriber::fmt::format());
+        // Colour codes only for a terminal: formatting them for every span of every request
+        // cost a few percent of a busy region's CPU, and they garble log files.
         tracing_subscriber::fmt::layer()
             .event_format(format)
+            .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .with_filter(DynFilterFn::new(|meta, _| once_for_exporter(meta)))
             .boxed()
