@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Top-level fields that `MERIDIAN_<FIELD>` may override.
-const ENV_FIELDS: [&str; 26] = [
+const ENV_FIELDS: [&str; 27] = [
     "region",
     "listen",
     "data_dir",
@@ -19,6 +19,7 @@ const ENV_FIELDS: [&str; 26] = [
     "partitions",
     "max_body_bytes",
     "commit_max_batch",
+    "checkpoint_interval_ms",
     "state_cache_bytes",
     "storage_cache_bytes",
     "workers",
@@ -67,6 +68,10 @@ pub struct Config {
     /// Most writes carried by one group commit.
     #[serde(default = "default_commit_max_batch")]
     pub commit_max_batch: usize,
+    /// Longest time between checkpoints of the state database (journal replayed after a
+    /// crash covers at most this, or 64 MiB of journal, whichever comes first).
+    #[serde(default = "default_checkpoint_interval_ms")]
+    pub checkpoint_interval_ms: u64,
     /// Bytes of redb's page cache (reads and writes of the database file).
     #[serde(default = "default_storage_cache_bytes")]
     pub storage_cache_bytes: usize,
@@ -155,6 +160,9 @@ fn default_state_cache_bytes() -> usize {
 }
 fn default_commit_max_batch() -> usize {
     4096
+}
+fn default_checkpoint_interval_ms() -> u64 {
+    10_000
 }
 fn default_idempotency_ttl_secs() -> u64 {
     24 * 3600
@@ -274,6 +282,9 @@ impl Config {
         }
         if self.anti_entropy_scan_rate == 0 {
             return invalid("anti_entropy_scan_rate must be positive".into());
+        }
+        if self.checkpoint_interval_ms == 0 {
+            return invalid("checkpoint_interval_ms must be positive".into());
         }
         if self.commit_max_batch == 0 {
             return invalid("commit_max_batch must be at least 1".into());

@@ -20,6 +20,12 @@ pub struct Metrics {
     pub commit_duration: Histogram,
     /// Writes committed (each gets a region sequence number).
     pub writes_committed: IntCounter,
+    /// Bytes appended to the write-ahead journal.
+    pub journal_bytes: IntCounter,
+    /// Time to make the state database durable and cut the journal.
+    pub checkpoint_duration: Histogram,
+    /// Checkpoints that failed (the journal keeps everything until one succeeds).
+    pub checkpoint_failures: IntCounter,
     /// Writes waiting for the storage writer.
     pub commit_queue_depth: IntGauge,
     /// Writes accepted by partition actors and not yet committed.
@@ -139,6 +145,21 @@ impl Metrics {
         )?;
         let writes_committed =
             IntCounter::new("storage_writes_committed_total", "Writes durably committed")?;
+        let journal_bytes = IntCounter::new(
+            "storage_journal_bytes_total",
+            "Bytes appended to the write-ahead journal",
+        )?;
+        let checkpoint_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "storage_checkpoint_duration_seconds",
+                "Time to make the state database durable and cut the journal",
+            )
+            .buckets(latency_buckets()),
+        )?;
+        let checkpoint_failures = IntCounter::new(
+            "storage_checkpoint_failures_total",
+            "Checkpoints that failed",
+        )?;
         let commit_queue_depth = IntGauge::new(
             "storage_commit_queue_depth",
             "Writes waiting for the writer",
@@ -316,6 +337,9 @@ impl Metrics {
         registry.register(Box::new(commit_batch_size.clone()))?;
         registry.register(Box::new(commit_duration.clone()))?;
         registry.register(Box::new(writes_committed.clone()))?;
+        registry.register(Box::new(journal_bytes.clone()))?;
+        registry.register(Box::new(checkpoint_duration.clone()))?;
+        registry.register(Box::new(checkpoint_failures.clone()))?;
         registry.register(Box::new(commit_queue_depth.clone()))?;
         registry.register(Box::new(partition_pending_writes.clone()))?;
         registry.register(Box::new(writes_shed.clone()))?;
@@ -337,6 +361,9 @@ impl Metrics {
             commit_batch_size,
             commit_duration,
             writes_committed,
+            journal_bytes,
+            checkpoint_duration,
+            checkpoint_failures,
             commit_queue_depth,
             partition_pending_writes,
             partition_mailbox_depth,

@@ -55,6 +55,7 @@ impl Region {
             &config.region,
             &config.cluster_id,
             config.storage_cache_bytes,
+            Duration::from_millis(config.checkpoint_interval_ms),
         )?;
         let seen = peers_have_seen(&config, opened.identity().incarnation).await;
         if seen.commits > opened.commits() {

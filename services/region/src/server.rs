@@ -48,6 +48,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .run()
     .await
     .context("HTTP server failed")?;
+    if let Err(error) = region.storage.checkpoint().await {
+        tracing::warn!(%error, "no checkpoint at stop; the journal is replayed at the next start");
+    }
     tracing::info!("region stopped");
     Ok(())
 }

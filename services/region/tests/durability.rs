@@ -103,9 +103,39 @@ async fn writer(
     log
 }
 
+/// Checkpoints the region has taken, from its metrics.
+async fn checkpoints(region: &Region) -> u64 {
+    let metrics = region.get("/metrics").await;
+    metrics
+        .text
+        .lines()
+        .find(|l| l.starts_with("meridian_storage_checkpoint_duration_seconds_count"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("checkpoint count is exported")
+}
+
+/// Killed before its first checkpoint: everything acknowledged comes back from the journal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_writes_survive_kill_9() {
-    let mut region = Region::start("dur-crash").await;
+    let region = Region::start("dur-crash").await;
+    crash_under_load_and_check(region, |taken| assert_eq!(taken, 0, "no checkpoint yet")).await;
+}
+
+/// Killed between frequent checkpoints: part comes from the state database, the rest from
+/// what the journal holds beyond the last checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_writes_survive_kill_9_between_checkpoints() {
+    let region = Region::start_with("dur-ckpt", "checkpoint_interval_ms = 100").await;
+    crash_under_load_and_check(region, |taken| {
+        assert!(taken >= 5, "checkpoints were taken under load ({taken})")
+    })
+    .await;
+}
+
+/// Writes from many clients, kill -9 mid-stream, restart, and check every acknowledged write.
+/// `checkpoints_taken` checks how many checkpoints preceded the kill.
+async fn crash_under_load_and_check(mut region: Region, checkpoints_taken: impl Fn(u64)) {
     region.create_bucket("du-reg", "register").await;
     region.create_bucket("du-cnt", "counter").await;
     region.create_bucket("du-set", "set").await;
@@ -123,6 +153,7 @@ async fn acknowledged_writes_survive_kill_9() {
         )));
     }
     tokio::time::sleep(WRITE_FOR).await;
+    checkpoints_taken(checkpoints(&region).await);
     // Crash while the writers are still sending.
     killed.store(true, Ordering::SeqCst);
     region.kill9();

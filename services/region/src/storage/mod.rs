@@ -1,10 +1,13 @@
-//! Durable storage in redb: one writer thread group-commits; readers use snapshots.
+//! Durable storage in redb: one writer thread group-commits, durable through a write-ahead
+//! journal (see `journal`); readers use snapshots of the state database.
 //!
 //! Reads run inline on the caller's thread: a redb read transaction never waits for the writer
 //! and is served from its page cache in microseconds, cheaper than any hop to a thread pool.
 
 mod idempotency;
 mod identity;
+mod journal;
+mod ops;
 pub mod tables;
 mod writer;
 
@@ -86,16 +89,19 @@ pub struct OpenedDb {
     identity: Identity,
     last_seq: u64,
     commits: u64,
+    journal: journal::Journal,
 }
 
 impl OpenedDb {
-    /// Opens (or creates and stamps) the data directory. `cache_bytes` bounds redb's page
-    /// cache, which otherwise grows with the file (hints of a down peer included) up to 1 GiB.
+    /// Opens (or creates and stamps) the data directory, first replaying what the journal
+    /// holds beyond the last checkpoint. `cache_bytes` bounds redb's page cache, which
+    /// otherwise grows with the file (hints of a down peer included) up to 1 GiB.
     pub fn open(
         data_dir: &Path,
         region: &RegionName,
         cluster_id: &str,
         cache_bytes: usize,
+        checkpoint_interval: std::time::Duration,
     ) -> Result<Self, StorageError> {
         std::fs::create_dir_all(data_dir).map_err(|e| StorageError::Redb(e.into()))?;
         let path = data_dir.join("meridian.redb");
@@ -104,6 +110,8 @@ impl OpenedDb {
                 .set_cache_size(cache_bytes)
                 .create(&path)?,
         );
+        let journal =
+            journal::Journal::open(&data_dir.join("journal.redb"), &db, checkpoint_interval)?;
         let (identity, last_seq) = identity::stamp_or_check(&db, region, cluster_id)?;
         let commits = read_meta_u64(&db, meta::COMMITS)?;
         Ok(Self {
@@ -112,6 +120,7 @@ impl OpenedDb {
             identity,
             last_seq,
             commits,
+            journal,
         })
     }
 
@@ -195,6 +204,7 @@ impl Storage {
             identity,
             last_seq,
             commits,
+            journal,
         } = opened;
         let buckets: BucketCache = Arc::new(RwLock::new(load_buckets(&db)?));
         let (log_bytes, applied) = load_progress(&db)?;
@@ -207,6 +217,7 @@ impl Storage {
             max_batch: commit_max_batch,
             tree: tree.clone(),
             commits,
+            journal,
         };
         let writer = writer::spawn(db.clone(), start, buckets.clone(), metrics)
             .map_err(|e| StorageError::Redb(e.into()))?;
@@ -390,6 +401,14 @@ impl Storage {
             }
         }
         Ok(out)
+    }
+
+    /// Makes the state database durable and cuts the journal (before a clean stop).
+    pub async fn checkpoint(&self) -> Result<(), StorageError> {
+        self.writer
+            .checkpoint()?
+            .await
+            .map_err(|_| StorageError::WriterGone)
     }
 
     /// Removes idempotency records stored before `before_ms` (wall-clock milliseconds).

@@ -41,7 +41,12 @@ pub mod meta {
     pub const PEER_COMMITS_PREFIX: &str = "peer_commits:";
     /// Prefix of per-peer "needs priority anti-entropy" flags (`ae_needed:<peer>`).
     pub const AE_NEEDED_PREFIX: &str = "ae_needed:";
+    /// Highest journal record this state database holds durably (u64 big-endian).
+    pub const JOURNAL_UPTO: &str = "journal_upto";
 }
 
 /// Schema version this build writes and reads.
 pub const SCHEMA_VERSION: u8 = 1;
+
+/// The journal (its own database file): record number → one group commit's encoded ops.
+pub const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");

@@ -6,15 +6,15 @@
 //! order, so the replication log never has a gap that a later commit fills.
 
 use super::idempotency::IdempotencyRecord;
-use super::tables::{
-    meta, APPLIED, BUCKETS, IDEMPOTENCY, KEYS, LOG, META, PEER_CURSORS, TOMBSTONES,
-};
+use super::journal::Journal;
+use super::ops::{Op, StateTables};
+use super::tables::meta;
 use super::{BucketCache, StorageError};
 use crate::metrics::Metrics;
 use meridian_shared::log::{LogEntry, LogRecord};
 use meridian_shared::merkle::{entry_hash, segment_of, MerkleTree};
 use meridian_shared::{Actor, BucketDef};
-use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use redb::{Database, Durability};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -99,6 +99,9 @@ enum Request {
     Meta(String, Vec<u8>),
     ExpireIdempotency(u64),
     Purge(Purge, oneshot::Sender<Result<u64, StorageError>>),
+    /// Take a checkpoint: if one is due (`None`: sent periodically, so an idle region takes
+    /// one too), or now, answering when done (a clean stop leaves nothing to replay).
+    Checkpoint(Option<oneshot::Sender<()>>),
 }
 
 /// Causally stable tombstones to remove, and candidates that are no longer tombstones.
@@ -190,6 +193,13 @@ impl WriterHandle {
         Ok(ticket)
     }
 
+    /// Resolves once the state database is durable and the journal cut.
+    pub(super) fn checkpoint(&self) -> Result<oneshot::Receiver<()>, StorageError> {
+        let (done, waiter) = oneshot::channel();
+        self.enqueue(Request::Checkpoint(Some(done)))?;
+        Ok(waiter)
+    }
+
     pub(super) fn submit_expire_idempotency(&self, before_ms: u64) -> Result<(), StorageError> {
         self.enqueue(Request::ExpireIdempotency(before_ms))
     }
@@ -229,6 +239,7 @@ pub(super) struct WriterStart {
     pub max_batch: usize,
     pub tree: SharedTree,
     pub commits: u64,
+    pub journal: Journal,
 }
 
 /// The anti-entropy tree, updated by the writer after every commit.
@@ -272,14 +283,31 @@ pub(super) fn spawn(
         durable_times,
         tree: start.tree,
         commits,
+        journal: start.journal,
     };
+    spawn_checkpoint_ticker(handle.tx.downgrade(), handle.metrics.clone())?;
     std::thread::Builder::new()
         .name("storage-writer".into())
-        .spawn(move || {
-            raise_priority();
-            writer.run()
-        })?;
+        .spawn(move || writer.run())?;
     Ok(handle)
+}
+
+/// Asks the writer once a second whether a checkpoint is due, until the writer is gone; a
+/// weak sender so that it never keeps the writer running at shutdown.
+fn spawn_checkpoint_ticker(
+    tx: mpsc::WeakSender<Request>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("checkpoint-ticker".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let Some(tx) = tx.upgrade() else { break };
+            if tx.try_send(Request::Checkpoint(None)).is_ok() {
+                metrics.commit_queue_depth.inc();
+            }
+        })?;
+    Ok(())
 }
 
 struct Writer {
@@ -296,6 +324,7 @@ struct Writer {
     durable_times: DurableTimes,
     tree: SharedTree,
     commits: Arc<AtomicU64>,
+    journal: Journal,
 }
 
 /// Per-request result of a batch, sent only after the commit.
@@ -332,6 +361,13 @@ impl Writer {
                 }
             }
             self.metrics.commit_queue_depth.sub(batch.len() as i64);
+            let waiting: Vec<oneshot::Sender<()>> = batch
+                .iter_mut()
+                .filter_map(|r| match r {
+                    Request::Checkpoint(done) => done.take(),
+                    _ => None,
+                })
+                .collect();
             // One commit carries many writes of many traces: traced only if one of them is
             // sampled; it continues the first and links the rest.
             let mut traces = batch
@@ -359,12 +395,17 @@ impl Writer {
                 Ok(committed) => self.publish(&mut batch, committed),
                 Err(error) => self.fail(&mut batch, error),
             }
+            self.checkpoint(!waiting.is_empty());
+            for done in waiting {
+                let _ = done.send(());
+            }
         }
+        self.checkpoint(true);
         self.alive.store(false, Ordering::Release);
     }
 
-    /// Applies a batch in one durable transaction.
-    fn commit(&self, batch: &[Request]) -> Result<Committed, StorageError> {
+    /// Applies a batch: journaled durably, then committed to the state database, visible.
+    fn commit(&mut self, batch: &[Request]) -> Result<Committed, StorageError> {
         let mut seq = *self.last_seq.borrow();
         let mut log_bytes = self.log_bytes;
         let mut applied = self.applied.borrow().clone();
@@ -373,18 +414,14 @@ impl Writer {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut tree_deltas = Vec::new();
         let mut commits = self.commits.load(Ordering::Acquire);
-        let mut meta_writes: Vec<(&str, &[u8])> = Vec::new();
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        {
-            // Tables are opened on first use: every table opened is also flushed at commit.
-            let mut keys = None;
-            let mut log = None;
-            let mut idempotency = None;
-            let mut buckets = None;
-            let mut applied_table = None;
-            let mut cursors = None;
-            let mut tombstones = None;
+        // Durability comes from the journal; the state database is made durable at checkpoints.
+        txn.set_durability(Durability::None)?;
+        let ops = {
+            let mut changes = Recorded {
+                tables: StateTables::new(&txn),
+                ops: Vec::with_capacity(batch.len() * 2),
+            };
             let mut appender = Appender {
                 seq: &mut seq,
                 log_bytes: &mut log_bytes,
@@ -394,15 +431,20 @@ impl Writer {
                 let outcome = match request {
                     Request::Key(write, _) => {
                         let (bucket, key) = (write.bucket.as_str(), write.key.as_str());
-                        let old = open(&mut keys, &txn, KEYS)?
-                            .insert((bucket, key), write.state.as_slice())?
-                            .map_or(0, |old| entry_hash(bucket, key, old.value()));
+                        let old = changes.apply(Op::PutKey {
+                            bucket: bucket.into(),
+                            key: key.into(),
+                            state: write.state.as_slice().into(),
+                        })?;
                         let delta = old ^ entry_hash(bucket, key, &write.state);
                         if delta != 0 {
                             tree_deltas.push((segment_of(bucket, key), delta));
                         }
                         if write.tombstone {
-                            open(&mut tombstones, &txn, TOMBSTONES)?.insert((bucket, key), ())?;
+                            changes.apply(Op::MarkTombstone {
+                                bucket: bucket.into(),
+                                key: key.into(),
+                            })?;
                         }
                         if !write.logged {
                             Outcome::Seq(0)
@@ -412,8 +454,7 @@ impl Writer {
                                 key: write.key.clone(),
                                 state: write.state.clone(),
                             };
-                            let trace = write.trace.clone();
-                            appender.append(open(&mut log, &txn, LOG)?, entry, trace)?;
+                            changes.apply(appender.append(entry, write.trace.clone()))?;
                             if let Some(pending) = &write.idempotency {
                                 let record = IdempotencyRecord {
                                     fingerprint: pending.fingerprint,
@@ -422,23 +463,28 @@ impl Writer {
                                     seq: *appender.seq,
                                     created_ms: now_ms,
                                 };
-                                open(&mut idempotency, &txn, IDEMPOTENCY)?
-                                    .insert(pending.id, record.encode().as_slice())?;
+                                changes.apply(Op::PutIdempotency {
+                                    id: pending.id,
+                                    record: record.encode(),
+                                })?;
                             }
                             Outcome::Seq(*appender.seq)
                         }
                     }
                     Request::Bucket(def, source, _) => {
-                        let table = open(&mut buckets, &txn, BUCKETS)?;
-                        let existing = match table.get(def.name.as_str())? {
+                        let existing = match changes.tables.bucket(&def.name)? {
                             Some(bytes) => Some(
-                                postcard::from_bytes::<BucketDef>(bytes.value())
+                                postcard::from_bytes::<BucketDef>(&bytes)
                                     .map_err(|e| StorageError::Corrupt(e.to_string()))?,
                             ),
                             None => None,
                         };
                         let store =
                             |def: &BucketDef| postcard::to_allocvec(def).unwrap_or_default();
+                        let put = |def: &BucketDef| Op::PutBucket {
+                            name: def.name.clone().into(),
+                            def: store(def),
+                        };
                         let outcome = match (existing, source) {
                             (Some(existing), _) if existing == *def => BucketOutcome::Identical,
                             (Some(existing), BucketSource::Client) => {
@@ -452,16 +498,14 @@ impl Writer {
                                 } else {
                                     existing
                                 };
-                                table.insert(def.name.as_str(), store(&winner).as_slice())?;
+                                changes.apply(put(&winner))?;
                                 BucketOutcome::Resolved(winner)
                             }
                             (None, source) => {
-                                table.insert(def.name.as_str(), store(def).as_slice())?;
+                                changes.apply(put(def))?;
                                 if *source == BucketSource::Client {
-                                    appender.append(
-                                        open(&mut log, &txn, LOG)?,
-                                        LogEntry::Bucket(def.clone()),
-                                        None,
+                                    changes.apply(
+                                        appender.append(LogEntry::Bucket(def.clone()), None),
                                     )?;
                                 }
                                 BucketOutcome::Created
@@ -477,55 +521,67 @@ impl Writer {
                     Request::Applied(origin, upto, _, _) => {
                         let current = applied.get(origin).copied().unwrap_or(0);
                         let next = current.max(*upto);
-                        open(&mut applied_table, &txn, APPLIED)?.insert(origin.as_u128(), next)?;
+                        changes.apply(Op::PutApplied {
+                            origin: origin.as_u128(),
+                            seq: next,
+                        })?;
                         applied.insert(*origin, next);
                         Outcome::Seq(next)
                     }
                     Request::Cursor(peer, acked) => {
-                        open(&mut cursors, &txn, PEER_CURSORS)?.insert(peer.as_str(), *acked)?;
+                        changes.apply(Op::PutCursor {
+                            peer: peer.as_str().into(),
+                            seq: *acked,
+                        })?;
                         Outcome::None
                     }
                     Request::Truncate(upto) => {
-                        let table = open(&mut log, &txn, LOG)?;
-                        let first = table.first()?.map(|(k, _)| k.value());
-                        if let Some(first) = first {
-                            let end = (*upto).min(first.saturating_add(TRUNCATE_CHUNK));
-                            table.retain_in(first..=end, |_, _| false)?;
+                        if let Some(first) = changes.tables.log_first()? {
+                            let last = (*upto).min(first.saturating_add(TRUNCATE_CHUNK));
+                            changes.apply(Op::TruncateLog { first, last })?;
                         }
                         Outcome::None
                     }
                     Request::Purge(purge, _) => {
                         let mut removed = 0;
                         for (bucket, key, state) in &purge.remove {
-                            let name = (bucket.as_str(), key.as_str());
-                            let keys_table = open(&mut keys, &txn, KEYS)?;
-                            let current = keys_table.get(name)?.map(|v| v.value().to_vec());
+                            let current = changes.tables.key_state(bucket, key)?;
                             if current.as_ref() == Some(state) {
-                                keys_table.remove(name)?;
-                                let hash = entry_hash(bucket, key, state);
-                                tree_deltas.push((segment_of(bucket, key), hash));
-                                open(&mut tombstones, &txn, TOMBSTONES)?.remove(name)?;
+                                let (bucket, key) = (bucket.as_str(), key.as_str());
+                                let old = changes.apply(Op::RemoveKey {
+                                    bucket: bucket.into(),
+                                    key: key.into(),
+                                })?;
+                                tree_deltas.push((segment_of(bucket, key), old));
+                                changes.apply(Op::ForgetTombstone {
+                                    bucket: bucket.into(),
+                                    key: key.into(),
+                                })?;
                                 removed += 1;
                             }
                         }
                         for (bucket, key) in &purge.forget {
-                            open(&mut tombstones, &txn, TOMBSTONES)?
-                                .remove((bucket.as_str(), key.as_str()))?;
+                            changes.apply(Op::ForgetTombstone {
+                                bucket: bucket.as_str().into(),
+                                key: key.as_str().into(),
+                            })?;
                         }
                         Outcome::Seq(removed)
                     }
                     Request::Meta(key, value) => {
-                        meta_writes.push((key.as_str(), value.as_slice()));
-                        Outcome::None
-                    }
-                    Request::ExpireIdempotency(before_ms) => {
-                        // Undecodable records are dropped too: they can never be replayed.
-                        open(&mut idempotency, &txn, IDEMPOTENCY)?.retain(|_, bytes| {
-                            IdempotencyRecord::decode(bytes)
-                                .is_ok_and(|r| r.created_ms >= *before_ms)
+                        changes.apply(Op::PutMeta {
+                            key: key.as_str().into(),
+                            value: value.clone(),
                         })?;
                         Outcome::None
                     }
+                    Request::ExpireIdempotency(before_ms) => {
+                        changes.apply(Op::ExpireIdempotency {
+                            before_ms: *before_ms,
+                        })?;
+                        Outcome::None
+                    }
+                    Request::Checkpoint(_) => Outcome::None,
                 };
                 outcomes.push(outcome);
             }
@@ -534,18 +590,28 @@ impl Writer {
                 .any(|r| matches!(r, Request::Key(..) | Request::Purge(..)));
             if changes_states {
                 commits += 1;
+                changes.apply(meta_u64(meta::COMMITS, commits))?;
             }
-            if seq != *self.last_seq.borrow() || !meta_writes.is_empty() || changes_states {
-                let mut meta_table = txn.open_table(META)?;
-                meta_table.insert(meta::COMMITS, &commits.to_be_bytes()[..])?;
-                for (key, value) in meta_writes {
-                    meta_table.insert(key, value)?;
-                }
-                meta_table.insert(meta::LAST_SEQ, &seq.to_be_bytes()[..])?;
-                meta_table.insert(meta::LOG_BYTES, &log_bytes.to_be_bytes()[..])?;
+            if seq != *self.last_seq.borrow() {
+                changes.apply(meta_u64(meta::LAST_SEQ, seq))?;
+                changes.apply(meta_u64(meta::LOG_BYTES, log_bytes))?;
             }
+            changes.ops
+        };
+        if !ops.is_empty() {
+            let bytes = self.journal.append(&ops)?;
+            self.metrics.journal_bytes.inc_by(bytes as u64);
         }
-        txn.commit()?;
+        drop(ops);
+        if let Err(error) = txn.commit() {
+            // The journal already holds this batch: a restart replays it. Until then nothing
+            // may be written on top of a state database that lacks it.
+            self.alive.store(false, Ordering::Release);
+            return Err(StorageError::CommitFailed(format!(
+                "journaled but not applied ({error}); the region stops accepting writes and \
+                 recovers the batch from its journal on restart"
+            )));
+        }
         Ok(Committed {
             outcomes,
             last_seq: seq,
@@ -554,6 +620,28 @@ impl Writer {
             tree_deltas,
             commits,
         })
+    }
+
+    /// Makes the state database durable and cuts the journal, when due or when `force`d.
+    fn checkpoint(&mut self, force: bool) {
+        if !(self.journal.checkpoint_due() || force && self.journal.pending_bytes() > 0) {
+            return;
+        }
+        let _span = tracing::info_span!("checkpoint", journal_bytes = self.journal.pending_bytes())
+            .entered();
+        let started = Instant::now();
+        match self.journal.checkpoint(&self.db) {
+            Ok(()) => self
+                .metrics
+                .checkpoint_duration
+                .observe(started.elapsed().as_secs_f64()),
+            Err(error) => {
+                // Nothing is lost (the journal still holds it all), but a state database that
+                // cannot be made durable will not take the next checkpoint either.
+                tracing::error!(%error, "checkpoint failed; the journal keeps growing until one succeeds");
+                self.metrics.checkpoint_failures.inc();
+            }
+        }
     }
 
     fn publish(&mut self, batch: &mut Vec<Request>, committed: Committed) {
@@ -628,6 +716,7 @@ impl Writer {
                     let _ = reply.send(Err(failed()));
                 }
                 Request::Cursor(..)
+                | Request::Checkpoint(_)
                 | Request::Truncate(_)
                 | Request::Meta(..)
                 | Request::ExpireIdempotency(_) => {}
@@ -643,7 +732,7 @@ impl Writer {
     }
 }
 
-/// Appends log records with consecutive sequence numbers and running byte offsets.
+/// Numbers log records consecutively and keeps their running byte offsets.
 struct Appender<'a> {
     seq: &'a mut u64,
     log_bytes: &'a mut u64,
@@ -651,49 +740,44 @@ struct Appender<'a> {
 }
 
 impl Appender<'_> {
-    fn append(
-        &mut self,
-        log: &mut redb::Table<u64, &[u8]>,
-        entry: LogEntry,
-        trace: Option<String>,
-    ) -> Result<(), StorageError> {
+    /// The op that appends `entry` as the next sequence number.
+    fn append(&mut self, entry: LogEntry, trace: Option<String>) -> Op<'static> {
         *self.seq += 1;
-        let bytes = LogRecord {
+        let record = LogRecord {
             committed_us: self.now_us,
             trace,
             log_offset: *self.log_bytes,
             entry,
         }
         .encode();
-        *self.log_bytes += bytes.len() as u64;
-        log.insert(*self.seq, bytes.as_slice())?;
-        Ok(())
+        *self.log_bytes += record.len() as u64;
+        Op::PutLog {
+            seq: *self.seq,
+            record,
+        }
     }
 }
 
-/// The table in `slot`, opened in `txn` on first use.
-fn open<'s, 'txn, K: redb::Key + 'static, V: redb::Value + 'static>(
-    slot: &'s mut Option<redb::Table<'txn, K, V>>,
-    txn: &'txn WriteTransaction,
-    definition: redb::TableDefinition<'static, K, V>,
-) -> Result<&'s mut redb::Table<'txn, K, V>, StorageError> {
-    if slot.is_none() {
-        *slot = Some(txn.open_table(definition)?);
-    }
-    slot.as_mut()
-        .ok_or_else(|| StorageError::Corrupt("table could not be opened".into()))
+/// State tables whose every change is also recorded for the journal.
+struct Recorded<'txn, 'a> {
+    tables: StateTables<'txn>,
+    ops: Vec<Op<'a>>,
 }
 
-/// Every acknowledged write waits for this one thread, so on a busy machine it should get a
-/// core before request handlers do. Best effort: without CAP_SYS_NICE it keeps the default.
-fn raise_priority() {
-    // SAFETY: gettid and setpriority have no memory-safety preconditions.
-    let result = unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, -10)
-    };
-    if result != 0 {
-        tracing::debug!("storage writer keeps default priority (no CAP_SYS_NICE)");
+impl<'a> Recorded<'_, 'a> {
+    /// Applies `op` and records it; returns what [`StateTables::apply`] returns.
+    fn apply(&mut self, op: Op<'a>) -> Result<u64, StorageError> {
+        let replaced = self.tables.apply(&op)?;
+        self.ops.push(op);
+        Ok(replaced)
+    }
+}
+
+/// The op that sets a u64 meta value.
+fn meta_u64(key: &'static str, value: u64) -> Op<'static> {
+    Op::PutMeta {
+        key: key.into(),
+        value: value.to_be_bytes().to_vec(),
     }
 }
 
