@@ -24,9 +24,6 @@ use tracing_subscriber::Layer;
 pub const DEFAULT_SAMPLE_RATIO: f64 = 0.01;
 /// Name of a request's root span when its trace is sampled.
 pub const SAMPLED_REQUEST: &str = "request";
-/// Name of a request's root span when it is not: the OpenTelemetry layer never sees it (or
-/// anything under it), so unsampled requests cost the exporter nothing.
-pub const UNSAMPLED_REQUEST: &str = "request_unsampled";
 /// Spans admitted as roots: sampled requests; commit and replication spans, which exist only
 /// when they carry a sampled write; hint drains and anti-entropy exchanges (background work
 /// worth a trace of its own).
@@ -216,7 +213,7 @@ pub fn init(
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("meridian"))
             .with_filter(DynFilterFn::new(|meta, cx| {
-                if !exported(meta.target()) || meta.name() == UNSAMPLED_REQUEST {
+                if !exported(meta.target()) {
                     return false;
                 }
                 // Sampled roots are created only when sampled; anything else only under one.

@@ -12,6 +12,7 @@ use actix::prelude::*;
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use lru::LruCache;
+use meridian_observability::propagation::child_span;
 use meridian_shared::encoding::encode_state;
 use meridian_shared::hlc::Hlc;
 use meridian_shared::home::key_hash;
@@ -297,9 +298,10 @@ impl Handler<Write> for PartitionActor {
 
     fn handle(&mut self, mut msg: Write, _ctx: &mut Self::Context) -> Self::Result {
         self.shared.metrics.partition_mailbox_depth.dec();
-        let span = msg
-            .span
-            .in_scope(|| tracing::info_span!("partition_write", bucket = %msg.bucket));
+        let span = child_span(
+            &msg.span,
+            || tracing::info_span!("partition_write", bucket = %msg.bucket),
+        );
         let prepared = span.in_scope(|| self.prepare(&mut msg));
         let (ticket, state, version) = match prepared {
             Ok(Prepared::Queued {
@@ -337,9 +339,10 @@ impl Handler<Merge> for PartitionActor {
 
     fn handle(&mut self, msg: Merge, ctx: &mut Self::Context) -> Self::Result {
         self.shared.metrics.partition_mailbox_depth.dec();
-        let span = msg
-            .span
-            .in_scope(|| tracing::info_span!("partition_merge", bucket = %msg.bucket));
+        let span = child_span(
+            &msg.span,
+            || tracing::info_span!("partition_merge", bucket = %msg.bucket),
+        );
         let _entered = span.enter();
         let slot = (msg.bucket, msg.key);
         if let KeyState::Lww(reg) = &msg.state {
