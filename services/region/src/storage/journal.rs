@@ -61,11 +61,15 @@ impl Journal {
         Ok(journal)
     }
 
-    /// Appends one group commit's ops and makes them durable.
-    pub fn append(&mut self, ops: &[Op<'_>]) -> Result<usize, StorageError> {
+    /// Appends one group commit's ops, made durable now if `durable`, else by the next
+    /// durable append (a crash can only lose a suffix of the journal, never a middle).
+    pub fn append(&mut self, ops: &[Op<'_>], durable: bool) -> Result<usize, StorageError> {
         let record = postcard::to_allocvec(ops)
             .map_err(|e| StorageError::Corrupt(format!("journal record: {e}")))?;
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        if !durable {
+            txn.set_durability(Durability::None)?;
+        }
         txn.open_table(JOURNAL)?
             .insert(self.last + 1, record.as_slice())?;
         txn.commit()?;

@@ -599,7 +599,18 @@ impl Writer {
             changes.ops
         };
         if !ops.is_empty() {
-            let bytes = self.journal.append(&ops)?;
+            // A batch nobody waits on (cursors, truncation, expiry, meta) needs no fsync of its
+            // own: lost in a crash, it only repeats work or is re-learned from peers.
+            let durable = batch.iter().any(|r| {
+                matches!(
+                    r,
+                    Request::Key(..)
+                        | Request::Bucket(..)
+                        | Request::Applied(..)
+                        | Request::Purge(..)
+                )
+            });
+            let bytes = self.journal.append(&ops, durable)?;
             self.metrics.journal_bytes.inc_by(bytes as u64);
         }
         drop(ops);
