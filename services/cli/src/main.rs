@@ -11,6 +11,11 @@ mod status;
 
 use args::{Cli, Command};
 use clap::Parser;
+
+/// mimalloc instead of glibc's allocator: every request allocates and frees across threads,
+/// where glibc's malloc and free took about a sixth of a busy region's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use error::CliError;
 use std::process::ExitCode;
 

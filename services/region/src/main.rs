@@ -6,6 +6,11 @@ use meridian_region::{demo, server};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc's allocator: every request allocates and frees across threads,
+/// where glibc's malloc and free took about a sixth of a busy region's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "meridian",
