@@ -1,9 +1,11 @@
 //! The single storage writer: group commit.
 //!
 //! One thread owns every write transaction. It takes whatever requests are queued (up to
-//! `commit_max_batch`), applies them in one transaction with `Durability::Immediate`, and only
-//! then answers every requester in the batch. Sequence numbers are assigned here, in commit
-//! order, so the replication log never has a gap that a later commit fills.
+//! `commit_max_batch`), applies them in one transaction of the state database, appends the
+//! same changes durably to the journal (see `journal`), commits the transaction (visible, not
+//! yet durable by itself), and only then answers every requester in the batch. Sequence
+//! numbers are assigned here, in commit order, so the replication log never has a gap that a
+//! later commit fills.
 
 use super::idempotency::IdempotencyRecord;
 use super::journal::Journal;
