@@ -159,3 +159,105 @@ fn replay(journal: &Database, state: &Database, upto: u64) -> Result<(u64, u64),
     txn.commit()?;
     Ok((replayed, last))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::tables::KEYS;
+
+    fn put(key: &str, state: &[u8]) -> Op<'static> {
+        Op::PutKey {
+            bucket: "b".into(),
+            key: key.to_string().into(),
+            state: state.to_vec().into(),
+        }
+    }
+
+    /// Writes journal records `numbers`, each putting key `k<number>`, straight into `path`.
+    fn journal_with(path: &Path, numbers: &[u64]) {
+        let db = Database::create(path).expect("journal db");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut table = txn.open_table(JOURNAL).expect("table");
+            for n in numbers {
+                let ops = vec![put(&format!("k{n}"), &n.to_be_bytes())];
+                let record = postcard::to_allocvec(&ops).expect("encode");
+                table.insert(*n, record.as_slice()).expect("insert");
+            }
+        }
+        txn.commit().expect("commit");
+    }
+
+    fn state_of(db: &Database, key: &str) -> Option<Vec<u8>> {
+        let txn = db.begin_read().expect("read");
+        let table = txn.open_table(KEYS).expect("keys");
+        let value = table
+            .get(("b", key))
+            .expect("get")
+            .map(|v| v.value().to_vec());
+        value
+    }
+
+    #[test]
+    fn replay_applies_what_the_checkpoint_lacks_then_checkpoints() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = Database::create(dir.path().join("state.redb")).expect("state db");
+        journal_with(&dir.path().join("journal.redb"), &[1, 2, 3]);
+        let journal = Journal::open(&dir.path().join("journal.redb"), &state, Duration::MAX)
+            .expect("replayed");
+        for n in 1u64..=3 {
+            assert_eq!(
+                state_of(&state, &format!("k{n}")),
+                Some(n.to_be_bytes().to_vec())
+            );
+        }
+        assert_eq!(checkpointed_upto(&state).expect("upto"), 3);
+        assert_eq!(
+            journal.last, 3,
+            "numbering continues after the replayed records"
+        );
+        assert_eq!(journal.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn records_the_checkpoint_holds_are_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = Database::create(dir.path().join("state.redb")).expect("state db");
+        let txn = state.begin_write().expect("txn");
+        txn.open_table(META)
+            .expect("meta")
+            .insert(meta::JOURNAL_UPTO, &2u64.to_be_bytes()[..])
+            .expect("upto");
+        txn.commit().expect("commit");
+        journal_with(&dir.path().join("journal.redb"), &[1, 2, 3]);
+        Journal::open(&dir.path().join("journal.redb"), &state, Duration::MAX).expect("replayed");
+        assert_eq!(
+            state_of(&state, "k1"),
+            None,
+            "held by the checkpoint, not replayed"
+        );
+        assert_eq!(state_of(&state, "k3"), Some(3u64.to_be_bytes().to_vec()));
+    }
+
+    #[test]
+    fn a_journal_that_does_not_follow_the_checkpoint_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = Database::create(dir.path().join("state.redb")).expect("state db");
+        journal_with(&dir.path().join("journal.redb"), &[5, 6]);
+        let opened = Journal::open(&dir.path().join("journal.redb"), &state, Duration::MAX);
+        assert!(matches!(opened, Err(StorageError::Corrupt(_))));
+        assert_eq!(
+            state_of_any(&state),
+            0,
+            "nothing of a foreign journal is applied"
+        );
+    }
+
+    fn state_of_any(db: &Database) -> usize {
+        let txn = db.begin_read().expect("read");
+        match txn.open_table(KEYS) {
+            Ok(table) => table.iter().expect("iter").count(),
+            Err(_) => 0,
+        }
+    }
+}
