@@ -370,32 +370,10 @@ impl Writer {
                     _ => None,
                 })
                 .collect();
-            // One commit carries many writes of many traces: traced only if one of them is
-            // sampled; it continues the first and links the rest.
-            let mut traces = batch
-                .iter()
-                .filter_map(|r| match r {
-                    Request::Key(write, _) => write.trace.as_deref(),
-                    _ => None,
-                })
-                .peekable();
-            let span = if traces.peek().is_some() {
-                let span = tracing::info_span!("group_commit", writes = batch.len());
-                meridian_observability::propagation::continue_traces(&span, traces, MAX_SPAN_LINKS);
-                span
-            } else {
-                tracing::Span::none()
-            };
-            let _span = span.entered();
-            let started = Instant::now();
-            let result = self.commit(&batch);
-            self.metrics
-                .commit_duration
-                .observe(started.elapsed().as_secs_f64());
-            self.metrics.commit_batch_size.observe(batch.len() as f64);
-            match result {
-                Ok(committed) => self.publish(&mut batch, committed),
-                Err(error) => self.fail(&mut batch, error),
+            // Checkpoint requests carry nothing to commit.
+            batch.retain(|r| !matches!(r, Request::Checkpoint(_)));
+            if !batch.is_empty() {
+                self.group_commit(&mut batch);
             }
             self.checkpoint(!waiting.is_empty());
             for done in waiting {
@@ -404,6 +382,37 @@ impl Writer {
         }
         self.checkpoint(true);
         self.alive.store(false, Ordering::Release);
+    }
+
+    /// Commits one batch and answers everyone in it.
+    fn group_commit(&mut self, batch: &mut Vec<Request>) {
+        // One commit carries many writes of many traces: traced only if one of them is
+        // sampled; it continues the first and links the rest.
+        let mut traces = batch
+            .iter()
+            .filter_map(|r| match r {
+                Request::Key(write, _) => write.trace.as_deref(),
+                _ => None,
+            })
+            .peekable();
+        let span = if traces.peek().is_some() {
+            let span = tracing::info_span!("group_commit", writes = batch.len());
+            meridian_observability::propagation::continue_traces(&span, traces, MAX_SPAN_LINKS);
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let _span = span.entered();
+        let started = Instant::now();
+        let result = self.commit(batch);
+        self.metrics
+            .commit_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.commit_batch_size.observe(batch.len() as f64);
+        match result {
+            Ok(committed) => self.publish(batch, committed),
+            Err(error) => self.fail(batch, error),
+        }
     }
 
     /// Applies a batch: journaled durably, then committed to the state database, visible.
