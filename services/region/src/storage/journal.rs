@@ -111,15 +111,7 @@ impl Journal {
 
 /// The last journal record the state database holds durably.
 fn checkpointed_upto(state: &Database) -> Result<u64, StorageError> {
-    let txn = state.begin_read()?;
-    let upto = match txn.open_table(META) {
-        Ok(table) => table
-            .get(meta::JOURNAL_UPTO)?
-            .map(|v| u64::from_be_bytes(v.value().try_into().unwrap_or([0; 8]))),
-        Err(redb::TableError::TableDoesNotExist(_)) => None,
-        Err(e) => return Err(e.into()),
-    };
-    Ok(upto.unwrap_or(0))
+    super::read_meta_u64(state, meta::JOURNAL_UPTO)
 }
 
 /// Applies the records after `upto` to `state` in one transaction (made durable by the

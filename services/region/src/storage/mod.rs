@@ -624,10 +624,15 @@ fn build_tree(db: &Database) -> Result<MerkleTree, StorageError> {
     Ok(tree)
 }
 
-/// A u64 meta value (0 when absent).
+/// A u64 meta value (0 when absent, also before the directory is stamped).
 fn read_meta_u64(db: &Database, key: &str) -> Result<u64, StorageError> {
     let txn = db.begin_read()?;
-    let value = match txn.open_table(META)?.get(key)? {
+    let table = match txn.open_table(META) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let value = match table.get(key)? {
         Some(v) => u64::from_be_bytes(v.value().try_into().unwrap_or([0; 8])),
         None => 0,
     };
