@@ -110,8 +110,15 @@ impl OpenedDb {
                 .set_cache_size(cache_bytes)
                 .create(&path)?,
         );
+        if data_dir.join("journal.redb").exists() {
+            return Err(StorageError::WrongOwner(format!(
+                "{} holds a journal.redb from an older build: stop it cleanly with that build \
+                 (which checkpoints it), then remove journal.redb",
+                data_dir.display()
+            )));
+        }
         let journal =
-            journal::Journal::open(&data_dir.join("journal.redb"), &db, checkpoint_interval)?;
+            journal::Journal::open(&data_dir.join("journal.wal"), &db, checkpoint_interval)?;
         let (identity, last_seq) = identity::stamp_or_check(&db, region, cluster_id)?;
         let commits = read_meta_u64(&db, meta::COMMITS)?;
         Ok(Self {

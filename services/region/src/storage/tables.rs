@@ -47,6 +47,3 @@ pub mod meta {
 
 /// Schema version this build writes and reads.
 pub const SCHEMA_VERSION: u8 = 1;
-
-/// The journal (its own database file): record number → one group commit's encoded ops.
-pub const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
