@@ -10,12 +10,14 @@
 //! [`Journal::open`] replays the records past the last checkpoint, so every acknowledged write
 //! is back before anything reads.
 //!
-//! A record is a header (payload length, record number, checksum of both and the payload) and
-//! the postcard-encoded ops. The file is reused after each checkpoint, so behind the newest
-//! record may lie a torn write or records of an older round; both end the journal: a torn
-//! write fails its checksum, and an older record's number does not follow. Only a suffix that
-//! nobody was answered for can be torn, because every acknowledged append returned from an
-//! `fdatasync` that covered everything written before it.
+//! A record is a header (payload length, record number, round, checksum of all three and the
+//! payload) and the postcard-encoded ops. Every start and every checkpoint begins a new round:
+//! a random number, written from the top of the file. Replay reads one round from the top and
+//! ends at the first record that is torn (its checksum fails), belongs to another round (left
+//! behind by an earlier, longer one, or by a session that crashed before its records reached
+//! the disk) or does not continue the numbering. Only a suffix that nobody was answered for can
+//! be torn, because every acknowledged append returned from an `fdatasync` that covered
+//! everything written before it.
 
 use super::ops::{Op, StateTables};
 use super::tables::{meta, META};
@@ -33,8 +35,9 @@ const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 /// The file grows in zero-filled steps of this size, so most appends write inside it and their
 /// `fdatasync` has no file size to update.
 const GROWTH_BYTES: u64 = 4 * 1024 * 1024;
-/// Record header: payload length (u32), record number (u64), checksum (u64), little-endian.
-const HEADER_BYTES: usize = 20;
+/// Record header, little-endian: payload length (u32), record number (u64), round (u64),
+/// checksum (u64) of the first three and the payload.
+const HEADER_BYTES: usize = 28;
 
 /// The journal file and its position relative to the state database.
 pub struct Journal {
@@ -43,8 +46,14 @@ pub struct Journal {
     last: u64,
     /// Where the next record goes.
     offset: u64,
+    /// The round records are written in now.
+    round: u64,
     /// Bytes of the file known to exist (zero-filled or written).
     allocated: u64,
+    /// Set by the first failed write or sync, after which nothing is appended or checkpointed:
+    /// the kernel may have dropped the pages that failed, so a later successful `fdatasync`
+    /// would not prove that the records before it are on disk.
+    poisoned: Option<String>,
     last_checkpoint: Instant,
     interval: Duration,
 }
@@ -69,12 +78,14 @@ impl Journal {
         }
         let upto = checkpointed_upto(state)?;
         let started = Instant::now();
-        let replayed = replay(&file, state, upto)?;
+        let replayed = replay(&file, allocated, state, upto)?;
         let mut journal = Self {
             file,
             last: upto + replayed,
             offset: 0,
+            round: new_round(),
             allocated,
+            poisoned: None,
             last_checkpoint: Instant::now(),
             interval,
         };
@@ -92,29 +103,48 @@ impl Journal {
     /// Appends one group commit's ops, made durable now if `durable`, else by the next
     /// durable append (a crash can only lose a suffix of the journal, never a middle).
     pub fn append(&mut self, ops: &[Op<'_>], durable: bool) -> Result<usize, StorageError> {
+        self.check()?;
         let number = self.last + 1;
-        let record = encode(number, ops)?;
+        let record = encode(number, self.round, ops)?;
         let end = self.offset + record.len() as u64;
-        if end > self.allocated {
-            self.grow(end)?;
-        }
-        self.file.write_all_at(&record, self.offset).map_err(io)?;
-        if durable {
-            self.file.sync_data().map_err(io)?;
+        if let Err(error) = self.write(&record, end, durable) {
+            self.poison(format!("journal write failed: {error}"));
+            return Err(io(error));
         }
         self.last = number;
         self.offset = end;
         Ok(record.len())
     }
 
-    /// Zero-fills the file up to at least `end`, in [`GROWTH_BYTES`] steps. Zeros read back
-    /// as "no record", so the region past the last record never looks like one.
-    fn grow(&mut self, end: u64) -> Result<(), StorageError> {
-        let target = end.div_ceil(GROWTH_BYTES) * GROWTH_BYTES;
-        let zeros = vec![0u8; (target - self.allocated) as usize];
-        self.file.write_all_at(&zeros, self.allocated).map_err(io)?;
-        self.allocated = target;
+    fn write(&mut self, record: &[u8], end: u64, durable: bool) -> std::io::Result<()> {
+        if end > self.allocated {
+            // Zero-fill up to at least `end`, in whole steps: zeros read back as "no record".
+            let target = end.div_ceil(GROWTH_BYTES) * GROWTH_BYTES;
+            let zeros = vec![0u8; (target - self.allocated) as usize];
+            self.file.write_all_at(&zeros, self.allocated)?;
+            self.allocated = target;
+        }
+        self.file.write_all_at(record, self.offset)?;
+        if durable {
+            self.file.sync_data()?;
+        }
         Ok(())
+    }
+
+    /// Stops all further appends and checkpoints: the last append's changes may be missing
+    /// from the state database (or from the disk), and only a restart's replay is trusted.
+    pub fn poison(&mut self, why: String) {
+        tracing::error!(%why, "journal stopped; the region recovers from it on restart");
+        self.poisoned.get_or_insert(why);
+    }
+
+    fn check(&self) -> Result<(), StorageError> {
+        match &self.poisoned {
+            Some(why) => Err(StorageError::CommitFailed(format!(
+                "{why}; restart the region to recover"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Whether enough has been journaled since the last checkpoint to take one.
@@ -128,15 +158,17 @@ impl Journal {
         self.offset
     }
 
-    /// Makes the state database durable up to the last record appended, then starts the
-    /// journal over. Every non-durable state commit so far must hold what its record says.
+    /// Makes the state database durable up to the last record appended, then starts a new
+    /// round. Every non-durable state commit so far must hold what its record says.
     pub fn checkpoint(&mut self, state: &Database) -> Result<(), StorageError> {
+        self.check()?;
         let txn = state.begin_write()?;
         txn.open_table(META)?
             .insert(meta::JOURNAL_UPTO, &self.last.to_be_bytes()[..])?;
         txn.commit()?;
         // The checkpoint is durable, so every record in the file is obsolete: overwrite them.
         self.offset = 0;
+        self.round = new_round();
         self.last_checkpoint = Instant::now();
         Ok(())
     }
@@ -146,16 +178,22 @@ fn io(error: std::io::Error) -> StorageError {
     StorageError::Redb(error.into())
 }
 
+/// A round number no earlier round of this file is likely to have used.
+fn new_round() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0
+}
+
 /// One record: header, then the encoded ops.
-fn encode(number: u64, ops: &[Op<'_>]) -> Result<Vec<u8>, StorageError> {
+fn encode(number: u64, round: u64, ops: &[Op<'_>]) -> Result<Vec<u8>, StorageError> {
     let mut record = postcard::to_extend(ops, vec![0u8; HEADER_BYTES])
         .map_err(|e| StorageError::Corrupt(format!("journal record: {e}")))?;
     let len = u32::try_from(record.len() - HEADER_BYTES)
         .map_err(|_| StorageError::Corrupt("journal record over 4 GiB".into()))?;
     record[0..4].copy_from_slice(&len.to_le_bytes());
     record[4..12].copy_from_slice(&number.to_le_bytes());
-    let sum = checksum(&record[0..12], &record[HEADER_BYTES..]);
-    record[12..20].copy_from_slice(&sum.to_le_bytes());
+    record[12..20].copy_from_slice(&round.to_le_bytes());
+    let sum = checksum(&record[0..20], &record[HEADER_BYTES..]);
+    record[20..28].copy_from_slice(&sum.to_le_bytes());
     Ok(record)
 }
 
@@ -166,29 +204,50 @@ fn checksum(head: &[u8], payload: &[u8]) -> u64 {
     hasher.digest()
 }
 
-/// The next intact record, or `None` at the end of the journal (zeros, a torn write, the end
-/// of the file). Only a failing read is an error.
-fn next_record(reader: &mut impl Read) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+/// One intact record read back.
+struct Record {
+    number: u64,
+    round: u64,
+    payload: Vec<u8>,
+}
+
+/// The next intact record, or `None` where the journal ends (zeros, a torn write, the end of
+/// the file). `remaining` bytes are left in the file: a length beyond them is not a record (and
+/// is never allocated). Only a failing read is an error.
+fn next_record(
+    reader: &mut impl Read,
+    remaining: &mut u64,
+) -> Result<Option<Record>, StorageError> {
     let mut header = [0u8; HEADER_BYTES];
-    if !read_full(reader, &mut header)? {
+    if *remaining < HEADER_BYTES as u64 || !read_full(reader, &mut header)? {
         return Ok(None);
     }
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-    let mut number = [0u8; 8];
-    number.copy_from_slice(&header[4..12]);
-    let mut sum = [0u8; 8];
-    sum.copy_from_slice(&header[12..20]);
-    if len == 0 {
+    *remaining -= HEADER_BYTES as u64;
+    let field = |at: usize| {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(&header[at..at + 8]);
+        u64::from_le_bytes(bytes)
+    };
+    let len = u64::from(u32::from_le_bytes([
+        header[0], header[1], header[2], header[3],
+    ]));
+    let (number, round, sum) = (field(4), field(12), field(20));
+    if len == 0 || len > *remaining {
         return Ok(None);
     }
-    let mut payload = vec![0u8; len];
+    let mut payload = vec![0u8; len as usize];
     if !read_full(reader, &mut payload)? {
         return Ok(None);
     }
-    if checksum(&header[0..12], &payload) != u64::from_le_bytes(sum) {
+    *remaining -= len;
+    if checksum(&header[0..20], &payload) != sum {
         return Ok(None);
     }
-    Ok(Some((u64::from_le_bytes(number), payload)))
+    Ok(Some(Record {
+        number,
+        round,
+        payload,
+    }))
 }
 
 /// Fills `buf`; false if the file ends first.
@@ -208,40 +267,34 @@ fn checkpointed_upto(state: &Database) -> Result<u64, StorageError> {
 /// Applies the records after `upto` to `state` in one transaction (made durable by the
 /// checkpoint that follows). Returns how many were applied.
 ///
-/// Records the checkpoint holds may lead the file (a crash before the first append after a
-/// checkpoint) and are skipped; the first one it lacks must be `upto + 1`, else the journal
-/// belongs to another copy of the state database and is refused. From there the journal ends
-/// at the first record that does not follow.
-fn replay(file: &File, state: &Database, upto: u64) -> Result<u64, StorageError> {
+/// The round at the top of the file is read. Records the checkpoint holds may lead it (a crash
+/// before the first append after a checkpoint) and are skipped; the first one it lacks must be
+/// `upto + 1`, else the journal belongs to another copy of the state database and is refused.
+fn replay(file: &File, len: u64, state: &Database, upto: u64) -> Result<u64, StorageError> {
     let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut remaining = len;
     let mut txn = state.begin_write()?;
     txn.set_durability(Durability::None)?;
     let mut replayed = 0;
-    let mut skipped = false;
+    let mut round = None;
     {
         let mut tables = StateTables::new(&txn);
-        while let Some((number, payload)) = next_record(&mut reader)? {
-            let expected = upto + replayed + 1;
-            if number < expected {
-                if replayed == 0 {
-                    skipped = true;
-                    continue;
-                }
-                break; // An older round's record behind the newest one.
+        while let Some(record) = next_record(&mut reader, &mut remaining)? {
+            if *round.get_or_insert(record.round) != record.round {
+                break; // Left behind by an earlier round.
             }
-            if number > expected {
-                if skipped {
-                    // The first record after the checkpoint never reached the disk, so none
-                    // after it was acknowledged: one found behind the older round is not owed.
-                    break;
-                }
-                // No crash produces this (a torn write fails its checksum): another journal.
+            let (number, expected) = (record.number, upto + replayed + 1);
+            if number < expected && replayed == 0 {
+                continue;
+            }
+            if number != expected {
+                // One round is numbered without gaps: this is not a crash's doing.
                 return Err(StorageError::Corrupt(format!(
                     "journal record {number} does not follow record {}",
                     expected - 1
                 )));
             }
-            let ops: Vec<Op<'_>> = postcard::from_bytes(&payload)
+            let ops: Vec<Op<'_>> = postcard::from_bytes(&record.payload)
                 .map_err(|e| StorageError::Corrupt(format!("journal record {number}: {e}")))?;
             for op in &ops {
                 tables.apply(op)?;
@@ -259,6 +312,9 @@ mod tests {
     use crate::storage::tables::KEYS;
     use redb::{ReadableDatabase, ReadableTable};
 
+    const ROUND: u64 = 0x5eed;
+    const OLD_ROUND: u64 = 0x01d;
+
     fn put(key: &str, state: &[u8]) -> Op<'static> {
         Op::PutKey {
             bucket: "b".into(),
@@ -267,59 +323,66 @@ mod tests {
         }
     }
 
-    /// Record `n`: puts key `k<n>` with state `n`.
-    fn record(n: u64) -> Vec<u8> {
-        encode(n, &[put(&format!("k{n}"), &n.to_be_bytes())]).expect("encode")
+    /// Record `n` of `round`: puts key `k<n>` with state `n`.
+    fn record(n: u64, round: u64) -> Vec<u8> {
+        encode(n, round, &[put(&format!("k{n}"), &n.to_be_bytes())]).expect("encode")
     }
 
-    /// Writes journal records `numbers` one after another, then `tail`, into `path`.
-    fn journal_with(path: &Path, numbers: &[u64], tail: &[u8]) {
-        let mut bytes: Vec<u8> = numbers.iter().flat_map(|n| record(*n)).collect();
-        bytes.extend_from_slice(tail);
-        std::fs::write(path, bytes).expect("journal file");
+    /// Records `numbers` of `round`, one after another.
+    fn records(numbers: &[u64], round: u64) -> Vec<u8> {
+        numbers.iter().flat_map(|n| record(*n, round)).collect()
     }
 
-    fn state_of(db: &Database, key: &str) -> Option<Vec<u8>> {
-        let txn = db.begin_read().expect("read");
-        let table = txn.open_table(KEYS).expect("keys");
-        let value = table
-            .get(("b", key))
-            .expect("get")
-            .map(|v| v.value().to_vec());
-        value
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        state: Database,
+        path: std::path::PathBuf,
     }
 
-    fn state_of_any(db: &Database) -> usize {
-        let txn = db.begin_read().expect("read");
-        match txn.open_table(KEYS) {
-            Ok(table) => table.iter().expect("iter").count(),
-            Err(_) => 0,
+    /// A state database whose checkpoint holds records up to `upto`, and a journal file.
+    fn fixture(upto: u64, journal: &[u8]) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = Database::create(dir.path().join("state.redb")).expect("state db");
+        if upto > 0 {
+            let txn = state.begin_write().expect("txn");
+            txn.open_table(META)
+                .expect("meta")
+                .insert(meta::JOURNAL_UPTO, &upto.to_be_bytes()[..])
+                .expect("upto");
+            txn.commit().expect("commit");
+        }
+        let path = dir.path().join("journal.wal");
+        std::fs::write(&path, journal).expect("journal file");
+        Fixture {
+            _dir: dir,
+            state,
+            path,
         }
     }
 
-    fn set_upto(state: &Database, upto: u64) {
-        let txn = state.begin_write().expect("txn");
-        txn.open_table(META)
-            .expect("meta")
-            .insert(meta::JOURNAL_UPTO, &upto.to_be_bytes()[..])
-            .expect("upto");
-        txn.commit().expect("commit");
+    fn open(f: &Fixture) -> Result<Journal, StorageError> {
+        Journal::open(&f.path, &f.state, Duration::MAX)
+    }
+
+    /// The keys `k<n>` present in the state database, in order.
+    fn applied(db: &Database) -> Vec<String> {
+        let txn = db.begin_read().expect("read");
+        match txn.open_table(KEYS) {
+            Ok(table) => table
+                .iter()
+                .expect("iter")
+                .map(|entry| entry.expect("entry").0.value().1.to_string())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     #[test]
     fn replay_applies_what_the_checkpoint_lacks_then_checkpoints() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state = Database::create(dir.path().join("state.redb")).expect("state db");
-        let path = dir.path().join("journal.wal");
-        journal_with(&path, &[1, 2, 3], &[]);
-        let journal = Journal::open(&path, &state, Duration::MAX).expect("replayed");
-        for n in 1u64..=3 {
-            assert_eq!(
-                state_of(&state, &format!("k{n}")),
-                Some(n.to_be_bytes().to_vec())
-            );
-        }
-        assert_eq!(checkpointed_upto(&state).expect("upto"), 3);
+        let f = fixture(0, &records(&[1, 2, 3], ROUND));
+        let journal = open(&f).expect("replayed");
+        assert_eq!(applied(&f.state), ["k1", "k2", "k3"]);
+        assert_eq!(checkpointed_upto(&f.state).expect("upto"), 3);
         assert_eq!(
             journal.last, 3,
             "numbering continues after the replayed records"
@@ -329,127 +392,153 @@ mod tests {
 
     #[test]
     fn records_the_checkpoint_holds_are_skipped() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state = Database::create(dir.path().join("state.redb")).expect("state db");
-        set_upto(&state, 2);
-        let path = dir.path().join("journal.wal");
-        journal_with(&path, &[1, 2, 3], &[]);
-        Journal::open(&path, &state, Duration::MAX).expect("replayed");
+        let f = fixture(2, &records(&[1, 2, 3], ROUND));
+        open(&f).expect("replayed");
         assert_eq!(
-            state_of(&state, "k1"),
-            None,
-            "held by the checkpoint, not replayed"
+            applied(&f.state),
+            ["k3"],
+            "1 and 2 are held by the checkpoint"
         );
-        assert_eq!(state_of(&state, "k3"), Some(3u64.to_be_bytes().to_vec()));
     }
 
     #[test]
     fn a_journal_that_does_not_follow_the_checkpoint_is_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state = Database::create(dir.path().join("state.redb")).expect("state db");
-        let path = dir.path().join("journal.wal");
-        journal_with(&path, &[5, 6], &[]);
-        let opened = Journal::open(&path, &state, Duration::MAX);
-        assert!(matches!(opened, Err(StorageError::Corrupt(_))));
-        assert_eq!(
-            state_of_any(&state),
-            0,
-            "nothing of a foreign journal is applied"
-        );
+        let f = fixture(0, &records(&[5, 6], ROUND));
+        assert!(matches!(open(&f), Err(StorageError::Corrupt(_))));
+        assert!(applied(&f.state).is_empty(), "nothing of it is applied");
     }
 
     #[test]
-    fn a_record_missing_from_the_middle_is_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state = Database::create(dir.path().join("state.redb")).expect("state db");
-        let path = dir.path().join("journal.wal");
-        journal_with(&path, &[1, 3], &[]);
-        let opened = Journal::open(&path, &state, Duration::MAX);
-        assert!(matches!(opened, Err(StorageError::Corrupt(_))));
-        assert_eq!(state_of_any(&state), 0);
-    }
-
-    #[test]
-    fn a_record_behind_the_older_round_was_never_acknowledged() {
-        // Record 2 (the first after the checkpoint at 1) was lost; record 3 landed behind
-        // record 1 of the older round, but its fdatasync never returned.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state = Database::create(dir.path().join("state.redb")).expect("state db");
-        set_upto(&state, 1);
-        let path = dir.path().join("journal.wal");
-        journal_with(&path, &[1, 3], &[]);
-        let journal = Journal::open(&path, &state, Duration::MAX).expect("opened");
-        assert_eq!(state_of_any(&state), 0);
-        assert_eq!(journal.last, 1);
+    fn a_record_missing_from_the_middle_of_a_round_is_refused() {
+        let f = fixture(0, &records(&[1, 3], ROUND));
+        assert!(matches!(open(&f), Err(StorageError::Corrupt(_))));
+        assert!(applied(&f.state).is_empty());
     }
 
     #[test]
     fn a_torn_last_record_ends_the_journal() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state = Database::create(dir.path().join("state.redb")).expect("state db");
-        let path = dir.path().join("journal.wal");
-        let torn = record(3);
-        let mut flipped = record(3);
+        let whole = record(3, ROUND);
+        let mut flipped = whole.clone();
         let at = flipped.len() - 1;
         flipped[at] ^= 1;
-        for tail in [&torn[..torn.len() - 1], &flipped[..], &torn[..7]] {
-            journal_with(&path, &[1, 2], tail);
-            let mut journal = Journal::open(&path, &state, Duration::MAX).expect("replayed");
-            assert_eq!(state_of(&state, "k2"), Some(2u64.to_be_bytes().to_vec()));
-            assert_eq!(state_of(&state, "k3"), None, "a torn record is not applied");
+        for tail in [&whole[..whole.len() - 1], &flipped[..], &whole[..7]] {
+            let mut bytes = records(&[1, 2], ROUND);
+            bytes.extend_from_slice(tail);
+            let f = fixture(0, &bytes);
+            let mut journal = open(&f).expect("replayed");
+            assert_eq!(
+                applied(&f.state),
+                ["k1", "k2"],
+                "a torn record is not applied"
+            );
             assert_eq!(journal.last, 2);
             journal.append(&[put("k3", b"x")], true).expect("append");
-            assert_eq!(journal.last, 3, "numbering continues after the torn record");
-            set_upto(&state, 0);
+            assert_eq!(journal.last, 3, "the torn record's number is used again");
         }
     }
 
     #[test]
-    fn a_reused_file_replays_only_the_newest_round() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state = Database::create(dir.path().join("state.redb")).expect("state db");
-        let path = dir.path().join("journal.wal");
-        let mut journal = Journal::open(&path, &state, Duration::MAX).expect("opened");
+    fn an_older_round_behind_the_newest_one_is_not_replayed() {
+        // Same-sized records, so the newest round ends exactly where an old record starts.
+        let mut bytes = records(&[4, 5], ROUND);
+        bytes.extend(records(&[6, 7], OLD_ROUND));
+        let f = fixture(3, &bytes);
+        let journal = open(&f).expect("replayed");
+        assert_eq!(applied(&f.state), ["k4", "k5"]);
+        assert_eq!(journal.last, 5);
+    }
+
+    #[test]
+    fn a_record_of_a_session_that_crashed_before_its_first_reached_the_disk_is_ignored() {
+        // Session A's records 1 and 2 never reached the disk, its unacknowledged 3 did. Session
+        // B then wrote 1' and 2' from the top: A's 3 follows them by number, not by round.
+        let mut bytes = records(&[1, 2], ROUND);
+        bytes.extend(record(3, OLD_ROUND));
+        let f = fixture(0, &bytes);
+        open(&f).expect("replayed");
+        assert_eq!(applied(&f.state), ["k1", "k2"]);
+
+        // Nor is an old record whose number jumps taken for a foreign journal.
+        let mut bytes = records(&[1], ROUND);
+        bytes.extend(record(4, OLD_ROUND));
+        let f = fixture(0, &bytes);
+        open(&f).expect("an old round never refuses a start");
+        assert_eq!(applied(&f.state), ["k1"]);
+    }
+
+    #[test]
+    fn a_length_beyond_the_file_ends_the_journal() {
+        let mut bytes = records(&[1], ROUND);
+        let mut bogus = record(2, ROUND);
+        bogus[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        bytes.extend(bogus);
+        let f = fixture(0, &bytes);
+        open(&f).expect("replayed");
+        assert_eq!(applied(&f.state), ["k1"]);
+    }
+
+    #[test]
+    fn appends_continue_a_new_round_from_the_top_after_each_start_and_checkpoint() {
+        let f = fixture(0, &[]);
+        let mut journal = open(&f).expect("opened");
         let long = vec![7u8; 3000];
         for n in 1..=3 {
             journal
-                .append(&[put(&format!("old{n}"), &long)], false)
+                .append(&[put(&format!("old{n}"), &long)], n == 3)
                 .expect("append");
         }
-        journal.checkpoint(&state).expect("checkpoint");
-        // Shorter than what it overwrites: the older round's records still follow it.
-        journal.append(&[put("new4", b"4")], true).expect("append");
-        journal.append(&[put("new5", b"5")], true).expect("append");
+        journal.checkpoint(&f.state).expect("checkpoint");
+        assert_eq!(journal.pending_bytes(), 0, "written from the top again");
+        journal.append(&[put("k4", b"4")], true).expect("append");
+        journal.append(&[put("k5", b"5")], true).expect("append");
         drop(journal);
 
-        let journal = Journal::open(&path, &state, Duration::MAX).expect("replayed");
-        assert_eq!(state_of(&state, "new4"), Some(b"4".to_vec()));
-        assert_eq!(state_of(&state, "new5"), Some(b"5".to_vec()));
+        let journal = open(&f).expect("replayed");
         assert_eq!(
-            state_of(&state, "old3"),
-            None,
-            "the checkpoint held the older round (it was never applied here), so none of it is replayed"
+            applied(&f.state),
+            ["k4", "k5"],
+            "the checkpoint held the older round (never applied here), so none of it is replayed"
         );
         assert_eq!(journal.last, 5);
     }
 
     #[test]
-    fn the_file_grows_in_zeroed_steps_and_is_reused_after_a_checkpoint() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let state = Database::create(dir.path().join("state.redb")).expect("state db");
-        let path = dir.path().join("journal.wal");
-        let mut journal = Journal::open(&path, &state, Duration::MAX).expect("opened");
-        journal.append(&[put("a", b"1")], true).expect("append");
-        let size = std::fs::metadata(&path).expect("size").len();
-        assert_eq!(size, GROWTH_BYTES);
-        journal.checkpoint(&state).expect("checkpoint");
-        journal.append(&[put("b", b"2")], true).expect("append");
-        let second = encode(2, &[put("b", b"2")]).expect("encode");
-        assert_eq!(
-            journal.pending_bytes(),
-            second.len() as u64,
-            "written from the top"
-        );
-        assert_eq!(std::fs::metadata(&path).expect("size").len(), size);
+    fn records_past_the_first_growth_step_survive_a_reopen() {
+        let f = fixture(0, &[]);
+        let mut journal = open(&f).expect("opened");
+        let big = vec![1u8; 1024 * 1024 + 17];
+        for n in 1..=5 {
+            journal
+                .append(&[put(&format!("k{n}"), &big)], true)
+                .expect("append");
+        }
+        let size = std::fs::metadata(&f.path).expect("size").len();
+        assert_eq!(size, 2 * GROWTH_BYTES, "grown in whole steps");
+        let tail = {
+            let mut bytes = vec![0u8; 64];
+            journal
+                .file
+                .read_exact_at(&mut bytes, journal.offset)
+                .expect("read");
+            bytes
+        };
+        assert!(tail.iter().all(|b| *b == 0), "zeros past the last record");
+        drop(journal);
+        open(&f).expect("replayed");
+        assert_eq!(applied(&f.state), ["k1", "k2", "k3", "k4", "k5"]);
+    }
+
+    #[test]
+    fn a_poisoned_journal_appends_and_checkpoints_nothing() {
+        let f = fixture(0, &[]);
+        let mut journal = open(&f).expect("opened");
+        journal.append(&[put("k1", b"1")], true).expect("append");
+        journal.poison("test".into());
+        assert!(journal.append(&[put("k2", b"2")], true).is_err());
+        assert!(journal.checkpoint(&f.state).is_err());
+        assert_eq!(checkpointed_upto(&f.state).expect("upto"), 0);
+        drop(journal);
+        open(&f).expect("replayed");
+        assert_eq!(applied(&f.state), ["k1"]);
     }
 }

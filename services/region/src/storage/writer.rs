@@ -627,8 +627,12 @@ impl Writer {
         drop(ops);
         if let Err(error) = txn.commit() {
             // The journal already holds this batch: a restart replays it. Until then nothing
-            // may be written on top of a state database that lacks it.
+            // may be written on top of a state database that lacks it, and no checkpoint may
+            // declare it held.
             self.alive.store(false, Ordering::Release);
+            self.journal.poison(format!(
+                "state commit failed after its journal append: {error}"
+            ));
             return Err(StorageError::CommitFailed(format!(
                 "journaled but not applied ({error}); the region stops accepting writes and \
                  recovers the batch from its journal on restart"
