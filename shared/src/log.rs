@@ -17,6 +17,20 @@ pub enum LogEntry {
     },
     /// A bucket definition was created.
     Bucket(BucketDef),
+    /// The first answer to the write logged just before, sent with an `Idempotency-Key`:
+    /// replicated so that a retry at any region is answered instead of applied again.
+    Idempotency {
+        /// The key (UUID as u128).
+        id: u128,
+        /// Hash of the request: the same key with a different request is a conflict.
+        fingerprint: u64,
+        /// HTTP status of the answer.
+        status: u16,
+        /// JSON body of the answer.
+        body: Vec<u8>,
+        /// Wall-clock milliseconds when the origin stored it (for expiry everywhere).
+        created_ms: u64,
+    },
 }
 
 /// A log entry with its commit time, as stored in the log table and shipped to peers.

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Bumped on any incompatible change; peers refuse other versions.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Header naming the sending region.
 pub const PEER_HEADER: &str = "x-meridian-peer";
 /// Header carrying the sender's cluster id.

@@ -6,7 +6,7 @@ use crate::api::extract::{Ack, ReadConsistency};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::peers::{http_client, peer_request, Peers};
-use crate::storage::{OpenedDb, Storage, StorageError};
+use crate::storage::{IdempotencyRecord, OpenedDb, Storage, StorageError};
 use meridian_shared::hlc::Hlc;
 use meridian_shared::home::rendezvous;
 use meridian_shared::session::SessionToken;
@@ -156,6 +156,40 @@ impl Region {
         let own = self.storage.identity().incarnation;
         token.observe(own, seq.unwrap_or_else(|| self.storage.last_seq()));
         token
+    }
+
+    /// The session token for a replayed answer: it covers the first write, in the log of
+    /// whichever region applied it.
+    pub fn session_after_replay(
+        &self,
+        mut token: SessionToken,
+        record: &IdempotencyRecord,
+    ) -> SessionToken {
+        let origin = record.origin.unwrap_or(self.storage.identity().incarnation);
+        token.observe(origin, record.seq);
+        token
+    }
+
+    /// `ack` for a retry answered from a peer's replicated idempotency record: the write is
+    /// durable at its origin and here, and no more can be confirmed from here (504 otherwise).
+    pub fn check_replayed_ack(&self, ack: Ack) -> Result<(), ApiError> {
+        let needed = match ack {
+            Ack::Local => 0,
+            Ack::Quorum => self.others_needed(false),
+            Ack::All => self.others_needed(true),
+        };
+        if needed <= 1 {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            actix_web::http::StatusCode::GATEWAY_TIMEOUT,
+            "consistency_timeout",
+            format!(
+                "this retry was already applied by another region; {} can confirm it in that \
+                 region and here, not in the {needed} other regions required",
+                self.name()
+            ),
+        ))
     }
 
     /// Refuses a session read this region cannot serve, after any waiting or forwarding has

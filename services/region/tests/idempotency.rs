@@ -1,9 +1,12 @@
 //! `Idempotency-Key`: a retried write is applied once and answered like the first time.
 
 mod common;
+mod support;
 
 use common::{assert_error, kv, Region, Reply};
 use serde_json::json;
+use std::time::Duration;
+use support::Cluster;
 
 fn incr(bucket: &str, key: &str) -> String {
     format!("{}/increment", kv(bucket, key))
@@ -224,4 +227,55 @@ async fn records_expire_after_the_configured_ttl() {
             "the record never expired"
         );
     }
+}
+
+#[tokio::test]
+async fn a_retry_at_another_region_while_the_home_is_down_is_replayed_not_applied_again() {
+    let cluster = Cluster::start(&["us-east", "eu-west", "ap-south"], "").await;
+    cluster
+        .create_buckets("ap-south", &[("idc", "counter")], None)
+        .await;
+    let home = "ap-south";
+    let hits = cluster.key_homed_at("idc", home, "hits");
+    let path = incr("idc", &hits);
+    let marker = kv("idc", &cluster.key_homed_at("idc", home, "marker"));
+    let key = uuid::Uuid::new_v4().to_string();
+    let headers = [("Idempotency-Key", key.as_str())];
+    let at_home = cluster.region(home);
+    let first = at_home
+        .post_with(&path, &json!({ "by": 5 }), &headers)
+        .await;
+    assert_eq!(first.expect(200), &json!({ "value": 5 }));
+    // The home logs the answer right after the write: once a later write has arrived
+    // everywhere, so has the answer.
+    at_home
+        .post(&format!("{marker}/increment"), &json!({ "by": 1 }))
+        .await
+        .expect(200);
+    cluster.converged(&marker, Duration::from_secs(15)).await;
+
+    cluster.cut_off(home);
+    cluster.wait_status("us-east", home, "down").await;
+    let east = cluster.region("us-east");
+    let retry = east.post_with(&path, &json!({ "by": 5 }), &headers).await;
+    assert_eq!(retry.expect(200), &json!({ "value": 5 }), "{retry:?}");
+    assert!(
+        replayed(&retry),
+        "answered from the replicated record: {retry:?}"
+    );
+    let conflict = east.post_with(&path, &json!({ "by": 6 }), &headers).await;
+    assert_error(&conflict, 409, "idempotency_conflict");
+    // A new key is a new write, accepted as failover.
+    let other = uuid::Uuid::new_v4().to_string();
+    let fresh = east
+        .post_with(&path, &json!({ "by": 5 }), &[("Idempotency-Key", &other)])
+        .await;
+    assert_eq!(fresh.expect(200), &json!({ "value": 10 }));
+    assert_eq!(fresh.header("x-meridian-failover"), Some("true"));
+
+    cluster.heal_all();
+    let value = cluster
+        .converged(&kv("idc", &hits), Duration::from_secs(20))
+        .await;
+    assert_eq!(value["value"], json!(10), "applied once each: {value}");
 }

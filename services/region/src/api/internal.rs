@@ -3,7 +3,7 @@
 
 use super::error::ApiError;
 use crate::region::Region;
-use crate::storage::BucketSource;
+use crate::storage::{BucketSource, IdempotencyRecord};
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, StatusCode};
@@ -146,6 +146,7 @@ async fn apply_batch(
     // failed after this point: `applied` never covers a merge that did not become durable.
     let epoch = region.storage.failure_epoch();
     let mut states = Vec::new();
+    let mut answers = Vec::new();
     for (seq, bytes) in batch.records {
         if seq <= applied && !batch.resync {
             continue; // Redelivery of what is already durable here.
@@ -168,10 +169,31 @@ async fn apply_batch(
                 })?;
                 states.push((bucket, key, state));
             }
+            LogEntry::Idempotency {
+                id,
+                fingerprint,
+                status,
+                body,
+                created_ms,
+            } => answers.push((
+                id,
+                IdempotencyRecord {
+                    fingerprint,
+                    status,
+                    body,
+                    seq,
+                    created_ms,
+                    origin: Some(incarnation),
+                },
+            )),
         }
     }
-    // Every merge is queued (in parallel across partitions) before the applied mark is.
+    // Every merge is queued (in parallel across partitions) before the idempotency answers
+    // and the applied mark are.
     let queued = crate::repair::queue_merges(region, states).await?;
+    for (id, record) in answers {
+        region.storage.submit_idempotency(id, record)?;
+    }
     let mark = region.storage.submit_applied(incarnation, last, epoch)?;
     let count = crate::repair::await_merges(queued).await?;
     let applied = mark

@@ -221,7 +221,7 @@ async fn write(
                     )
                     .into());
                 }
-                let token = region.session_after(session, Some(record.seq));
+                let token = region.session_after_replay(session, &record);
                 let mut response =
                     key_response(region, record.status, record.body, &home, token, true);
                 mark_replayed(&mut response);
@@ -248,15 +248,26 @@ async fn write(
             span: tracing::Span::current(),
         })
         .await?;
-    let (status, body, seq, replayed) = match outcome {
+    let (status, body, token, replayed) = match outcome {
         WriteOutcome::Applied { seq, state } => {
             let (status, body) = respond(&state);
-            (status, body, seq, false)
+            region.await_ack(ack, seq).await?;
+            (
+                status,
+                body,
+                region.session_after(session, Some(seq)),
+                false,
+            )
         }
-        WriteOutcome::Replayed(record) => (record.status, record.body, record.seq, true),
+        WriteOutcome::Replayed(record) => {
+            match record.origin {
+                None => region.await_ack(ack, record.seq).await?,
+                Some(_) => region.check_replayed_ack(ack)?,
+            }
+            let token = region.session_after_replay(session, &record);
+            (record.status, record.body, token, true)
+        }
     };
-    region.await_ack(ack, seq).await?;
-    let token = region.session_after(session, Some(seq));
     let mut response = key_response(region, status, body, &home, token, failover);
     if replayed {
         mark_replayed(&mut response);

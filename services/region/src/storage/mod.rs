@@ -378,6 +378,16 @@ impl Storage {
         self.writer.submit_cursor(peer, seq)
     }
 
+    /// Stores an idempotency record replicated from a peer. Queue it after the merge it
+    /// answers and before the applied mark that covers it: the mark's commit carries it.
+    pub fn submit_idempotency(
+        &self,
+        id: u128,
+        record: IdempotencyRecord,
+    ) -> Result<(), StorageError> {
+        self.writer.submit_idempotency(id, record)
+    }
+
     /// Removes log entries up to `upto` (in bounded chunks).
     pub fn submit_truncate(&self, upto: u64) -> Result<(), StorageError> {
         self.writer.submit_truncate(upto)

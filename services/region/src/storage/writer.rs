@@ -97,6 +97,8 @@ enum Request {
     ),
     Applied(Actor, u64, u64, oneshot::Sender<Result<u64, StorageError>>),
     Cursor(String, u64),
+    /// A peer's idempotency record, stored as it comes (queued after the merge it answers).
+    Idempotency(u128, IdempotencyRecord),
     Truncate(u64),
     Meta(String, Vec<u8>),
     ExpireIdempotency(u64),
@@ -179,6 +181,14 @@ impl WriterHandle {
 
     pub(super) fn submit_cursor(&self, peer: &str, seq: u64) -> Result<(), StorageError> {
         self.enqueue(Request::Cursor(peer.to_string(), seq))
+    }
+
+    pub(super) fn submit_idempotency(
+        &self,
+        id: u128,
+        record: IdempotencyRecord,
+    ) -> Result<(), StorageError> {
+        self.enqueue(Request::Idempotency(id, record))
     }
 
     pub(super) fn submit_truncate(&self, upto: u64) -> Result<(), StorageError> {
@@ -466,20 +476,30 @@ impl Writer {
                                 state: write.state.clone(),
                             };
                             changes.apply(appender.append(entry, write.trace.clone()))?;
+                            let seq = *appender.seq;
                             if let Some(pending) = &write.idempotency {
                                 let record = IdempotencyRecord {
                                     fingerprint: pending.fingerprint,
                                     status: pending.status,
                                     body: pending.body.clone(),
-                                    seq: *appender.seq,
+                                    seq,
                                     created_ms: now_ms,
+                                    origin: None,
                                 };
                                 changes.apply(Op::PutIdempotency {
                                     id: pending.id,
                                     record: record.encode(),
                                 })?;
+                                let entry = LogEntry::Idempotency {
+                                    id: pending.id,
+                                    fingerprint: pending.fingerprint,
+                                    status: pending.status,
+                                    body: pending.body.clone(),
+                                    created_ms: now_ms,
+                                };
+                                changes.apply(appender.append(entry, None))?;
                             }
-                            Outcome::Seq(*appender.seq)
+                            Outcome::Seq(seq)
                         }
                     }
                     Request::Bucket(def, source, _) => {
@@ -543,6 +563,13 @@ impl Writer {
                         changes.apply(Op::PutCursor {
                             peer: peer.as_str().into(),
                             seq: *acked,
+                        })?;
+                        Outcome::None
+                    }
+                    Request::Idempotency(id, record) => {
+                        changes.apply(Op::PutIdempotency {
+                            id: *id,
+                            record: record.encode(),
                         })?;
                         Outcome::None
                     }
@@ -742,6 +769,7 @@ impl Writer {
                     let _ = reply.send(Err(failed()));
                 }
                 Request::Cursor(..)
+                | Request::Idempotency(..)
                 | Request::Checkpoint(_)
                 | Request::Truncate(_)
                 | Request::Meta(..)
