@@ -170,14 +170,18 @@ impl Region {
         token
     }
 
-    /// `ack` for a retry answered from a peer's replicated idempotency record: the write is
-    /// durable at its origin and here, and no more can be confirmed from here (504 otherwise).
-    pub fn check_replayed_ack(&self, ack: Ack) -> Result<(), ApiError> {
-        let needed = match ack {
-            Ack::Local => 0,
-            Ack::Quorum => self.others_needed(false),
-            Ack::All => self.others_needed(true),
-        };
+    /// `ack` for a replayed answer. This region's own write is awaited like a new one; a
+    /// write another region applied (its record replicated here) is durable at its origin and
+    /// here, and no more can be confirmed from here (504 when more is required).
+    pub async fn await_replay_ack(
+        &self,
+        ack: Ack,
+        record: &IdempotencyRecord,
+    ) -> Result<(), ApiError> {
+        if record.origin.is_none() {
+            return self.await_ack(ack, record.seq).await;
+        }
+        let needed = self.others_required(ack);
         if needed <= 1 {
             return Ok(());
         }
@@ -245,13 +249,18 @@ impl Region {
         }
     }
 
-    /// Waits until enough peers have durably applied `seq` (504 when they do not in time).
-    pub async fn await_ack(&self, ack: Ack, seq: u64) -> Result<(), ApiError> {
-        let needed = match ack {
+    /// Other regions that must confirm a write for `ack`.
+    fn others_required(&self, ack: Ack) -> usize {
+        match ack {
             Ack::Local => 0,
             Ack::Quorum => self.others_needed(false),
             Ack::All => self.others_needed(true),
-        };
+        }
+    }
+
+    /// Waits until enough peers have durably applied `seq` (504 when they do not in time).
+    pub async fn await_ack(&self, ack: Ack, seq: u64) -> Result<(), ApiError> {
+        let needed = self.others_required(ack);
         if needed == 0 {
             return Ok(());
         }

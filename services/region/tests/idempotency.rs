@@ -263,6 +263,15 @@ async fn a_retry_at_another_region_while_the_home_is_down_is_replayed_not_applie
         replayed(&retry),
         "answered from the replicated record: {retry:?}"
     );
+    // The write is durable at its origin and here: a quorum of three, not all.
+    let quorum = east
+        .post_with(&format!("{path}?ack=quorum"), &json!({ "by": 5 }), &headers)
+        .await;
+    assert_eq!(quorum.expect(200), &json!({ "value": 5 }));
+    let all = east
+        .post_with(&format!("{path}?ack=all"), &json!({ "by": 5 }), &headers)
+        .await;
+    assert_error(&all, 504, "consistency_timeout");
     let conflict = east.post_with(&path, &json!({ "by": 6 }), &headers).await;
     assert_error(&conflict, 409, "idempotency_conflict");
     // A new key is a new write, accepted as failover.

@@ -221,6 +221,7 @@ async fn write(
                     )
                     .into());
                 }
+                region.await_replay_ack(ack, &record).await?;
                 let token = region.session_after_replay(session, &record);
                 let mut response =
                     key_response(region, record.status, record.body, &home, token, true);
@@ -260,10 +261,7 @@ async fn write(
             )
         }
         WriteOutcome::Replayed(record) => {
-            match record.origin {
-                None => region.await_ack(ack, record.seq).await?,
-                Some(_) => region.check_replayed_ack(ack)?,
-            }
+            region.await_replay_ack(ack, &record).await?;
             let token = region.session_after_replay(session, &record);
             (record.status, record.body, token, true)
         }
