@@ -103,7 +103,18 @@ impl OpenedDb {
         cache_bytes: usize,
         checkpoint_interval: std::time::Duration,
     ) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| StorageError::Redb(e.into()))?;
+        if !data_dir.exists() {
+            std::fs::create_dir_all(data_dir).map_err(|e| StorageError::Redb(e.into()))?;
+            // The new directory's own entry must be durable too, or a power loss could take
+            // the first acknowledged writes with it (the journal syncs what is inside).
+            let parent = data_dir
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            std::fs::File::open(parent)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|e| StorageError::Redb(e.into()))?;
+        }
         let path = data_dir.join("meridian.redb");
         let db = Arc::new(
             Database::builder()
