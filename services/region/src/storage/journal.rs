@@ -67,14 +67,11 @@ impl Journal {
             .write(true)
             .create(true)
             .truncate(false)
-            .open(path)
-            .map_err(io)?;
-        let allocated = file.metadata().map_err(io)?.len();
+            .open(path)?;
+        let allocated = file.metadata()?.len();
         if allocated == 0 {
             // A new file: its directory entry must be durable before any record relies on it.
-            if let Some(dir) = path.parent() {
-                File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-            }
+            super::sync_dir_of(path)?;
         }
         let upto = checkpointed_upto(state)?;
         let started = Instant::now();
@@ -109,7 +106,7 @@ impl Journal {
         let end = self.offset + record.len() as u64;
         if let Err(error) = self.write(&record, end, durable) {
             self.poison(format!("journal write failed: {error}"));
-            return Err(io(error));
+            return Err(error.into());
         }
         self.last = number;
         self.offset = end;
@@ -172,10 +169,6 @@ impl Journal {
         self.last_checkpoint = Instant::now();
         Ok(())
     }
-}
-
-fn io(error: std::io::Error) -> StorageError {
-    StorageError::Redb(error.into())
 }
 
 /// A round number no earlier round of this file is likely to have used.
@@ -255,7 +248,7 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> Result<bool, StorageErro
     match reader.read_exact(buf) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == ErrorKind::UnexpectedEof => Ok(false),
-        Err(e) => Err(io(e)),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -70,7 +70,8 @@ from_redb!(
     redb::TableError,
     redb::StorageError,
     redb::CommitError,
-    redb::SetDurabilityError
+    redb::SetDurabilityError,
+    std::io::Error
 );
 
 impl From<DecodeError> for StorageError {
@@ -104,23 +105,11 @@ impl OpenedDb {
         checkpoint_interval: std::time::Duration,
     ) -> Result<Self, StorageError> {
         if !data_dir.exists() {
-            std::fs::create_dir_all(data_dir).map_err(|e| StorageError::Redb(e.into()))?;
+            std::fs::create_dir_all(data_dir)?;
             // The new directory's own entry must be durable too, or a power loss could take
             // the first acknowledged writes with it (the journal syncs what is inside).
-            let parent = data_dir
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            std::fs::File::open(parent)
-                .and_then(|dir| dir.sync_all())
-                .map_err(|e| StorageError::Redb(e.into()))?;
+            sync_dir_of(data_dir)?;
         }
-        let path = data_dir.join("meridian.redb");
-        let db = Arc::new(
-            Database::builder()
-                .set_cache_size(cache_bytes)
-                .create(&path)?,
-        );
         if data_dir.join("journal.redb").exists() {
             return Err(StorageError::WrongOwner(format!(
                 "{} holds a journal.redb from an older build: stop it cleanly with that build \
@@ -128,6 +117,12 @@ impl OpenedDb {
                 data_dir.display()
             )));
         }
+        let path = data_dir.join("meridian.redb");
+        let db = Arc::new(
+            Database::builder()
+                .set_cache_size(cache_bytes)
+                .create(&path)?,
+        );
         let journal =
             journal::Journal::open(&data_dir.join("journal.wal"), &db, checkpoint_interval)?;
         let (identity, last_seq) = identity::stamp_or_check(&db, region, cluster_id)?;
@@ -237,8 +232,7 @@ impl Storage {
             commits,
             journal,
         };
-        let writer = writer::spawn(db.clone(), start, buckets.clone(), metrics)
-            .map_err(|e| StorageError::Redb(e.into()))?;
+        let writer = writer::spawn(db.clone(), start, buckets.clone(), metrics)?;
         Ok(Self {
             db,
             path,
@@ -650,6 +644,15 @@ fn build_tree(db: &Database) -> Result<MerkleTree, StorageError> {
         "anti-entropy tree built"
     );
     Ok(tree)
+}
+
+/// Makes the entry of `path` in its directory durable (after creating it).
+fn sync_dir_of(path: &Path) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// A u64 meta value (0 when absent, also before the directory is stamped).
