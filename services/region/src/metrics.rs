@@ -2,8 +2,8 @@
 
 use meridian_observability::metrics::latency_buckets;
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry,
+    exponential_buckets, Counter, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Every metric the region exports, registered in one registry.
@@ -18,6 +18,8 @@ pub struct Metrics {
     pub commit_batch_size: Histogram,
     /// Time to write and durably commit one group.
     pub commit_duration: Histogram,
+    /// Time commits waited for callers still queueing requests that belong with them.
+    pub commit_gather_wait: Counter,
     /// Writes committed (each gets a region sequence number).
     pub writes_committed: IntCounter,
     /// Bytes appended to the write-ahead journal.
@@ -142,6 +144,10 @@ impl Metrics {
                 "Time to write and durably commit one group",
             )
             .buckets(latency_buckets()),
+        )?;
+        let commit_gather_wait = Counter::new(
+            "storage_commit_gather_wait_seconds_total",
+            "Time commits waited for callers still queueing requests that belong with them",
         )?;
         let writes_committed =
             IntCounter::new("storage_writes_committed_total", "Writes durably committed")?;
@@ -336,6 +342,7 @@ impl Metrics {
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(commit_batch_size.clone()))?;
         registry.register(Box::new(commit_duration.clone()))?;
+        registry.register(Box::new(commit_gather_wait.clone()))?;
         registry.register(Box::new(writes_committed.clone()))?;
         registry.register(Box::new(journal_bytes.clone()))?;
         registry.register(Box::new(checkpoint_duration.clone()))?;
@@ -360,6 +367,7 @@ impl Metrics {
             http_duration,
             commit_batch_size,
             commit_duration,
+            commit_gather_wait,
             writes_committed,
             journal_bytes,
             checkpoint_duration,

@@ -189,12 +189,14 @@ async fn apply_batch(
         }
     }
     // Every merge is queued (in parallel across partitions) before the idempotency answers
-    // and the applied mark are.
+    // and the applied mark are; the gather keeps them all in one commit.
+    let gather = region.storage.gather();
     let queued = crate::repair::queue_merges(region, states).await?;
     for (id, record) in answers {
         region.storage.submit_idempotency(id, record)?;
     }
     let mark = region.storage.submit_applied(incarnation, last, epoch)?;
+    drop(gather);
     let count = crate::repair::await_merges(queued).await?;
     let applied = mark
         .await

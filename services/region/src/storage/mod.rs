@@ -14,8 +14,8 @@ mod writer;
 pub use idempotency::IdempotencyRecord;
 pub use identity::Identity;
 pub use writer::{
-    now_ms, now_us, rfc3339, BucketOutcome, BucketSource, KeyWrite, PendingIdempotency, Purge,
-    SharedTree, WriteTicket, MAX_SPAN_LINKS,
+    now_ms, now_us, rfc3339, BucketOutcome, BucketSource, Gather, KeyWrite, PendingIdempotency,
+    Purge, SharedTree, WriteTicket, MAX_SPAN_LINKS,
 };
 
 use crate::metrics::Metrics;
@@ -378,7 +378,14 @@ impl Storage {
         self.writer.failure_epoch()
     }
 
-    /// Records a peer's acknowledged position (at-least-once: losing one is harmless).
+    /// Holds off the next group commit while the guard lives (briefly): what the caller queues
+    /// meanwhile, from any thread, shares that commit.
+    pub fn gather(&self) -> Gather {
+        self.writer.gather()
+    }
+
+    /// Records a peer's acknowledged position, written with the next commit (at-least-once:
+    /// losing one is harmless).
     pub fn submit_cursor(&self, peer: &str, seq: u64) -> Result<(), StorageError> {
         self.writer.submit_cursor(peer, seq)
     }

@@ -18,9 +18,9 @@ use meridian_shared::merkle::{entry_hash, segment_of, MerkleTree};
 use meridian_shared::{Actor, BucketDef};
 use redb::{Database, Durability};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Requests that may wait for the writer before new writes are shed with 503.
@@ -29,6 +29,8 @@ const QUEUE_CAPACITY: usize = 65_536;
 pub const MAX_SPAN_LINKS: usize = 64;
 /// Log entries removed per truncation request, so one commit never grows without bound.
 const TRUNCATE_CHUNK: u64 = 20_000;
+/// Longest a commit waits for a [`Gather`] to finish queueing (then it commits without it).
+const GATHER_WAIT: Duration = Duration::from_micros(500);
 
 /// A key's new state, to be committed (with a replication-log entry when written here).
 #[derive(Debug)]
@@ -96,7 +98,6 @@ enum Request {
         oneshot::Sender<Result<BucketOutcome, StorageError>>,
     ),
     Applied(Actor, u64, u64, oneshot::Sender<Result<u64, StorageError>>),
-    Cursor(String, u64),
     /// A peer's idempotency record, stored as it comes (queued after the merge it answers).
     Idempotency(u128, IdempotencyRecord),
     Truncate(u64),
@@ -123,10 +124,39 @@ pub type DurableTimes = Arc<std::sync::Mutex<std::collections::VecDeque<(u64, u6
 /// Commits remembered in [`DurableTimes`].
 const DURABLE_TIMES_KEPT: usize = 8192;
 
+/// Peers' acknowledged positions not yet written: they ride along with the next commit
+/// instead of costing one each.
+type PendingCursors = Arc<Mutex<BTreeMap<String, u64>>>;
+
+/// Callers queueing requests that belong in one commit, and the writer thread to wake when
+/// the last of them is done.
+#[derive(Clone, Default)]
+struct Gathering {
+    open: Arc<AtomicUsize>,
+    writer: Arc<OnceLock<std::thread::Thread>>,
+}
+
+/// While held, the writer holds off starting a commit (up to [`GATHER_WAIT`]), so requests
+/// queued from several threads, such as a replicated batch's merges and its applied mark,
+/// share one commit and one fsync.
+pub struct Gather(Gathering);
+
+impl Drop for Gather {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(writer) = self.0.writer.get() {
+                writer.unpark();
+            }
+        }
+    }
+}
+
 /// Sending side of the writer's queue, plus what it publishes.
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::Sender<Request>,
+    cursors: PendingCursors,
+    gathering: Gathering,
     durable_times: DurableTimes,
     failures: Arc<AtomicU64>,
     last_seq: watch::Receiver<u64>,
@@ -179,8 +209,17 @@ impl WriterHandle {
         self.failures.load(Ordering::Acquire)
     }
 
+    /// Holds off the next commit until the returned guard is dropped (or [`GATHER_WAIT`]).
+    pub(super) fn gather(&self) -> Gather {
+        self.gathering.open.fetch_add(1, Ordering::AcqRel);
+        Gather(self.gathering.clone())
+    }
+
+    /// Written with the next commit; the last position given for a peer wins (it may move back).
     pub(super) fn submit_cursor(&self, peer: &str, seq: u64) -> Result<(), StorageError> {
-        self.enqueue(Request::Cursor(peer.to_string(), seq))
+        let mut cursors = self.cursors.lock().map_err(|_| StorageError::WriterGone)?;
+        cursors.insert(peer.to_string(), seq);
+        Ok(())
     }
 
     pub(super) fn submit_idempotency(
@@ -280,8 +319,12 @@ pub(super) fn spawn(
         applied: applied_rx,
         alive: alive.clone(),
         metrics: metrics.clone(),
+        cursors: PendingCursors::default(),
+        gathering: Gathering::default(),
     };
     let mut writer = Writer {
+        cursors: handle.cursors.clone(),
+        gathering: handle.gathering.clone(),
         db,
         rx,
         max_batch: start.max_batch,
@@ -300,7 +343,10 @@ pub(super) fn spawn(
     spawn_checkpoint_ticker(handle.tx.downgrade(), handle.metrics.clone())?;
     std::thread::Builder::new()
         .name("storage-writer".into())
-        .spawn(move || writer.run())?;
+        .spawn(move || {
+            let _ = writer.gathering.writer.set(std::thread::current());
+            writer.run()
+        })?;
     Ok(handle)
 }
 
@@ -337,6 +383,8 @@ struct Writer {
     tree: SharedTree,
     commits: Arc<AtomicU64>,
     journal: Journal,
+    cursors: PendingCursors,
+    gathering: Gathering,
 }
 
 /// Per-request result of a batch, sent only after the commit.
@@ -372,7 +420,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.await_gatherers(&mut batch);
             self.metrics.commit_queue_depth.sub(batch.len() as i64);
+            let ticked = batch.iter().any(|r| matches!(r, Request::Checkpoint(_)));
             let waiting: Vec<oneshot::Sender<()>> = batch
                 .iter_mut()
                 .filter_map(|r| match r {
@@ -380,9 +430,10 @@ impl Writer {
                     _ => None,
                 })
                 .collect();
-            // Checkpoint requests carry nothing to commit.
+            // Checkpoint requests carry nothing to commit, but they write out pending cursors
+            // of an otherwise idle region.
             batch.retain(|r| !matches!(r, Request::Checkpoint(_)));
-            if !batch.is_empty() {
+            if !batch.is_empty() || ticked && self.cursors_pending() {
                 self.group_commit(&mut batch);
             }
             self.checkpoint(!waiting.is_empty());
@@ -390,8 +441,48 @@ impl Writer {
                 let _ = done.send(());
             }
         }
+        if self.cursors_pending() {
+            self.group_commit(&mut batch);
+        }
         self.checkpoint(true);
         self.alive.store(false, Ordering::Release);
+    }
+
+    /// Keeps taking requests while a [`Gather`] is open, up to [`GATHER_WAIT`].
+    fn await_gatherers(&mut self, batch: &mut Vec<Request>) {
+        if self.gathering.open.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let started = Instant::now();
+        let deadline = started + GATHER_WAIT;
+        while self.gathering.open.load(Ordering::Acquire) > 0 && batch.len() < self.max_batch {
+            match self.rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    // Woken by the last gatherer's drop.
+                    std::thread::park_timeout(deadline - now);
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            }
+        }
+        // Whatever the last gatherer queued just before it let go.
+        while batch.len() < self.max_batch {
+            match self.rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        self.metrics
+            .commit_gather_wait
+            .inc_by(started.elapsed().as_secs_f64());
+    }
+
+    fn cursors_pending(&self) -> bool {
+        self.cursors.lock().is_ok_and(|c| !c.is_empty())
     }
 
     /// Commits one batch and answers everyone in it.
@@ -559,13 +650,6 @@ impl Writer {
                         applied.insert(*origin, next);
                         Outcome::Seq(next)
                     }
-                    Request::Cursor(peer, acked) => {
-                        changes.apply(Op::PutCursor {
-                            peer: peer.as_str().into(),
-                            seq: *acked,
-                        })?;
-                        Outcome::None
-                    }
                     Request::Idempotency(id, record) => {
                         changes.apply(Op::PutIdempotency {
                             id: *id,
@@ -622,6 +706,16 @@ impl Writer {
                     Request::Checkpoint(_) => Outcome::None,
                 };
                 outcomes.push(outcome);
+            }
+            let cursors = match self.cursors.lock() {
+                Ok(mut cursors) => std::mem::take(&mut *cursors),
+                Err(_) => BTreeMap::new(),
+            };
+            for (peer, seq) in cursors {
+                changes.apply(Op::PutCursor {
+                    peer: peer.into(),
+                    seq,
+                })?;
             }
             let changes_states = batch
                 .iter()
@@ -768,8 +862,7 @@ impl Writer {
                 Request::Bucket(_, _, reply) => {
                     let _ = reply.send(Err(failed()));
                 }
-                Request::Cursor(..)
-                | Request::Idempotency(..)
+                Request::Idempotency(..)
                 | Request::Checkpoint(_)
                 | Request::Truncate(_)
                 | Request::Meta(..)
