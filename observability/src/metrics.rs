@@ -11,10 +11,11 @@ pub fn render(registry: &Registry) -> String {
     String::from_utf8(buf).unwrap_or_default()
 }
 
-/// Latency buckets in seconds, from 50 µs to 10 s: fine-grained where the targets are (ms).
+/// Latency buckets in seconds, from 50 µs to 10 s: fine-grained where the targets are (ms),
+/// with bounds at exactly 1 ms and 5 ms so the share within a target is read, not estimated.
 pub fn latency_buckets() -> Vec<f64> {
     vec![
-        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-        1.0, 2.5, 10.0,
+        0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005,
+        0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
     ]
 }
