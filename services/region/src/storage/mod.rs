@@ -9,6 +9,8 @@ mod identity;
 mod journal;
 mod ops;
 pub mod tables;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 pub use idempotency::IdempotencyRecord;
