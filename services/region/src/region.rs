@@ -106,7 +106,12 @@ impl Region {
         use actix::Actor;
         crate::actors::membership::Membership::new(self.clone()).start();
         for peer in self.peers.iter() {
-            crate::actors::replicator::Replicator::new(self.clone(), peer.clone()).start();
+            // A thread each: one peer's batch never waits behind another's encode and send.
+            let (region, peer) = (self.clone(), peer.clone());
+            let arbiter = actix::Arbiter::new();
+            crate::actors::replicator::Replicator::start_in_arbiter(&arbiter.handle(), move |_| {
+                crate::actors::replicator::Replicator::new(region, peer)
+            });
         }
         crate::actors::log_gc::LogGc::new(self.clone()).start();
         if self.config.tombstone_gc_interval_ms > 0 {
