@@ -13,6 +13,7 @@ pub enum LogEntry {
         /// Key name.
         key: String,
         /// Canonical encoding of the state ([`crate::encoding::encode_state`]).
+        #[serde(with = "serde_bytes")]
         state: Vec<u8>,
     },
     /// A bucket definition was created.
@@ -27,6 +28,7 @@ pub enum LogEntry {
         /// HTTP status of the answer.
         status: u16,
         /// JSON body of the answer.
+        #[serde(with = "serde_bytes")]
         body: Vec<u8>,
         /// Wall-clock milliseconds when the origin stored it (for expiry everywhere).
         created_ms: u64,

@@ -27,6 +27,7 @@ pub struct ReplicateBatch {
     /// accept the gap; anti-entropy repairs what it skipped.
     pub resync: bool,
     /// `(sequence number, encoded LogRecord)`, ascending.
+    #[serde(with = "byte_rows")]
     pub records: Vec<(u64, Vec<u8>)>,
 }
 
@@ -149,6 +150,7 @@ pub struct AeFetch {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AeStates {
     /// `(bucket, key, state)`; keys the sender does not have are left out.
+    #[serde(with = "byte_rows")]
     pub states: Vec<(String, String, Vec<u8>)>,
 }
 
@@ -159,7 +161,57 @@ pub struct AeMerged {
     pub changed: u64,
     /// Merged states that hold more than what was pushed (the responder had something the
     /// sender lacks): the sender merges them, so a key present on both sides needs one trip.
+    #[serde(with = "byte_rows")]
     pub newer: Vec<(String, String, Vec<u8>)>,
+}
+
+/// Rows whose last column is bytes, (de)serialized as bytes rather than as a sequence of
+/// numbers: the same postcard encoding (a length, then the bytes), copied in one go instead
+/// of byte by byte.
+mod byte_rows {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    /// A row with its bytes column.
+    pub trait Row: Sized {
+        /// The row with its bytes borrowed as [`Bytes`].
+        fn as_serialized(&self) -> impl Serialize + '_;
+        /// The row as deserialized, with its bytes in a [`ByteBuf`].
+        type Deserialized: for<'de> Deserialize<'de>;
+        /// Back to the plain row.
+        fn from_deserialized(row: Self::Deserialized) -> Self;
+    }
+
+    impl Row for (u64, Vec<u8>) {
+        fn as_serialized(&self) -> impl Serialize + '_ {
+            (self.0, Bytes::new(&self.1))
+        }
+        type Deserialized = (u64, ByteBuf);
+        fn from_deserialized((seq, bytes): Self::Deserialized) -> Self {
+            (seq, bytes.into_vec())
+        }
+    }
+
+    impl Row for (String, String, Vec<u8>) {
+        fn as_serialized(&self) -> impl Serialize + '_ {
+            (&self.0, &self.1, Bytes::new(&self.2))
+        }
+        type Deserialized = (String, String, ByteBuf);
+        fn from_deserialized((bucket, key, bytes): Self::Deserialized) -> Self {
+            (bucket, key, bytes.into_vec())
+        }
+    }
+
+    pub fn serialize<R: Row, S: Serializer>(rows: &[R], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(rows.iter().map(Row::as_serialized))
+    }
+
+    pub fn deserialize<'de, R: Row, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<R>, D::Error> {
+        let rows = Vec::<R::Deserialized>::deserialize(deserializer)?;
+        Ok(rows.into_iter().map(R::from_deserialized).collect())
+    }
 }
 
 /// Encodes any protocol body as postcard (strings, vectors and integers: cannot fail).
@@ -170,4 +222,90 @@ pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
 /// Decodes a postcard protocol body.
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
     postcard::from_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{LogEntry, LogRecord};
+
+    /// The bodies as the previous build declared them: bytes as plain sequences.
+    #[derive(Serialize, Deserialize)]
+    struct PlainBatch {
+        version: u32,
+        incarnation: Actor,
+        resync: bool,
+        records: Vec<(u64, Vec<u8>)>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct PlainStates {
+        states: Vec<(String, String, Vec<u8>)>,
+    }
+
+    #[derive(Serialize)]
+    enum PlainEntry {
+        Key {
+            bucket: String,
+            key: String,
+            state: Vec<u8>,
+        },
+    }
+
+    #[derive(Serialize)]
+    struct PlainRecord {
+        committed_us: u64,
+        trace: Option<String>,
+        log_offset: u64,
+        entry: PlainEntry,
+    }
+
+    #[test]
+    fn bytes_keep_the_encoding_of_plain_sequences() {
+        let state: Vec<u8> = (0..=255).collect();
+        let record = LogRecord {
+            committed_us: 1,
+            trace: Some("00-ab-cd-01".into()),
+            log_offset: 300,
+            entry: LogEntry::Key {
+                bucket: "b".into(),
+                key: "k".into(),
+                state: state.clone(),
+            },
+        };
+        let plain_record = PlainRecord {
+            committed_us: 1,
+            trace: Some("00-ab-cd-01".into()),
+            log_offset: 300,
+            entry: PlainEntry::Key {
+                bucket: "b".into(),
+                key: "k".into(),
+                state: state.clone(),
+            },
+        };
+        let encoded = record.encode();
+        assert_eq!(encoded, encode(&plain_record), "log records");
+
+        let batch = ReplicateBatch {
+            version: PROTOCOL_VERSION,
+            incarnation: Actor::from_u128(3),
+            resync: false,
+            records: vec![(7, encoded.clone()), (8, Vec::new())],
+        };
+        let plain = PlainBatch {
+            version: PROTOCOL_VERSION,
+            incarnation: Actor::from_u128(3),
+            resync: false,
+            records: vec![(7, encoded), (8, Vec::new())],
+        };
+        assert_eq!(batch.encode(), encode(&plain), "replication batches");
+        assert_eq!(ReplicateBatch::decode(&encode(&plain)), Ok(batch));
+
+        let states = AeStates {
+            states: vec![("b".into(), "k".into(), state)],
+        };
+        let plain: PlainStates = decode(&encode(&states)).expect("plain decode");
+        assert_eq!(encode(&plain), encode(&states), "anti-entropy states");
+        assert_eq!(decode::<AeStates>(&encode(&plain)), Ok(states));
+    }
 }

@@ -12,6 +12,7 @@ pub struct IdempotencyRecord {
     /// HTTP status of the first answer.
     pub status: u16,
     /// JSON body of the first answer.
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
     /// Sequence number of the write in its origin's log (for the session token on replay).
     pub seq: u64,
@@ -27,6 +28,7 @@ pub struct IdempotencyRecord {
 struct RecordWithoutOrigin {
     fingerprint: u64,
     status: u16,
+    #[serde(with = "serde_bytes")]
     body: Vec<u8>,
     seq: u64,
     created_ms: u64,

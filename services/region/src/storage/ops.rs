@@ -16,6 +16,7 @@ pub enum Op<'a> {
     PutKey {
         bucket: Cow<'a, str>,
         key: Cow<'a, str>,
+        #[serde(with = "serde_bytes", borrow)]
         state: Cow<'a, [u8]>,
     },
     /// Removes a key's state (a causally stable tombstone).
@@ -34,22 +35,38 @@ pub enum Op<'a> {
         key: Cow<'a, str>,
     },
     /// Appends an encoded replication-log record.
-    PutLog { seq: u64, record: Vec<u8> },
+    PutLog {
+        seq: u64,
+        #[serde(with = "serde_bytes")]
+        record: Vec<u8>,
+    },
     /// Removes the replication-log records `first..=last`.
     TruncateLog { first: u64, last: u64 },
     /// Stores an encoded idempotency record.
-    PutIdempotency { id: u128, record: Vec<u8> },
+    PutIdempotency {
+        id: u128,
+        #[serde(with = "serde_bytes")]
+        record: Vec<u8>,
+    },
     /// Removes idempotency records created before this wall-clock millisecond (and any that
     /// cannot be decoded: they can never be replayed).
     ExpireIdempotency { before_ms: u64 },
     /// Stores an encoded bucket definition.
-    PutBucket { name: Cow<'a, str>, def: Vec<u8> },
+    PutBucket {
+        name: Cow<'a, str>,
+        #[serde(with = "serde_bytes")]
+        def: Vec<u8>,
+    },
     /// Sets an origin's applied sequence number.
     PutApplied { origin: u128, seq: u64 },
     /// Sets a peer's replication cursor.
     PutCursor { peer: Cow<'a, str>, seq: u64 },
     /// Sets a meta value.
-    PutMeta { key: Cow<'a, str>, value: Vec<u8> },
+    PutMeta {
+        key: Cow<'a, str>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
 }
 
 /// The state database's tables in one write transaction, each opened on first use (every
@@ -180,4 +197,66 @@ fn open<'s, 'txn, K: redb::Key + 'static, V: redb::Value + 'static>(
     }
     slot.as_mut()
         .ok_or_else(|| StorageError::Corrupt("table could not be opened".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first variants as the previous build declared them: bytes as plain sequences.
+    #[derive(Serialize)]
+    enum PlainOp<'a> {
+        PutKey {
+            bucket: Cow<'a, str>,
+            key: Cow<'a, str>,
+            state: Cow<'a, [u8]>,
+        },
+        _RemoveKey,
+        _MarkTombstone,
+        _ForgetTombstone,
+        PutLog {
+            seq: u64,
+            record: Vec<u8>,
+        },
+    }
+
+    #[test]
+    fn journal_ops_keep_the_encoding_of_plain_byte_sequences() {
+        let bytes: Vec<u8> = (0..=255).rev().collect();
+        let ops = vec![
+            Op::PutKey {
+                bucket: "b".into(),
+                key: "k".into(),
+                state: bytes.as_slice().into(),
+            },
+            Op::PutLog {
+                seq: 9,
+                record: bytes.clone(),
+            },
+        ];
+        let plain = vec![
+            PlainOp::PutKey {
+                bucket: "b".into(),
+                key: "k".into(),
+                state: bytes.as_slice().into(),
+            },
+            PlainOp::PutLog {
+                seq: 9,
+                record: bytes.clone(),
+            },
+        ];
+        let encoded = postcard::to_allocvec(&ops).expect("encode");
+        assert_eq!(encoded, postcard::to_allocvec(&plain).expect("encode"));
+        let decoded: Vec<Op<'_>> = postcard::from_bytes(&encoded).expect("decode");
+        match &decoded[0] {
+            Op::PutKey { state, .. } => {
+                assert!(
+                    matches!(state, Cow::Borrowed(_)),
+                    "replay borrows, not copies"
+                );
+                assert_eq!(state.as_ref(), bytes.as_slice());
+            }
+            other => panic!("decoded {other:?}"),
+        }
+    }
 }
