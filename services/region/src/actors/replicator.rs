@@ -1,7 +1,8 @@
 //! Replicator: one per peer, streams this region's replication log to it in sequence order.
 //!
 //! The peer's position (its cursor) is the highest of our sequence numbers it has durably
-//! applied; it is persisted on every acknowledgement. Entries past the cursor are the peer's
+//! applied; it is persisted with the commit after each acknowledgement (a cursor lost in a
+//! crash only resends what the peer skips as applied). Entries past the cursor are the peer's
 //! hints: they stay in the log (durable, never loaded in bulk) while the peer is down, are
 //! bounded by bytes and age, and drain at a bounded rate when it returns. A peer whose hints
 //! overflow is flagged for priority anti-entropy and its cursor jumps ahead so the log can be
