@@ -414,12 +414,7 @@ impl Writer {
         // Runs until every sender is gone (shutdown), answering everything queued before that.
         while let Some(first) = self.rx.blocking_recv() {
             batch.push(first);
-            while batch.len() < self.max_batch {
-                match self.rx.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
-                }
-            }
+            self.take_queued(&mut batch);
             self.await_gatherers(&mut batch);
             self.metrics.commit_queue_depth.sub(batch.len() as i64);
             let ticked = batch.iter().any(|r| matches!(r, Request::Checkpoint(_)));
@@ -448,6 +443,16 @@ impl Writer {
         self.alive.store(false, Ordering::Release);
     }
 
+    /// Adds whatever is queued now, up to the batch limit.
+    fn take_queued(&mut self, batch: &mut Vec<Request>) {
+        while batch.len() < self.max_batch {
+            match self.rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+    }
+
     /// Keeps taking requests while a [`Gather`] is open, up to [`GATHER_WAIT`].
     fn await_gatherers(&mut self, batch: &mut Vec<Request>) {
         if self.gathering.open.load(Ordering::Acquire) == 0 {
@@ -470,12 +475,7 @@ impl Writer {
             }
         }
         // Whatever the last gatherer queued just before it let go.
-        while batch.len() < self.max_batch {
-            match self.rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
+        self.take_queued(batch);
         self.metrics
             .commit_gather_wait
             .inc_by(started.elapsed().as_secs_f64());
