@@ -28,6 +28,14 @@ pub fn configure(cfg: &mut web::ServiceConfig, openapi: Arc<String>, max_batch_b
     cfg.service(
         web::scope("/v1")
             .wrap(from_fn(require_client_token))
+            // The hottest route first: resources are tried in order, a regex each.
+            .service(
+                web::resource("/kv/{bucket}/{key}")
+                    .route(web::get().to(kv::get))
+                    .route(web::put().to(kv::put))
+                    .route(web::delete().to(kv::delete))
+                    .default_service(not_allowed()),
+            )
             .service(
                 web::resource("/buckets")
                     .route(web::get().to(buckets::list))
@@ -42,13 +50,6 @@ pub fn configure(cfg: &mut web::ServiceConfig, openapi: Arc<String>, max_batch_b
             .service(
                 web::resource("/kv/{bucket}")
                     .route(web::get().to(kv::list))
-                    .default_service(not_allowed()),
-            )
-            .service(
-                web::resource("/kv/{bucket}/{key}")
-                    .route(web::get().to(kv::get))
-                    .route(web::put().to(kv::put))
-                    .route(web::delete().to(kv::delete))
                     .default_service(not_allowed()),
             )
             .service(
