@@ -8,6 +8,7 @@ use super::forward::{self, Forwarded, PeerClient};
 use crate::actors::partition::{Responder, Write, WriteError, WriteOutcome};
 use crate::region::Region;
 use crate::storage::{BucketSource, StorageError};
+use actix_web::http::header::HeaderName;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use meridian_shared::context::encode_context;
@@ -139,15 +140,20 @@ fn key_response(
     session: SessionToken,
     failover: bool,
 ) -> HttpResponse {
+    // Static names: parsing one from a string allocates, on every answer.
+    const REGION: HeaderName = HeaderName::from_static("x-meridian-region");
+    const HOME: HeaderName = HeaderName::from_static("x-meridian-home");
+    const SESSION: HeaderName = HeaderName::from_static(SESSION_HEADER);
+    const FAILOVER: HeaderName = HeaderName::from_static("x-meridian-failover");
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     let mut response = HttpResponse::build(status);
     response
         .content_type("application/json")
-        .insert_header(("X-Meridian-Region", region.name().as_str()))
-        .insert_header(("X-Meridian-Home", home.as_str()))
-        .insert_header((SESSION_HEADER, session.encode()));
+        .insert_header((REGION, region.name().as_str()))
+        .insert_header((HOME, home.as_str()))
+        .insert_header((SESSION, session.encode()));
     if failover {
-        response.insert_header(("X-Meridian-Failover", "true"));
+        response.insert_header((FAILOVER, "true"));
     }
     response.body(body)
 }
