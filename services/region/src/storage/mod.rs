@@ -380,8 +380,8 @@ impl Storage {
         self.writer.failure_epoch()
     }
 
-    /// Holds off the next group commit while the guard lives (briefly): what the caller queues
-    /// meanwhile, from any thread, shares that commit.
+    /// Holds off a group commit that carries merges while the guard lives (briefly): what the
+    /// caller queues meanwhile, from any thread, shares that commit.
     pub fn gather(&self) -> Gather {
         self.writer.gather()
     }

@@ -81,9 +81,26 @@ fn a_gather_keeps_requests_queued_meanwhile_in_one_commit() {
         gathered <= ROUNDS + ROUNDS / 4,
         "{gathered} commits for {ROUNDS} gathered merge + mark pairs"
     );
-    assert!(
-        metrics.commit_gather_wait.get() > 0.0,
-        "time spent gathering is counted"
+    let waited = metrics.commit_gather_wait.get();
+    assert!(waited > 0.0, "time spent gathering is counted");
+
+    // Client writes alone are never held back for a gather.
+    let gather = storage.gather();
+    let client_write = KeyWrite {
+        logged: true,
+        ..merge("client")
+    };
+    storage
+        .submit_key(client_write)
+        .expect("queue")
+        .blocking_recv()
+        .expect("answer")
+        .expect("durable");
+    drop(gather);
+    assert_eq!(
+        metrics.commit_gather_wait.get(),
+        waited,
+        "no wait for others"
     );
 }
 

@@ -136,9 +136,9 @@ struct Gathering {
     writer: Arc<OnceLock<std::thread::Thread>>,
 }
 
-/// While held, the writer holds off starting a commit (up to [`GATHER_WAIT`]), so requests
-/// queued from several threads, such as a replicated batch's merges and its applied mark,
-/// share one commit and one fsync.
+/// While held, the writer holds off starting a commit that carries a merge (up to
+/// [`GATHER_WAIT`]), so requests queued from several threads, such as a replicated batch's
+/// merges and its applied mark, share one commit and one fsync.
 pub struct Gather(Gathering);
 
 impl Drop for Gather {
@@ -453,9 +453,13 @@ impl Writer {
         }
     }
 
-    /// Keeps taking requests while a [`Gather`] is open, up to [`GATHER_WAIT`].
+    /// Keeps taking requests while a [`Gather`] is open, up to [`GATHER_WAIT`], if the batch
+    /// holds a merge already: a batch of client writes alone is never held back for others.
     fn await_gatherers(&mut self, batch: &mut Vec<Request>) {
-        if self.gathering.open.load(Ordering::Acquire) == 0 {
+        let merging = batch
+            .iter()
+            .any(|r| matches!(r, Request::Key(write, _) if !write.logged));
+        if !merging || self.gathering.open.load(Ordering::Acquire) == 0 {
             return;
         }
         let started = Instant::now();
