@@ -103,6 +103,21 @@ impl Message for Merge {
     type Result = Result<Option<MergeCommit>, WriteError>;
 }
 
+/// The answer stored for `Idempotency-Key` `id`, if any; a conflict if it answered a different
+/// request (another `fingerprint`).
+pub fn stored_answer(
+    storage: &Storage,
+    id: u128,
+    fingerprint: u64,
+) -> Result<Option<IdempotencyRecord>, WriteError> {
+    match storage.idempotency(id)? {
+        Some(record) if record.fingerprint != fingerprint => Err(WriteError::IdempotencyConflict(
+            "this Idempotency-Key was already used for a different request",
+        )),
+        stored => Ok(stored),
+    }
+}
+
 /// A write handed to the group commit, or a retry answered from its idempotency record.
 enum Prepared {
     Queued {
@@ -193,12 +208,7 @@ impl PartitionActor {
                     "a request with this Idempotency-Key is still in flight; retry shortly",
                 ));
             }
-            if let Some(record) = self.shared.storage.idempotency(id)? {
-                if record.fingerprint != fingerprint {
-                    return Err(WriteError::IdempotencyConflict(
-                        "this Idempotency-Key was already used for a different request",
-                    ));
-                }
+            if let Some(record) = stored_answer(&self.shared.storage, id, fingerprint)? {
                 return Ok(Prepared::Replayed(record));
             }
         }

@@ -5,7 +5,7 @@ use super::extract::{
     self, ReadConsistency, ReadQuery, WriteQuery, CONTEXT_HEADER, SESSION_HEADER,
 };
 use super::forward::{self, Forwarded, PeerClient};
-use crate::actors::partition::{Responder, Write, WriteError, WriteOutcome};
+use crate::actors::partition::{stored_answer, Responder, Write, WriteOutcome};
 use crate::region::Region;
 use crate::storage::{BucketSource, StorageError};
 use actix_web::http::header::HeaderName;
@@ -220,17 +220,9 @@ async fn write(
         // A retry of a write this region accepted as failover is answered here: forwarding
         // it to the (now reachable) home would apply it a second time.
         if let Some((id, fingerprint, _)) = idempotency {
-            if let Some(record) = region.storage.idempotency(id)? {
-                if record.fingerprint != fingerprint {
-                    return Err(WriteError::IdempotencyConflict(
-                        "this Idempotency-Key was already used for a different request",
-                    )
-                    .into());
-                }
-                region.await_replay_ack(ack, &record).await?;
-                let token = region.session_after_replay(session, &record);
-                let mut response =
-                    key_response(region, record.status, record.body, &home, token, true);
+            if let Some(record) = stored_answer(&region.storage, id, fingerprint)? {
+                let (status, body, token) = replay(region, ack, session, record).await?;
+                let mut response = key_response(region, status, body, &home, token, true);
                 mark_replayed(&mut response);
                 return Ok(response);
             }
@@ -267,9 +259,8 @@ async fn write(
             )
         }
         WriteOutcome::Replayed(record) => {
-            region.await_replay_ack(ack, &record).await?;
-            let token = region.session_after_replay(session, &record);
-            (record.status, record.body, token, true)
+            let (status, body, token) = replay(region, ack, session, record).await?;
+            (status, body, token, true)
         }
     };
     let mut response = key_response(region, status, body, &home, token, failover);
@@ -277,6 +268,18 @@ async fn write(
         mark_replayed(&mut response);
     }
     Ok(response)
+}
+
+/// A retry answered from its stored record, once `ack` holds: status, body, session token.
+async fn replay(
+    region: &Region,
+    ack: extract::Ack,
+    session: SessionToken,
+    record: crate::storage::IdempotencyRecord,
+) -> Result<(u16, Vec<u8>, SessionToken), ApiError> {
+    region.await_replay_ack(ack, &record).await?;
+    let token = region.session_after_replay(session, &record);
+    Ok((record.status, record.body, token))
 }
 
 fn mark_replayed(response: &mut HttpResponse) {
