@@ -359,18 +359,21 @@ impl Handler<Merge> for PartitionActor {
             // Keep our hybrid clock ahead of every timestamp we have seen.
             self.shared.hlc.observe(reg.marker.hlc);
         }
-        let merged = match self.current(&slot)? {
-            None => msg.state,
+        let (merged, encoded) = match self.current(&slot)? {
+            None => {
+                let encoded = encode_state(&msg.state);
+                (msg.state, encoded)
+            }
             Some(mut current) => {
                 let before = encode_state(&current);
                 current.merge(msg.state)?;
-                if encode_state(&current) == before {
+                let after = encode_state(&current);
+                if after == before {
                     return Ok(None); // Nothing new: a redelivery or an older state.
                 }
-                current
+                (current, after)
             }
         };
-        let encoded = encode_state(&merged);
         let (ticket, version) = self.queue(slot.clone(), &merged, encoded, false, None, None)?;
         let commit: MergeCommit = async move {
             match ticket.await {
