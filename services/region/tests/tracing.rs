@@ -227,6 +227,15 @@ async fn a_write_at_a_non_home_region_is_one_trace_across_all_regions() {
             send.parent, write[0].span_id,
             "the send continues the write"
         );
+        // Under the sampled request: the batch's apply, and the key's merge under that.
+        let apply = find(replica, &|s| {
+            s.name == "replicate_apply" && s.parent == applied[0].span_id
+        });
+        assert_eq!(apply.len(), 1, "{replica} applies the batch: {trace:#?}");
+        let merge = find(replica, &|s| {
+            s.name == "partition_merge" && s.parent == apply[0].span_id
+        });
+        assert_eq!(merge.len(), 1, "{replica} merges the key: {trace:#?}");
     }
 }
 

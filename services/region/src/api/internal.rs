@@ -109,8 +109,12 @@ async fn replicate(
             ),
         ));
     }
-    let span =
-        tracing::info_span!("replicate_apply", origin = %origin, entries = batch.records.len());
+    // Only under a sampled request span: one per unsampled batch, with a merge span per entry
+    // under it, cost CPU for spans nobody would see.
+    let span = meridian_observability::propagation::child_span(
+        &tracing::Span::current(),
+        || tracing::info_span!("replicate_apply", origin = %origin, entries = batch.records.len()),
+    );
     let applied = apply_batch(&region, &origin, batch)
         .instrument(span)
         .await?;
