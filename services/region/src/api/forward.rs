@@ -102,7 +102,11 @@ pub async fn forward(
             request = request.header(name, value.as_bytes());
         }
     }
-    let span = tracing::info_span!("forward_to_home", "otel.kind" = "client", home = %home);
+    // Only under a sampled request: an unsampled one would be a span nobody sees.
+    let span = meridian_observability::propagation::child_span(
+        &tracing::Span::current(),
+        || tracing::info_span!("forward_to_home", "otel.kind" = "client", home = %home),
+    );
     let mut trace_headers = reqwest::header::HeaderMap::new();
     meridian_observability::propagation::inject(&span, &mut trace_headers);
     request = request.headers(trace_headers);
