@@ -45,8 +45,12 @@ pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> 
             log: data_dir.join(format!("{name}.log")),
         })
         .collect();
+    let workers = workers_per_region(count);
     for region in &regions {
-        fs::write(&region.config, config_for(region, &regions, &data_dir))?;
+        fs::write(
+            &region.config,
+            config_for(region, &regions, &data_dir, workers),
+        )?;
     }
 
     let exe = std::env::current_exe().context("cannot find the meridian binary")?;
@@ -78,9 +82,17 @@ pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> 
     outcome
 }
 
-fn config_for(region: &DemoRegion, all: &[DemoRegion], data_dir: &Path) -> String {
+/// HTTP workers (and partition threads) for each of `count` regions sharing this machine: its
+/// share of the cores. Threads beyond the cores only add hand-offs; three regions on 2 cores
+/// replicated faster with one worker each than with two.
+fn workers_per_region(count: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cores / count.max(1)).max(1)
+}
+
+fn config_for(region: &DemoRegion, all: &[DemoRegion], data_dir: &Path, workers: usize) -> String {
     let mut config = format!(
-        "region = \"{}\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ncluster_id = \"demo\"\n\n[peers]\n",
+        "region = \"{}\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ncluster_id = \"demo\"\nworkers = {workers}\n\n[peers]\n",
         region.name,
         region.port,
         data_dir.join(&region.name).display()
@@ -199,4 +211,34 @@ fn print_banner(regions: &[DemoRegion], data_dir: &Path) {
          curl {url}/v1/cluster\n\nData: {}\nCtrl-C stops every region.",
         data_dir.display()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn each_region_gets_its_share_of_the_cores_and_every_other_region_as_a_peer() {
+        let dir = Path::new("/tmp/meridian-demo-test");
+        let regions: Vec<DemoRegion> = region_names(3)
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| DemoRegion {
+                port: 7001 + i as u16,
+                config: dir.join(format!("{name}.toml")),
+                log: dir.join(format!("{name}.log")),
+                name,
+            })
+            .collect();
+        let workers = workers_per_region(3);
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        assert!(workers >= 1 && (workers * 3 <= cores || workers == 1));
+        let config = Config::load_from_str(&config_for(&regions[1], &regions, dir, workers))
+            .expect("a valid config");
+        assert_eq!(config.region.as_str(), "eu-west");
+        assert_eq!(config.worker_threads(), workers);
+        assert_eq!(config.peers.len(), 2);
+        assert_eq!(config.cluster_id, "demo");
+    }
 }
