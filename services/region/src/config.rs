@@ -305,9 +305,14 @@ impl Config {
         if self.workers > 0 {
             self.workers
         } else {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
+            cores()
         }
     }
+}
+
+/// CPUs this process may use (2 when that cannot be told).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 #[cfg(test)]

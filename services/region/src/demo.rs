@@ -86,8 +86,7 @@ pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> 
 /// share of the cores. Threads beyond the cores only add hand-offs; three regions on 2 cores
 /// replicated faster with one worker each than with two.
 fn workers_per_region(count: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    (cores / count.max(1)).max(1)
+    (crate::config::cores() / count.max(1)).max(1)
 }
 
 fn config_for(region: &DemoRegion, all: &[DemoRegion], data_dir: &Path, workers: usize) -> String {
@@ -232,7 +231,7 @@ mod tests {
             })
             .collect();
         let workers = workers_per_region(3);
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let cores = crate::config::cores();
         assert!(workers >= 1 && (workers * 3 <= cores || workers == 1));
         let config = Config::load_from_str(&config_for(&regions[1], &regions, dir, workers))
             .expect("a valid config");
