@@ -20,6 +20,14 @@ pub const CONTEXT_HEADER: &str = "x-meridian-context";
 pub const SESSION_HEADER: &str = "x-meridian-session";
 /// Request header making a write idempotent.
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+/// Response header naming the region that answered.
+pub const REGION_HEADER: &str = "x-meridian-region";
+/// Response header naming the key's home region.
+pub const HOME_HEADER: &str = "x-meridian-home";
+/// Response header set when a write was accepted outside its home region.
+pub const FAILOVER_HEADER: &str = "x-meridian-failover";
+/// Response header set when a retried write was answered from its idempotency record.
+pub const REPLAYED_HEADER: &str = "idempotency-replayed";
 
 /// The percent-decoded, validated path segment at `index` (`/v1/kv/{bucket}/{key}`: 3 and 4).
 ///

@@ -6,6 +6,10 @@
 //! counter increment twice.
 
 use super::error::ApiError;
+use super::extract::{
+    CONTEXT_HEADER, FAILOVER_HEADER, HOME_HEADER, IDEMPOTENCY_HEADER, REGION_HEADER,
+    REPLAYED_HEADER, SESSION_HEADER,
+};
 use crate::region::Region;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse};
@@ -29,19 +33,19 @@ pub enum Forwarded {
 const PASSED_REQUEST_HEADERS: [&str; 5] = [
     "content-type",
     "authorization",
-    "idempotency-key",
-    "x-meridian-context",
-    "x-meridian-session",
+    IDEMPOTENCY_HEADER,
+    CONTEXT_HEADER,
+    SESSION_HEADER,
 ];
 
 /// Response headers passed back from the home.
 const PASSED_RESPONSE_HEADERS: [&str; 7] = [
     "content-type",
-    "x-meridian-region",
-    "x-meridian-home",
-    "x-meridian-session",
-    "x-meridian-failover",
-    "idempotency-replayed",
+    REGION_HEADER,
+    HOME_HEADER,
+    SESSION_HEADER,
+    FAILOVER_HEADER,
+    REPLAYED_HEADER,
     "retry-after",
 ];
 

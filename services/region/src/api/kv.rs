@@ -141,10 +141,10 @@ fn key_response(
     failover: bool,
 ) -> HttpResponse {
     // Static names: parsing one from a string allocates, on every answer.
-    const REGION: HeaderName = HeaderName::from_static("x-meridian-region");
-    const HOME: HeaderName = HeaderName::from_static("x-meridian-home");
+    const REGION: HeaderName = HeaderName::from_static(extract::REGION_HEADER);
+    const HOME: HeaderName = HeaderName::from_static(extract::HOME_HEADER);
     const SESSION: HeaderName = HeaderName::from_static(SESSION_HEADER);
-    const FAILOVER: HeaderName = HeaderName::from_static("x-meridian-failover");
+    const FAILOVER: HeaderName = HeaderName::from_static(extract::FAILOVER_HEADER);
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     let mut response = HttpResponse::build(status);
     response
@@ -284,7 +284,7 @@ async fn replay(
 
 fn mark_replayed(response: &mut HttpResponse) {
     response.headers_mut().insert(
-        actix_web::http::header::HeaderName::from_static("idempotency-replayed"),
+        HeaderName::from_static(extract::REPLAYED_HEADER),
         actix_web::http::header::HeaderValue::from_static("true"),
     );
 }
