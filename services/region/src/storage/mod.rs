@@ -8,6 +8,7 @@ mod idempotency;
 mod identity;
 mod journal;
 mod ops;
+mod snapshot;
 pub mod tables;
 #[cfg(test)]
 mod tests;
@@ -181,6 +182,7 @@ pub struct Storage {
     writer: writer::WriterHandle,
     buckets: BucketCache,
     tree: SharedTree,
+    snapshots: Arc<snapshot::KeySnapshots>,
 }
 
 /// A `(bucket, key)` position in key order.
@@ -225,6 +227,7 @@ impl Storage {
         let (log_bytes, applied) = load_progress(&db)?;
         metrics.last_sequence.set(last_seq as i64);
         let tree = Arc::new(std::sync::Mutex::new(build_tree(&db)?));
+        let snapshots = Arc::new(snapshot::KeySnapshots::default());
         let start = writer::WriterStart {
             last_seq,
             log_bytes,
@@ -233,6 +236,7 @@ impl Storage {
             tree: tree.clone(),
             commits,
             journal,
+            snapshots: snapshots.clone(),
         };
         let writer = writer::spawn(db.clone(), start, buckets.clone(), metrics)?;
         Ok(Self {
@@ -242,6 +246,7 @@ impl Storage {
             writer,
             buckets,
             tree,
+            snapshots,
         })
     }
 
@@ -292,8 +297,7 @@ impl Storage {
         &self,
         keys: &[KeyName],
     ) -> Result<Vec<(String, String, Vec<u8>)>, StorageError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(KEYS)?;
+        let table = self.snapshots.table(&self.db)?;
         let mut out = Vec::with_capacity(keys.len());
         for (bucket, key) in keys {
             if let Some(state) = table.get((bucket.as_str(), key.as_str()))? {
@@ -468,8 +472,7 @@ impl Storage {
 
     /// A key's committed state, if it was ever written.
     pub fn key_state(&self, bucket: &str, key: &str) -> Result<Option<KeyState>, StorageError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(KEYS)?;
+        let table = self.snapshots.table(&self.db)?;
         let Some(bytes) = table.get((bucket, key))? else {
             return Ok(None);
         };

@@ -10,6 +10,7 @@
 use super::idempotency::IdempotencyRecord;
 use super::journal::Journal;
 use super::ops::{Op, StateTables};
+use super::snapshot::KeySnapshots;
 use super::tables::meta;
 use super::{BucketCache, StorageError};
 use crate::metrics::Metrics;
@@ -291,6 +292,7 @@ pub(super) struct WriterStart {
     pub tree: SharedTree,
     pub commits: u64,
     pub journal: Journal,
+    pub snapshots: Arc<KeySnapshots>,
 }
 
 /// The anti-entropy tree, updated by the writer after every commit.
@@ -339,6 +341,7 @@ pub(super) fn spawn(
         tree: start.tree,
         commits,
         journal: start.journal,
+        snapshots: start.snapshots,
     };
     spawn_checkpoint_ticker(handle.tx.downgrade(), handle.metrics.clone())?;
     std::thread::Builder::new()
@@ -385,6 +388,7 @@ struct Writer {
     journal: Journal,
     cursors: PendingCursors,
     gathering: Gathering,
+    snapshots: Arc<KeySnapshots>,
 }
 
 /// Per-request result of a batch, sent only after the commit.
@@ -750,7 +754,10 @@ impl Writer {
             self.metrics.journal_bytes.inc_by(bytes as u64);
         }
         drop(ops);
-        if let Err(error) = txn.commit() {
+        self.snapshots.commit_starts();
+        let committed = txn.commit();
+        self.snapshots.commit_ended();
+        if let Err(error) = committed {
             // The journal already holds this batch: a restart replays it. Until then nothing
             // may be written on top of a state database that lacks it, and no checkpoint may
             // declare it held.
