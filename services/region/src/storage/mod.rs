@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use tables::{meta, APPLIED, BUCKETS, IDEMPOTENCY, KEYS, LOG, META, PEER_CURSORS, TOMBSTONES};
+use tables::{meta, APPLIED, BUCKETS, KEYS, LOG, META, PEER_CURSORS, TOMBSTONES};
 use tokio::sync::watch;
 
 /// Why a storage operation failed.
@@ -182,7 +182,7 @@ pub struct Storage {
     writer: writer::WriterHandle,
     buckets: BucketCache,
     tree: SharedTree,
-    snapshots: Arc<snapshot::KeySnapshots>,
+    snapshots: Arc<snapshot::Snapshots>,
 }
 
 /// A `(bucket, key)` position in key order.
@@ -227,7 +227,7 @@ impl Storage {
         let (log_bytes, applied) = load_progress(&db)?;
         metrics.last_sequence.set(last_seq as i64);
         let tree = Arc::new(std::sync::Mutex::new(build_tree(&db)?));
-        let snapshots = Arc::new(snapshot::KeySnapshots::default());
+        let snapshots = Arc::new(snapshot::Snapshots::default());
         let start = writer::WriterStart {
             last_seq,
             log_bytes,
@@ -297,10 +297,10 @@ impl Storage {
         &self,
         keys: &[KeyName],
     ) -> Result<Vec<(String, String, Vec<u8>)>, StorageError> {
-        let table = self.snapshots.table(&self.db)?;
+        let snapshot = self.snapshots.latest(&self.db)?;
         let mut out = Vec::with_capacity(keys.len());
         for (bucket, key) in keys {
-            if let Some(state) = table.get((bucket.as_str(), key.as_str()))? {
+            if let Some(state) = snapshot.keys.get((bucket.as_str(), key.as_str()))? {
                 out.push((bucket.clone(), key.clone(), state.value().to_vec()));
             }
         }
@@ -472,8 +472,8 @@ impl Storage {
 
     /// A key's committed state, if it was ever written.
     pub fn key_state(&self, bucket: &str, key: &str) -> Result<Option<KeyState>, StorageError> {
-        let table = self.snapshots.table(&self.db)?;
-        let Some(bytes) = table.get((bucket, key))? else {
+        let snapshot = self.snapshots.latest(&self.db)?;
+        let Some(bytes) = snapshot.keys.get((bucket, key))? else {
             return Ok(None);
         };
         Ok(Some(decode_state(bytes.value())?))
@@ -481,9 +481,8 @@ impl Storage {
 
     /// A stored idempotency record.
     pub fn idempotency(&self, id: u128) -> Result<Option<IdempotencyRecord>, StorageError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(IDEMPOTENCY)?;
-        let Some(bytes) = table.get(id)? else {
+        let snapshot = self.snapshots.latest(&self.db)?;
+        let Some(bytes) = snapshot.idempotency.get(id)? else {
             return Ok(None);
         };
         IdempotencyRecord::decode(bytes.value())

@@ -10,7 +10,7 @@
 use super::idempotency::IdempotencyRecord;
 use super::journal::Journal;
 use super::ops::{Op, StateTables};
-use super::snapshot::KeySnapshots;
+use super::snapshot::Snapshots;
 use super::tables::meta;
 use super::{BucketCache, StorageError};
 use crate::metrics::Metrics;
@@ -292,7 +292,7 @@ pub(super) struct WriterStart {
     pub tree: SharedTree,
     pub commits: u64,
     pub journal: Journal,
-    pub snapshots: Arc<KeySnapshots>,
+    pub snapshots: Arc<Snapshots>,
 }
 
 /// The anti-entropy tree, updated by the writer after every commit.
@@ -388,7 +388,7 @@ struct Writer {
     journal: Journal,
     cursors: PendingCursors,
     gathering: Gathering,
-    snapshots: Arc<KeySnapshots>,
+    snapshots: Arc<Snapshots>,
 }
 
 /// Per-request result of a batch, sent only after the commit.
