@@ -141,7 +141,7 @@ pub struct PartitionActor {
     idempotency_in_flight: HashSet<u128, RandomState>,
     next_version: u64,
     /// Committed states of recently written keys. This actor is the only writer of its keys,
-    /// so the cache cannot go stale; it saves a read transaction per write.
+    /// so the cache cannot go stale; it saves a storage read and decode per write.
     cache: StateCache,
 }
 
