@@ -40,6 +40,12 @@ pub struct Metrics {
     pub last_sequence: IntGauge,
     /// Size of the redb file, sampled at scrape time.
     pub storage_size_bytes: IntGauge,
+    /// Key states in the write-back overlay, sampled at scrape time.
+    pub overlay_entries: IntGauge,
+    /// Approximate memory of the write-back overlay, sampled at scrape time.
+    pub overlay_bytes: IntGauge,
+    /// Key states moved from the overlay into the state database.
+    pub overlay_flushed: IntCounter,
     /// 1 while a peer is considered up.
     pub peer_up: IntGaugeVec,
     /// Heartbeats that failed, by peer.
@@ -188,6 +194,18 @@ impl Metrics {
             "Highest region sequence number committed",
         )?;
         let storage_size_bytes = IntGauge::new("storage_size_bytes", "Size of the redb file")?;
+        let overlay_entries = IntGauge::new(
+            "storage_overlay_entries",
+            "Key states committed but not yet in the state database",
+        )?;
+        let overlay_bytes = IntGauge::new(
+            "storage_overlay_bytes",
+            "Approximate memory of the key states not yet in the state database",
+        )?;
+        let overlay_flushed = IntCounter::new(
+            "storage_overlay_flushed_total",
+            "Key states moved from the overlay into the state database",
+        )?;
 
         let peer_up = IntGaugeVec::new(Opts::new("peer_up", "1 while the peer is up"), &["peer"])?;
         let heartbeats_failed = IntCounterVec::new(
@@ -352,6 +370,9 @@ impl Metrics {
         registry.register(Box::new(writes_shed.clone()))?;
         registry.register(Box::new(last_sequence.clone()))?;
         registry.register(Box::new(storage_size_bytes.clone()))?;
+        registry.register(Box::new(overlay_entries.clone()))?;
+        registry.register(Box::new(overlay_bytes.clone()))?;
+        registry.register(Box::new(overlay_flushed.clone()))?;
         for outcome in [
             "answered",
             "refused",
@@ -378,6 +399,9 @@ impl Metrics {
             writes_shed,
             last_sequence,
             storage_size_bytes,
+            overlay_entries,
+            overlay_bytes,
+            overlay_flushed,
             peer_up,
             heartbeats_failed,
             replication_batches,

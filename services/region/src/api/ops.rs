@@ -30,6 +30,9 @@ pub async fn readyz(region: web::Data<Region>) -> Result<HttpResponse, ApiError>
 pub async fn metrics(region: web::Data<Region>) -> HttpResponse {
     let size = region.storage.file_size();
     region.metrics.storage_size_bytes.set(size as i64);
+    let (entries, bytes) = region.storage.overlay_size();
+    region.metrics.overlay_entries.set(entries as i64);
+    region.metrics.overlay_bytes.set(bytes as i64);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(meridian_observability::metrics::render(

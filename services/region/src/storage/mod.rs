@@ -8,6 +8,8 @@ mod idempotency;
 mod identity;
 mod journal;
 mod ops;
+mod overlay;
+mod scan;
 mod snapshot;
 pub mod tables;
 #[cfg(test)]
@@ -183,6 +185,7 @@ pub struct Storage {
     buckets: BucketCache,
     tree: SharedTree,
     snapshots: Arc<snapshot::Snapshots>,
+    overlay: Arc<overlay::Overlay>,
 }
 
 /// A `(bucket, key)` position in key order.
@@ -228,6 +231,7 @@ impl Storage {
         metrics.last_sequence.set(last_seq as i64);
         let tree = Arc::new(std::sync::Mutex::new(build_tree(&db)?));
         let snapshots = Arc::new(snapshot::Snapshots::default());
+        let overlay = Arc::new(overlay::Overlay::default());
         let start = writer::WriterStart {
             last_seq,
             log_bytes,
@@ -237,6 +241,7 @@ impl Storage {
             commits,
             journal,
             snapshots: snapshots.clone(),
+            overlay: overlay.clone(),
         };
         let writer = writer::spawn(db.clone(), start, buckets.clone(), metrics)?;
         Ok(Self {
@@ -247,6 +252,7 @@ impl Storage {
             buckets,
             tree,
             snapshots,
+            overlay,
         })
     }
 
@@ -266,30 +272,29 @@ impl Storage {
         max_digests: usize,
         max_scan: usize,
     ) -> Result<(Vec<Digest>, Option<KeyName>), StorageError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(KEYS)?;
-        let range = table.range::<(&str, &str)>(exclusive_after(after))?;
+        let from = after.map_or(Bound::Unbounded, |name| Bound::Excluded(name.clone()));
         let mut digests = Vec::new();
         let mut scanned = 0;
-        for entry in range {
-            let (name, state) = entry?;
-            let (bucket, key) = name.value();
+        let mut stopped_at = None;
+        scan::scan_states(&self.db, &self.overlay, from, |bucket, key, state| {
             if upto.is_some_and(|(b, k)| (bucket, key) > (b.as_str(), k.as_str())) {
-                break;
+                return Ok(false);
             }
             if segments.contains(segment_of(bucket, key)) {
                 digests.push(Digest {
                     bucket: bucket.to_string(),
                     key: key.to_string(),
-                    hash: entry_hash(bucket, key, state.value()),
+                    hash: entry_hash(bucket, key, state),
                 });
             }
             scanned += 1;
             if digests.len() >= max_digests || scanned >= max_scan {
-                return Ok((digests, Some((bucket.to_string(), key.to_string()))));
+                stopped_at = Some((bucket.to_string(), key.to_string()));
+                return Ok(false);
             }
-        }
-        Ok((digests, None))
+            Ok(true)
+        })?;
+        Ok((digests, stopped_at))
     }
 
     /// The stored (canonical encoded) states of `keys`; absent keys are left out.
@@ -297,13 +302,25 @@ impl Storage {
         &self,
         keys: &[KeyName],
     ) -> Result<Vec<(String, String, Vec<u8>)>, StorageError> {
+        let mut found: Vec<Option<Vec<u8>>> = keys
+            .iter()
+            .map(|(bucket, key)| self.overlay.with(bucket, key, <[u8]>::to_vec))
+            .collect();
+        // Opened after every overlay lookup: a state that left the overlay meanwhile is in it.
         let snapshot = self.snapshots.latest(&self.db)?;
-        let mut out = Vec::with_capacity(keys.len());
-        for (bucket, key) in keys {
-            if let Some(state) = snapshot.keys.get((bucket.as_str(), key.as_str()))? {
-                out.push((bucket.clone(), key.clone(), state.value().to_vec()));
+        for ((bucket, key), state) in keys.iter().zip(found.iter_mut()) {
+            if state.is_none() {
+                *state = snapshot
+                    .keys
+                    .get((bucket.as_str(), key.as_str()))?
+                    .map(|stored| stored.value().to_vec());
             }
         }
+        let out = keys
+            .iter()
+            .zip(found)
+            .filter_map(|((bucket, key), state)| Some((bucket.clone(), key.clone(), state?)))
+            .collect();
         Ok(out)
     }
 
@@ -472,6 +489,9 @@ impl Storage {
 
     /// A key's committed state, if it was ever written.
     pub fn key_state(&self, bucket: &str, key: &str) -> Result<Option<KeyState>, StorageError> {
+        if let Some(state) = self.overlay.with(bucket, key, decode_state) {
+            return Ok(Some(state?));
+        }
         let snapshot = self.snapshots.latest(&self.db)?;
         let Some(bytes) = snapshot.keys.get((bucket, key))? else {
             return Ok(None);
@@ -573,33 +593,28 @@ impl Storage {
         after: Option<&str>,
         limit: usize,
     ) -> Result<KeyPage, StorageError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(KEYS)?;
         let start = match after {
             Some(after) if after >= prefix => after,
             _ => prefix,
         };
+        let from = Bound::Included((bucket.to_string(), start.to_string()));
         let mut keys = Vec::with_capacity(limit.min(1024));
         let mut more = false;
-        for entry in table.range((bucket, start)..)? {
-            let (k, v) = entry?;
-            let (b, key) = k.value();
+        scan::scan_states(&self.db, &self.overlay, from, |b, key, state| {
             if b != bucket || !key.starts_with(prefix) {
-                break;
-            }
-            if Some(key) == after {
-                continue;
+                return Ok(false);
             }
             // A deleted register is a tombstone, not a key a client can see.
-            if matches!(decode_state(v.value())?.view(), View::Absent) {
-                continue;
+            if Some(key) == after || matches!(decode_state(state)?.view(), View::Absent) {
+                return Ok(true);
             }
             if keys.len() == limit {
                 more = true;
-                break;
+                return Ok(false);
             }
             keys.push(key.to_string());
-        }
+            Ok(true)
+        })?;
         let next = if more { keys.last().cloned() } else { None };
         Ok(KeyPage { keys, next })
     }
@@ -607,6 +622,11 @@ impl Storage {
     /// Size of the database file in bytes.
     pub fn file_size(&self) -> u64 {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+
+    /// Key states in the write-back overlay, and the memory they hold (approximately).
+    pub fn overlay_size(&self) -> (u64, u64) {
+        (self.overlay.entries(), self.overlay.bytes())
     }
 }
 

@@ -4,10 +4,11 @@
 //! Opening a read transaction and its table cost more than the lookup itself: about half of a
 //! GET's storage time, and a write to a key not yet cached, or with an `Idempotency-Key`, pays
 //! it too. Point reads share the latest snapshot instead, but only where a fresh transaction
-//! would see exactly the same data: the writer makes the generation odd before each group
-//! commit and even after it (a checkpoint's commit changes neither table), and a snapshot is
-//! shared only if no commit started or ended while it was opened. A read that overlaps a commit opens its own, as every read did before. The writer
-//! drops the shared snapshot when a commit starts, so it never pins pages that commits free.
+//! would see exactly the same data: the writer makes the generation odd before each commit
+//! (group commits, and those that move the overlay's key states in) and even after it,
+//! and a snapshot is shared only if no commit started or ended while it was opened. A read
+//! that overlaps a commit opens its own, as every read did before. The writer drops the shared
+//! snapshot when a commit starts, so it never pins pages that commits free.
 
 use super::tables::{IDEMPOTENCY, KEYS};
 use super::StorageError;

@@ -8,9 +8,14 @@ use std::time::{Duration, Instant};
 
 /// A started storage in `dir`, with its metrics.
 fn start(dir: &Path) -> (Storage, Arc<Metrics>) {
+    start_with(dir, Duration::from_secs(60))
+}
+
+/// A started storage that checkpoints every `checkpoint_interval` when anything was written.
+fn start_with(dir: &Path, checkpoint_interval: Duration) -> (Storage, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new("us-east").expect("metrics"));
     let region = RegionName::new("us-east").expect("region name");
-    let opened = OpenedDb::open(dir, &region, "test", 16 << 20, Duration::from_secs(60))
+    let opened = OpenedDb::open(dir, &region, "test", 16 << 20, checkpoint_interval)
         .expect("open data directory");
     let storage = Storage::start(opened, 1024, metrics.clone()).expect("start writer");
     (storage, metrics)
@@ -148,4 +153,216 @@ fn cursors_ride_along_with_the_next_commit_and_a_clean_stop() {
     storage.submit_cursor("ap-south", 9).expect("cursor");
     runtime.block_on(storage.checkpoint()).expect("checkpoint");
     assert_eq!(cursor("ap-south"), Some(9));
+}
+
+/// One step of the overlay model test.
+#[derive(Debug, Clone)]
+enum Step {
+    /// Sets `(bucket, key)` to state number `n` (0: a register with no value, hidden from
+    /// listings).
+    Put(usize, usize, i64),
+    /// Purges `(bucket, key)` if its state is still number `n`.
+    Purge(usize, usize, i64),
+    /// Moves the overlay into the state database.
+    Checkpoint,
+}
+
+const BUCKETS: [&str; 3] = ["a", "a-b", "b"];
+const MODEL_KEYS: [&str; 6] = ["k", "k1", "k10", "k2", "x", "x1"];
+
+fn numbered_state(n: i64) -> Vec<u8> {
+    if n == 0 {
+        return encode_state(&KeyState::empty(BucketType::Register));
+    }
+    let mut state = KeyState::empty(BucketType::Counter);
+    let by = meridian_shared::state::Op::Increment { by: n };
+    state.apply(by, Actor::from_u128(1), 1).expect("counter op");
+    encode_state(&state)
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    let name = (0..BUCKETS.len(), 0..MODEL_KEYS.len());
+    prop_oneof![
+        6 => (name.clone(), 0..4i64).prop_map(|((b, k), n)| Step::Put(b, k, n)),
+        2 => (name, 0..4i64).prop_map(|((b, k), n)| Step::Purge(b, k, n)),
+        1 => Just(Step::Checkpoint),
+    ]
+}
+
+/// Every way of reading key states agrees with a plain map of what was written: point reads,
+/// batch reads, listings page by page, digest scans page by page and the anti-entropy tree,
+/// whether a state sits in the overlay, the state database, or both (an older one there).
+fn check_reads(storage: &Storage, model: &BTreeMap<KeyName, Vec<u8>>) {
+    let all: Vec<KeyName> = BUCKETS
+        .iter()
+        .flat_map(|b| MODEL_KEYS.iter().map(|k| (b.to_string(), k.to_string())))
+        .collect();
+    for (bucket, key) in &all {
+        let expected = model.get(&(bucket.clone(), key.clone()));
+        let read = storage.key_state(bucket, key).expect("key state");
+        assert_eq!(
+            read.map(|s| encode_state(&s)).as_ref(),
+            expected,
+            "{bucket}/{key}"
+        );
+    }
+    let raw: Vec<(String, String, Vec<u8>)> = model
+        .iter()
+        .map(|((b, k), s)| (b.clone(), k.clone(), s.clone()))
+        .collect();
+    assert_eq!(storage.raw_states(&all).expect("raw states"), raw);
+
+    for bucket in BUCKETS {
+        for prefix in ["", "k1", "x"] {
+            let live: Vec<String> = model
+                .iter()
+                .filter(|((b, k), s)| {
+                    b == bucket && k.starts_with(prefix) && **s != numbered_state(0)
+                })
+                .map(|((_, k), _)| k.clone())
+                .collect();
+            let mut listed = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let page = storage
+                    .list_keys(bucket, prefix, after.as_deref(), 2)
+                    .expect("list");
+                listed.extend(page.keys);
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            assert_eq!(listed, live, "listing {bucket} prefix {prefix:?}");
+        }
+    }
+
+    let expected: Vec<Digest> = model
+        .iter()
+        .map(|((b, k), s)| Digest {
+            bucket: b.clone(),
+            key: k.clone(),
+            hash: entry_hash(b, k, s),
+        })
+        .collect();
+    let mut digests = Vec::new();
+    let mut after: Option<KeyName> = None;
+    loop {
+        let (page, stopped) = storage
+            .digests(&SegmentFilter::all(), after.as_ref(), None, usize::MAX, 3)
+            .expect("digests");
+        digests.extend(page);
+        match stopped {
+            Some(at) => after = Some(at),
+            None => break,
+        }
+    }
+    assert_eq!(digests, expected, "digest scan");
+
+    let mut tree = MerkleTree::new();
+    for ((b, k), s) in model {
+        tree.toggle(segment_of(b, k), entry_hash(b, k, s));
+    }
+    let root = storage.with_tree(|t| t.root()).expect("tree");
+    assert_eq!(root, tree.root(), "anti-entropy tree");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn key_states_read_the_same_wherever_they_sit(
+        steps in proptest::collection::vec(step(), 1..40),
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (storage, metrics) = start(dir.path());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let mut model: BTreeMap<KeyName, Vec<u8>> = BTreeMap::new();
+        for step in steps {
+            match step {
+                Step::Put(b, k, n) => {
+                    let write = KeyWrite {
+                        bucket: BUCKETS[b].into(),
+                        key: MODEL_KEYS[k].into(),
+                        state: numbered_state(n),
+                        tombstone: false,
+                        logged: n % 2 == 0,
+                        idempotency: None,
+                        trace: None,
+                    };
+                    storage.submit_key(write).expect("queue").blocking_recv()
+                        .expect("answer").expect("durable");
+                    model.insert((BUCKETS[b].into(), MODEL_KEYS[k].into()), numbered_state(n));
+                }
+                Step::Purge(b, k, n) => {
+                    let name: KeyName = (BUCKETS[b].into(), MODEL_KEYS[k].into());
+                    let purge = Purge {
+                        remove: vec![(name.0.clone(), name.1.clone(), numbered_state(n))],
+                        forget: Vec::new(),
+                    };
+                    let removed = storage.submit_purge(purge).expect("queue").blocking_recv()
+                        .expect("answer").expect("durable");
+                    let matches = model.get(&name) == Some(&numbered_state(n));
+                    proptest::prop_assert_eq!(removed, u64::from(matches));
+                    if matches {
+                        model.remove(&name);
+                    }
+                }
+                Step::Checkpoint => {
+                    runtime.block_on(storage.checkpoint()).expect("checkpoint");
+                    proptest::prop_assert_eq!(storage.overlay_size().0, 0, "the overlay is flushed");
+                }
+            }
+            check_reads(&storage, &model);
+        }
+        let flushed = metrics.overlay_flushed.get();
+        runtime.block_on(storage.checkpoint()).expect("checkpoint");
+        proptest::prop_assert!(metrics.overlay_flushed.get() >= flushed);
+        check_reads(&storage, &model);
+    }
+}
+
+#[test]
+fn a_due_checkpoint_moves_a_large_overlay_in_chunks_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (storage, metrics) = start_with(dir.path(), Duration::from_millis(100));
+    const KEYS: usize = 6000;
+    let name = |i: usize| format!("k{i:05}");
+    let tickets: Vec<_> = (0..KEYS)
+        .map(|i| {
+            let write = KeyWrite {
+                state: numbered_state(1 + (i % 3) as i64),
+                ..merge(&name(i))
+            };
+            storage.submit_key(write).expect("queue")
+        })
+        .collect();
+    for ticket in tickets {
+        ticket.blocking_recv().expect("answer").expect("durable");
+    }
+    // Idle now: the periodic tick finds a checkpoint due with more than one chunk to move.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while storage.overlay_size().0 > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "an idle region empties its overlay"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(metrics.overlay_flushed.get() >= KEYS as u64);
+    assert_eq!(metrics.checkpoint_failures.get(), 0);
+    for i in (0..KEYS).step_by(97) {
+        let state = storage.key_state("b", &name(i)).expect("read");
+        assert_eq!(
+            state.map(|s| encode_state(&s)),
+            Some(numbered_state(1 + (i % 3) as i64))
+        );
+    }
+    let (digests, stopped) = storage
+        .digests(&SegmentFilter::all(), None, None, usize::MAX, usize::MAX)
+        .expect("digests");
+    assert_eq!((digests.len(), stopped), (KEYS, None));
 }

@@ -3,22 +3,25 @@
 //! One thread owns every write transaction. It takes whatever requests are queued (up to
 //! `commit_max_batch`), applies them in one transaction of the state database, appends the
 //! same changes durably to the journal (see `journal`), commits the transaction (visible, not
-//! yet durable by itself), and only then answers every requester in the batch. Sequence
-//! numbers are assigned here, in commit order, so the replication log never has a gap that a
-//! later commit fills.
+//! yet durable by itself), publishes the batch's key states to the overlay (see `overlay`;
+//! they move into the state database before each checkpoint), and only then answers every
+//! requester in the batch. Sequence numbers are assigned here, in commit order, so the
+//! replication log never has a gap that a later commit fills.
 
 use super::idempotency::IdempotencyRecord;
 use super::journal::Journal;
 use super::ops::{Op, StateTables};
+use super::overlay::{Change, Entry, Overlay};
 use super::snapshot::Snapshots;
-use super::tables::meta;
-use super::{BucketCache, StorageError};
+use super::tables::{meta, KEYS};
+use super::{BucketCache, KeyName, StorageError};
 use crate::metrics::Metrics;
 use meridian_shared::log::{LogEntry, LogRecord};
 use meridian_shared::merkle::{entry_hash, segment_of, MerkleTree};
 use meridian_shared::{Actor, BucketDef};
 use redb::{Database, Durability};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,6 +35,14 @@ pub const MAX_SPAN_LINKS: usize = 64;
 const TRUNCATE_CHUNK: u64 = 20_000;
 /// Longest a commit waits for a [`Gather`] to finish queueing (then it commits without it).
 const GATHER_WAIT: Duration = Duration::from_micros(500);
+/// A checkpoint is taken once the overlay holds about this much memory, whatever the journal.
+const OVERLAY_BYTES: u64 = 64 * 1024 * 1024;
+/// Overlay entries a due checkpoint moves into the state database without pause. Beyond that
+/// it moves one chunk per group commit while writes are queued, so that they wait for one
+/// chunk at a time, not for the whole overlay.
+const FLUSH_AT_ONCE: u64 = 4096;
+/// Overlay entries moved into the state database per transaction.
+const DRAIN_CHUNK: usize = 512;
 
 /// A key's new state, to be committed (with a replication-log entry when written here).
 #[derive(Debug)]
@@ -293,6 +304,7 @@ pub(super) struct WriterStart {
     pub commits: u64,
     pub journal: Journal,
     pub snapshots: Arc<Snapshots>,
+    pub overlay: Arc<Overlay>,
 }
 
 /// The anti-entropy tree, updated by the writer after every commit.
@@ -342,6 +354,8 @@ pub(super) fn spawn(
         commits,
         journal: start.journal,
         snapshots: start.snapshots,
+        overlay: start.overlay,
+        drain_from: Bound::Unbounded,
     };
     spawn_checkpoint_ticker(handle.tx.downgrade(), handle.metrics.clone())?;
     std::thread::Builder::new()
@@ -389,6 +403,9 @@ struct Writer {
     cursors: PendingCursors,
     gathering: Gathering,
     snapshots: Arc<Snapshots>,
+    overlay: Arc<Overlay>,
+    /// Where the next chunk of the overlay to move into the state database starts.
+    drain_from: Bound<KeyName>,
 }
 
 /// Per-request result of a batch, sent only after the commit.
@@ -537,6 +554,8 @@ impl Writer {
         let mut txn = self.db.begin_write()?;
         // Durability comes from the journal; the state database is made durable at checkpoints.
         txn.set_durability(Durability::None)?;
+        let mut staged = Staged::default();
+        let mut overlay_changes: Vec<Change> = Vec::with_capacity(batch.len());
         let ops = {
             let mut changes = Recorded {
                 tables: StateTables::new(&txn),
@@ -551,11 +570,20 @@ impl Writer {
                 let outcome = match request {
                     Request::Key(write, _) => {
                         let (bucket, key) = (write.bucket.as_str(), write.key.as_str());
-                        let old = changes.apply(Op::PutKey {
+                        let old = current_state(&staged, &self.overlay, &mut changes, bucket, key)?
+                            .map_or(0, |old| entry_hash(bucket, key, &old));
+                        // Journaled here, inserted into the state database at a checkpoint.
+                        changes.record(Op::PutKey {
                             bucket: bucket.into(),
                             key: key.into(),
                             state: write.state.as_slice().into(),
-                        })?;
+                        });
+                        staged.insert((bucket, key), Some(&write.state));
+                        overlay_changes.push((
+                            write.bucket.clone(),
+                            write.key.clone(),
+                            Some(write.state.clone()),
+                        ));
                         let delta = old ^ entry_hash(bucket, key, &write.state);
                         if delta != 0 {
                             tree_deltas.push((segment_of(bucket, key), delta));
@@ -675,14 +703,21 @@ impl Writer {
                     Request::Purge(purge, _) => {
                         let mut removed = 0;
                         for (bucket, key, state) in &purge.remove {
-                            let current = changes.tables.key_state(bucket, key)?;
+                            let (bucket, key) = (bucket.as_str(), key.as_str());
+                            let current =
+                                current_state(&staged, &self.overlay, &mut changes, bucket, key)?;
                             if current.as_ref() == Some(state) {
-                                let (bucket, key) = (bucket.as_str(), key.as_str());
-                                let old = changes.apply(Op::RemoveKey {
+                                // Also removes any older state the state database still holds.
+                                changes.apply(Op::RemoveKey {
                                     bucket: bucket.into(),
                                     key: key.into(),
                                 })?;
-                                tree_deltas.push((segment_of(bucket, key), old));
+                                staged.insert((bucket, key), None);
+                                overlay_changes.push((bucket.into(), key.into(), None));
+                                tree_deltas.push((
+                                    segment_of(bucket, key),
+                                    entry_hash(bucket, key, state),
+                                ));
                                 changes.apply(Op::ForgetTombstone {
                                     bucket: bucket.into(),
                                     key: key.into(),
@@ -757,6 +792,11 @@ impl Writer {
         self.snapshots.commit_starts();
         let committed = txn.commit();
         self.snapshots.commit_ended();
+        if committed.is_ok() {
+            // After the commit has ended: a state leaving the overlay (a purge) is gone from
+            // the state database for every view opened after it left.
+            self.overlay.apply(overlay_changes);
+        }
         if let Err(error) = committed {
             // The journal already holds this batch: a restart replays it. Until then nothing
             // may be written on top of a state database that lacks it, and no checkpoint may
@@ -782,8 +822,23 @@ impl Writer {
 
     /// Makes the state database durable and cuts the journal, when due or when `force`d.
     fn checkpoint(&mut self, force: bool) {
-        if !(self.journal.checkpoint_due() || force && self.journal.pending_bytes() > 0) {
+        let overlay_full = self.overlay.bytes() >= OVERLAY_BYTES;
+        if !(self.journal.checkpoint_due()
+            || (force || overlay_full) && self.journal.pending_bytes() > 0)
+        {
             return;
+        }
+        // The checkpoint makes durable what the state database holds: the overlay goes first.
+        let mut moved_one = false;
+        while self.overlay.entries() > 0 {
+            let writes_wait = !self.rx.is_empty() && self.overlay.entries() > FLUSH_AT_ONCE;
+            if !force && moved_one && writes_wait {
+                return;
+            }
+            if !self.drain_chunk() {
+                return;
+            }
+            moved_one = true;
         }
         let _span = tracing::info_span!("checkpoint", journal_bytes = self.journal.pending_bytes())
             .entered();
@@ -800,6 +855,53 @@ impl Writer {
                 self.metrics.checkpoint_failures.inc();
             }
         }
+    }
+
+    /// Moves the next chunk of the overlay, in key order, into the state database (not durably:
+    /// the journal holds it until the checkpoint). False if that failed.
+    fn drain_chunk(&mut self) -> bool {
+        let chunk = self.overlay.copy_from(&self.drain_from, DRAIN_CHUNK);
+        let Some((bucket, key, _)) = chunk.last() else {
+            // Past the last entry; those written meanwhile are behind: start over.
+            self.drain_from = Bound::Unbounded;
+            return true;
+        };
+        self.drain_from = Bound::Excluded((bucket.clone(), key.clone()));
+        let moved = chunk.len() as u64;
+        let _span = tracing::info_span!("overlay_drain", entries = moved).entered();
+        match self.move_into_state(chunk) {
+            Ok(()) => {
+                self.metrics.overlay_flushed.inc_by(moved);
+                true
+            }
+            Err(error) => {
+                // Nothing is lost: the overlay and the journal still hold the chunk.
+                tracing::error!(%error, "moving overlay entries into the state database failed");
+                self.metrics.checkpoint_failures.inc();
+                false
+            }
+        }
+    }
+
+    /// Inserts `chunk` into the state database, then drops it from the overlay.
+    fn move_into_state(&mut self, chunk: Vec<Entry>) -> Result<(), StorageError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::None)?;
+        {
+            let mut keys = txn.open_table(KEYS)?;
+            for (bucket, key, state) in &chunk {
+                keys.insert((bucket.as_str(), key.as_str()), state.as_slice())?;
+            }
+        }
+        self.snapshots.commit_starts();
+        let committed = txn.commit();
+        self.snapshots.commit_ended();
+        committed?;
+        // Only now that the commit has ended (see `Overlay`). The writer alone changes the
+        // overlay, so these are still the states just inserted.
+        let removed = chunk.into_iter().map(|(b, k, _)| (b, k, None)).collect();
+        self.overlay.apply(removed);
+        Ok(())
     }
 
     fn publish(&mut self, batch: &mut Vec<Request>, committed: Committed) {
@@ -929,6 +1031,32 @@ impl<'a> Recorded<'_, 'a> {
         self.ops.push(op);
         Ok(replaced)
     }
+
+    /// Records `op` for the journal only (a key state, which goes to the overlay).
+    fn record(&mut self, op: Op<'a>) {
+        self.ops.push(op);
+    }
+}
+
+/// Key states a batch has set (`Some`) or removed (`None`) so far, by `(bucket, key)`.
+type Staged<'b> = HashMap<(&'b str, &'b str), Option<&'b [u8]>, foldhash::fast::RandomState>;
+
+/// A key's state at this point of a batch: as the batch left it, else the overlay's, else the
+/// state database's.
+fn current_state<'b>(
+    staged: &Staged<'b>,
+    overlay: &Overlay,
+    changes: &mut Recorded<'_, '_>,
+    bucket: &'b str,
+    key: &'b str,
+) -> Result<Option<Vec<u8>>, StorageError> {
+    if let Some(state) = staged.get(&(bucket, key)) {
+        return Ok(state.map(<[u8]>::to_vec));
+    }
+    if let Some(state) = overlay.with(bucket, key, <[u8]>::to_vec) {
+        return Ok(Some(state));
+    }
+    changes.tables.key_state(bucket, key)
 }
 
 /// The op that sets a u64 meta value.
