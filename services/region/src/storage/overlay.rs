@@ -14,22 +14,33 @@
 //! reopen their view.
 
 use super::KeyName;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
-/// Bookkeeping bytes counted per entry on top of its names and state (map nodes, allocations).
-const ENTRY_OVERHEAD: u64 = 96;
+/// Bookkeeping bytes counted per entry on top of its key and state (table slot, tree node
+/// share, allocation headers).
+const ENTRY_OVERHEAD: u64 = 128;
 
-/// Key states newer than the state database's: bucket → key → encoded state.
+/// Key states newer than the state database's, by bucket.
 #[derive(Default)]
 pub struct Overlay {
-    states: RwLock<BTreeMap<String, BTreeMap<String, Vec<u8>>>>,
+    buckets: RwLock<BTreeMap<String, BucketStates>>,
     entries: AtomicU64,
     bytes: AtomicU64,
     /// Bumped, under the write lock, every time entries leave the overlay.
     removals: AtomicU64,
+}
+
+/// One bucket's states: hashed for the lookups every write and read makes, and the key order
+/// for scans and moves (ordered lookups cost a string comparison per level of a large tree).
+#[derive(Default)]
+struct BucketStates {
+    /// Key → encoded state.
+    states: HashMap<String, Vec<u8>, foldhash::fast::RandomState>,
+    /// The same keys, in order.
+    order: BTreeSet<String>,
 }
 
 /// One change to the overlay, in commit order: a new state, or a removed key.
@@ -40,8 +51,12 @@ pub type Entry = (String, String, Vec<u8>);
 impl Overlay {
     /// Runs `read` on the overlay's state of a key; `None` if the overlay has none.
     pub fn with<T>(&self, bucket: &str, key: &str, read: impl FnOnce(&[u8]) -> T) -> Option<T> {
-        let states = self.states.read().unwrap_or_else(|e| e.into_inner());
-        states.get(bucket)?.get(key).map(|state| read(state))
+        let buckets = self.buckets.read().unwrap_or_else(|e| e.into_inner());
+        buckets
+            .get(bucket)?
+            .states
+            .get(key)
+            .map(|state| read(state))
     }
 
     /// The first entry at or after (`Included`) or after (`Excluded`) `from`, copied out.
@@ -51,24 +66,26 @@ impl Overlay {
 
     /// Up to `limit` entries from `from` on, in key order, copied out under one read lock.
     pub fn copy_from(&self, from: &Bound<KeyName>, limit: usize) -> Vec<Entry> {
-        let states = self.states.read().unwrap_or_else(|e| e.into_inner());
+        let buckets = self.buckets.read().unwrap_or_else(|e| e.into_inner());
         let (first_bucket, keys_from) = match from {
             Bound::Unbounded => (None, Bound::Unbounded),
             Bound::Included((bucket, key)) => (Some(bucket), Bound::Included(key.as_str())),
             Bound::Excluded((bucket, key)) => (Some(bucket), Bound::Excluded(key.as_str())),
         };
-        let buckets = first_bucket.map_or(Bound::Unbounded, |b| Bound::Included(b.as_str()));
+        let from_bucket = first_bucket.map_or(Bound::Unbounded, |b| Bound::Included(b.as_str()));
         let mut out = Vec::with_capacity(limit.min(1024));
-        for (bucket, keys) in states.range::<str, _>((buckets, Bound::Unbounded)) {
+        for (bucket, keys) in buckets.range::<str, _>((from_bucket, Bound::Unbounded)) {
             let keys_from = match first_bucket {
                 Some(first) if first == bucket => keys_from,
                 _ => Bound::Unbounded,
             };
-            for (key, state) in keys.range::<str, _>((keys_from, Bound::Unbounded)) {
+            for key in keys.order.range::<str, _>((keys_from, Bound::Unbounded)) {
                 if out.len() == limit {
                     return out;
                 }
-                out.push((bucket.clone(), key.clone(), state.clone()));
+                if let Some(state) = keys.states.get(key) {
+                    out.push((bucket.clone(), key.clone(), state.clone()));
+                }
             }
         }
         out
@@ -76,33 +93,37 @@ impl Overlay {
 
     /// Applies a commit's changes in order: states set, removed keys dropped.
     pub fn apply(&self, changes: Vec<Change>) {
-        let mut states = self.states.write().unwrap_or_else(|e| e.into_inner());
+        let mut buckets = self.buckets.write().unwrap_or_else(|e| e.into_inner());
         let mut removed = false;
         for (bucket, key, state) in changes {
-            let names = bucket.len() + key.len();
+            let key_bytes = key.len();
             match state {
                 Some(state) => {
                     self.bytes
-                        .fetch_add(weight(names, &state), Ordering::Relaxed);
-                    match states.entry(bucket).or_default().insert(key, state) {
-                        Some(old) => self.forget(names, &old),
+                        .fetch_add(weight(key_bytes, &state), Ordering::Relaxed);
+                    let keys = buckets.entry(bucket).or_default();
+                    match keys.states.get_mut(key.as_str()) {
+                        Some(slot) => self.forget(key_bytes, &std::mem::replace(slot, state)),
                         None => {
+                            keys.order.insert(key.clone());
+                            keys.states.insert(key, state);
                             self.entries.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
                 None => {
-                    let Some(keys) = states.get_mut(bucket.as_str()) else {
+                    let Some(keys) = buckets.get_mut(bucket.as_str()) else {
                         continue;
                     };
-                    let Some(old) = keys.remove(key.as_str()) else {
+                    let Some(old) = keys.states.remove(key.as_str()) else {
                         continue;
                     };
-                    self.forget(names, &old);
+                    keys.order.remove(key.as_str());
+                    self.forget(key_bytes, &old);
                     self.entries.fetch_sub(1, Ordering::Relaxed);
                     removed = true;
-                    if keys.is_empty() {
-                        states.remove(bucket.as_str());
+                    if keys.states.is_empty() {
+                        buckets.remove(bucket.as_str());
                     }
                 }
             }
@@ -113,8 +134,9 @@ impl Overlay {
     }
 
     /// Stops counting the bytes of a replaced or removed state.
-    fn forget(&self, names: usize, old: &[u8]) {
-        self.bytes.fetch_sub(weight(names, old), Ordering::Relaxed);
+    fn forget(&self, key_bytes: usize, old: &[u8]) {
+        self.bytes
+            .fetch_sub(weight(key_bytes, old), Ordering::Relaxed);
     }
 
     /// Number of entries.
@@ -134,9 +156,10 @@ impl Overlay {
     }
 }
 
-/// Memory an entry with `names` bytes of bucket and key name is counted for.
-fn weight(names: usize, state: &[u8]) -> u64 {
-    (names + state.len()) as u64 + ENTRY_OVERHEAD
+/// Memory an entry is counted for: its key (held twice, hashed and in order), its state and
+/// bookkeeping.
+fn weight(key_bytes: usize, state: &[u8]) -> u64 {
+    (2 * key_bytes + state.len()) as u64 + ENTRY_OVERHEAD
 }
 
 #[cfg(test)]
@@ -196,12 +219,12 @@ mod tests {
         overlay.apply(vec![set("b", "k", b"1"), set("b", "k", b"22")]);
         assert_eq!(overlay.with("b", "k", <[u8]>::to_vec), Some(b"22".to_vec()));
         assert_eq!(overlay.entries(), 1);
-        assert_eq!(overlay.bytes(), weight(2, b"22"));
+        assert_eq!(overlay.bytes(), weight(1, b"22"));
         assert_eq!(overlay.removals(), 0, "replacing a state removes nothing");
         overlay.apply(vec![("b".into(), "k".into(), None), set("c", "k", b"3")]);
         assert_eq!(overlay.with("b", "k", <[u8]>::to_vec), None);
         assert_eq!(overlay.removals(), 1);
-        assert_eq!((overlay.entries(), overlay.bytes()), (1, weight(2, b"3")));
+        assert_eq!((overlay.entries(), overlay.bytes()), (1, weight(1, b"3")));
         assert_eq!(
             key_of(overlay.next(&Bound::Unbounded)),
             Some(name("c", "k")),
