@@ -366,3 +366,41 @@ fn a_due_checkpoint_moves_a_large_overlay_in_chunks_and_loses_nothing() {
         .expect("digests");
     assert_eq!((digests.len(), stopped), (KEYS, None));
 }
+
+#[test]
+fn checkpoints_keep_up_with_writes_to_ever_new_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (storage, metrics) = start_with(dir.path(), Duration::from_millis(50));
+    let checkpoints = || metrics.checkpoint_duration.get_sample_count();
+    let mut next = 0u64;
+    let mut round = || -> Vec<WriteTicket<u64>> {
+        (0..2000)
+            .map(|_| {
+                next += 1;
+                storage
+                    .submit_key(merge(&format!("k{next}")))
+                    .expect("queue")
+            })
+            .collect()
+    };
+    // Every commit (up to 1024 writes) adds more new keys than one chunk moves, and the next
+    // round is always queued: the checkpoint must still come.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut waiting = round();
+    while checkpoints() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "{} checkpoints while writes to new keys keep coming; overlay {:?}",
+            checkpoints(),
+            storage.overlay_size()
+        );
+        let queued = round();
+        for ticket in waiting {
+            ticket.blocking_recv().expect("answer").expect("durable");
+        }
+        waiting = queued;
+    }
+    for ticket in waiting {
+        ticket.blocking_recv().expect("answer").expect("durable");
+    }
+}

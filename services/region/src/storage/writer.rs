@@ -356,6 +356,7 @@ pub(super) fn spawn(
         snapshots: start.snapshots,
         overlay: start.overlay,
         drain_from: Bound::Unbounded,
+        last_added: 0,
     };
     spawn_checkpoint_ticker(handle.tx.downgrade(), handle.metrics.clone())?;
     std::thread::Builder::new()
@@ -406,6 +407,8 @@ struct Writer {
     overlay: Arc<Overlay>,
     /// Where the next chunk of the overlay to move into the state database starts.
     drain_from: Bound<KeyName>,
+    /// States the last group commit put into the overlay.
+    last_added: usize,
 }
 
 /// Per-request result of a batch, sent only after the commit.
@@ -555,7 +558,6 @@ impl Writer {
         // Durability comes from the journal; the state database is made durable at checkpoints.
         txn.set_durability(Durability::None)?;
         let mut staged = Staged::default();
-        let mut overlay_changes: Vec<Change> = Vec::with_capacity(batch.len());
         let ops = {
             let mut changes = Recorded {
                 tables: StateTables::new(&txn),
@@ -579,11 +581,6 @@ impl Writer {
                             state: write.state.as_slice().into(),
                         });
                         staged.insert((bucket, key), Some(&write.state));
-                        overlay_changes.push((
-                            write.bucket.clone(),
-                            write.key.clone(),
-                            Some(write.state.clone()),
-                        ));
                         let delta = old ^ entry_hash(bucket, key, &write.state);
                         if delta != 0 {
                             tree_deltas.push((segment_of(bucket, key), delta));
@@ -713,7 +710,6 @@ impl Writer {
                                     key: key.into(),
                                 })?;
                                 staged.insert((bucket, key), None);
-                                overlay_changes.push((bucket.into(), key.into(), None));
                                 tree_deltas.push((
                                     segment_of(bucket, key),
                                     entry_hash(bucket, key, state),
@@ -789,13 +785,21 @@ impl Writer {
             self.metrics.journal_bytes.inc_by(bytes as u64);
         }
         drop(ops);
+        // The batch's new states are published before its commit makes the rest visible (a
+        // tombstone's candidate mark, log entries, the applied vector), so nobody sees those
+        // without the states; the journal holds them already. Removed keys leave the overlay
+        // only after the commit has ended (see `Overlay`).
+        let (set, removed): (Vec<Change>, Vec<Change>) = staged
+            .into_iter()
+            .map(|((bucket, key), state)| (bucket.into(), key.into(), state.map(<[u8]>::to_vec)))
+            .partition(|(_, _, state)| state.is_some());
+        self.last_added = set.len();
+        self.overlay.apply(set);
         self.snapshots.commit_starts();
         let committed = txn.commit();
         self.snapshots.commit_ended();
         if committed.is_ok() {
-            // After the commit has ended: a state leaving the overlay (a purge) is gone from
-            // the state database for every view opened after it left.
-            self.overlay.apply(overlay_changes);
+            self.overlay.apply(removed);
         }
         if let Err(error) = committed {
             // The journal already holds this batch: a restart replays it. Until then nothing
@@ -829,16 +833,22 @@ impl Writer {
             return;
         }
         // The checkpoint makes durable what the state database holds: the overlay goes first.
-        let mut moved_one = false;
+        // While writes wait and much is left, each call moves twice what the last commit
+        // added (at least a chunk), so the overlay shrinks under any load.
+        let mut budget = if force {
+            usize::MAX
+        } else {
+            DRAIN_CHUNK.max(2 * self.last_added)
+        };
         while self.overlay.entries() > 0 {
             let writes_wait = !self.rx.is_empty() && self.overlay.entries() > FLUSH_AT_ONCE;
-            if !force && moved_one && writes_wait {
+            if budget == 0 && writes_wait {
                 return;
             }
-            if !self.drain_chunk() {
+            let Some(moved) = self.drain_chunk() else {
                 return;
-            }
-            moved_one = true;
+            };
+            budget = budget.saturating_sub(moved);
         }
         let _span = tracing::info_span!("checkpoint", journal_bytes = self.journal.pending_bytes())
             .entered();
@@ -858,27 +868,28 @@ impl Writer {
     }
 
     /// Moves the next chunk of the overlay, in key order, into the state database (not durably:
-    /// the journal holds it until the checkpoint). False if that failed.
-    fn drain_chunk(&mut self) -> bool {
-        let chunk = self.overlay.copy_from(&self.drain_from, DRAIN_CHUNK);
-        let Some((bucket, key, _)) = chunk.last() else {
+    /// the journal holds it until the checkpoint). Returns how many moved; `None` on failure.
+    fn drain_chunk(&mut self) -> Option<usize> {
+        let mut chunk = self.overlay.copy_from(&self.drain_from, DRAIN_CHUNK);
+        if chunk.is_empty() {
             // Past the last entry; those written meanwhile are behind: start over.
             self.drain_from = Bound::Unbounded;
-            return true;
-        };
+            chunk = self.overlay.copy_from(&self.drain_from, DRAIN_CHUNK);
+        }
+        let (bucket, key, _) = chunk.last()?;
         self.drain_from = Bound::Excluded((bucket.clone(), key.clone()));
-        let moved = chunk.len() as u64;
+        let moved = chunk.len();
         let _span = tracing::info_span!("overlay_drain", entries = moved).entered();
         match self.move_into_state(chunk) {
             Ok(()) => {
-                self.metrics.overlay_flushed.inc_by(moved);
-                true
+                self.metrics.overlay_flushed.inc_by(moved as u64);
+                Some(moved)
             }
             Err(error) => {
                 // Nothing is lost: the overlay and the journal still hold the chunk.
                 tracing::error!(%error, "moving overlay entries into the state database failed");
                 self.metrics.checkpoint_failures.inc();
-                false
+                None
             }
         }
     }
