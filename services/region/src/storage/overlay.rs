@@ -43,7 +43,7 @@ struct BucketStates {
     order: BTreeSet<String>,
 }
 
-/// One change to the overlay, in commit order: a new state, or a removed key.
+/// One change to the overlay: a new state, or a removed key.
 pub type Change = (String, String, Option<Vec<u8>>);
 /// One entry copied out: bucket, key, encoded state.
 pub type Entry = (String, String, Vec<u8>);
@@ -91,7 +91,7 @@ impl Overlay {
         out
     }
 
-    /// Applies a commit's changes in order: states set, removed keys dropped.
+    /// Applies changes in order: states set, removed keys dropped.
     pub fn apply(&self, changes: Vec<Change>) {
         let mut buckets = self.buckets.write().unwrap_or_else(|e| e.into_inner());
         let mut removed = false;

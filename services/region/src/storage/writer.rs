@@ -574,7 +574,7 @@ impl Writer {
                         let (bucket, key) = (write.bucket.as_str(), write.key.as_str());
                         let old = current_state(&staged, &self.overlay, &mut changes, bucket, key)?
                             .map_or(0, |old| entry_hash(bucket, key, &old));
-                        // Journaled here, inserted into the state database at a checkpoint.
+                        // Journaled here, published to the overlay below (see `overlay`).
                         changes.record(Op::PutKey {
                             bucket: bucket.into(),
                             key: key.into(),
@@ -798,9 +798,6 @@ impl Writer {
         self.snapshots.commit_starts();
         let committed = txn.commit();
         self.snapshots.commit_ended();
-        if committed.is_ok() {
-            self.overlay.apply(removed);
-        }
         if let Err(error) = committed {
             // The journal already holds this batch: a restart replays it. Until then nothing
             // may be written on top of a state database that lacks it, and no checkpoint may
@@ -814,6 +811,7 @@ impl Writer {
                  recovers the batch from its journal on restart"
             )));
         }
+        self.overlay.apply(removed);
         Ok(Committed {
             outcomes,
             last_seq: seq,
