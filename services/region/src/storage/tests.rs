@@ -404,3 +404,104 @@ fn checkpoints_keep_up_with_writes_to_ever_new_keys() {
         ticket.blocking_recv().expect("answer").expect("durable");
     }
 }
+
+#[test]
+fn scans_miss_no_key_while_the_overlay_moves_into_redb() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (storage, metrics) = start_with(dir.path(), Duration::from_millis(20));
+    const KEYS: usize = 3000;
+    let name = |i: usize| format!("k{i:05}");
+    // Keys below this are durable: every later scan must list them.
+    let written = AtomicUsize::new(0);
+    let done = AtomicBool::new(false);
+    /// Stops the writing thread however the scans end (a failed assertion included), so the
+    /// scope can join it.
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            let mut round = 0i64;
+            while !done.load(Ordering::Acquire) {
+                round += 1;
+                // First pass: new keys in rounds; afterwards rewrites, so states keep moving
+                // between the overlay and redb under the scans.
+                let start = written.load(Ordering::Acquire);
+                let range = if start < KEYS {
+                    start..(start + 300).min(KEYS)
+                } else {
+                    (round as usize * 37) % (KEYS - 500)..(round as usize * 37) % (KEYS - 500) + 500
+                };
+                let tickets: Vec<_> = range
+                    .clone()
+                    .map(|i| {
+                        let write = KeyWrite {
+                            state: numbered_state(1 + round % 3),
+                            ..merge(&name(i))
+                        };
+                        storage.submit_key(write).expect("queue")
+                    })
+                    .collect();
+                for ticket in tickets {
+                    ticket.blocking_recv().expect("answer").expect("durable");
+                }
+                if start < KEYS {
+                    written.store(range.end, Ordering::Release);
+                }
+                if round % 7 == 0 {
+                    runtime.block_on(storage.checkpoint()).expect("checkpoint");
+                }
+            }
+        });
+        let _stop = Stop(&done);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut scans = 0;
+        while Instant::now() < deadline || written.load(Ordering::Acquire) < KEYS {
+            assert!(
+                Instant::now() < deadline + Duration::from_secs(30),
+                "the first {KEYS} writes did not finish"
+            );
+            let durable = written.load(Ordering::Acquire);
+            let mut listed = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let page = storage
+                    .list_keys("b", "", after.as_deref(), 100)
+                    .expect("list");
+                listed.extend(page.keys);
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            let expected: Vec<String> = (0..durable).map(name).collect();
+            assert!(
+                listed.len() >= durable && listed[..durable] == expected[..],
+                "a listing missed durable keys ({} listed, {durable} durable)",
+                listed.len()
+            );
+            let (digests, stopped) = storage
+                .digests(&SegmentFilter::all(), None, None, usize::MAX, usize::MAX)
+                .expect("digests");
+            assert_eq!(stopped, None);
+            assert!(
+                digests.len() >= durable,
+                "a digest scan missed durable keys ({} of {durable})",
+                digests.len()
+            );
+            scans += 1;
+        }
+        assert!(scans >= 3, "only {scans} scans ran");
+    });
+    assert!(
+        metrics.overlay_flushed.get() >= KEYS as u64 / 2,
+        "states moved into redb while the scans ran"
+    );
+}
