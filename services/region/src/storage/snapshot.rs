@@ -12,7 +12,7 @@
 
 use super::tables::{IDEMPOTENCY, KEYS};
 use super::StorageError;
-use redb::{Database, ReadOnlyTable, ReadableDatabase};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, WriteTransaction};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -65,6 +65,14 @@ impl Snapshots {
         Ok(snapshot)
     }
 
+    /// Commits `txn` between [`Self::commit_starts`] and [`Self::commit_ended`].
+    pub fn commit(&self, txn: WriteTransaction) -> Result<(), redb::CommitError> {
+        self.commit_starts();
+        let committed = txn.commit();
+        self.commit_ended();
+        committed
+    }
+
     /// Before a commit: from now on no snapshot is shared until it has ended.
     pub fn commit_starts(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
@@ -97,9 +105,7 @@ mod tests {
             .expect("table")
             .insert(("b", key), value)
             .expect("insert");
-        snapshots.commit_starts();
-        txn.commit().expect("commit");
-        snapshots.commit_ended();
+        snapshots.commit(txn).expect("commit");
     }
 
     fn get(db: &Database, snapshots: &Snapshots, key: &str) -> Option<Vec<u8>> {

@@ -795,10 +795,7 @@ impl Writer {
             .partition(|(_, _, state)| state.is_some());
         self.last_added = set.len();
         self.overlay.apply(set);
-        self.snapshots.commit_starts();
-        let committed = txn.commit();
-        self.snapshots.commit_ended();
-        if let Err(error) = committed {
+        if let Err(error) = self.snapshots.commit(txn) {
             // The journal already holds this batch: a restart replays it. Until then nothing
             // may be written on top of a state database that lacks it, and no checkpoint may
             // declare it held.
@@ -902,10 +899,7 @@ impl Writer {
                 keys.insert((bucket.as_str(), key.as_str()), state.as_slice())?;
             }
         }
-        self.snapshots.commit_starts();
-        let committed = txn.commit();
-        self.snapshots.commit_ended();
-        committed?;
+        self.snapshots.commit(txn)?;
         // Only now that the commit has ended (see `Overlay`). The writer alone changes the
         // overlay, so these are still the states just inserted.
         let removed = chunk.into_iter().map(|(b, k, _)| (b, k, None)).collect();
