@@ -190,6 +190,29 @@ fn step() -> impl proptest::strategy::Strategy<Value = Step> {
     ]
 }
 
+/// Every key of `bucket` starting with `prefix`, listed page by page.
+fn list_all(storage: &Storage, bucket: &str, prefix: &str, page_size: usize) -> Vec<String> {
+    let mut listed = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = storage
+            .list_keys(bucket, prefix, after.as_deref(), page_size)
+            .expect("list");
+        listed.extend(page.keys);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return listed,
+        }
+    }
+}
+
+/// Waits until every write behind `tickets` is durable.
+fn await_durable(tickets: Vec<WriteTicket<u64>>) {
+    for ticket in tickets {
+        ticket.blocking_recv().expect("answer").expect("durable");
+    }
+}
+
 /// Every way of reading key states agrees with a plain map of what was written: point reads,
 /// batch reads, listings page by page, digest scans page by page and the anti-entropy tree,
 /// whether a state sits in the overlay, the state database, or both (an older one there).
@@ -222,18 +245,7 @@ fn check_reads(storage: &Storage, model: &BTreeMap<KeyName, Vec<u8>>) {
                 })
                 .map(|((_, k), _)| k.clone())
                 .collect();
-            let mut listed = Vec::new();
-            let mut after: Option<String> = None;
-            loop {
-                let page = storage
-                    .list_keys(bucket, prefix, after.as_deref(), 2)
-                    .expect("list");
-                listed.extend(page.keys);
-                match page.next {
-                    Some(next) => after = Some(next),
-                    None => break,
-                }
-            }
+            let listed = list_all(storage, bucket, prefix, 2);
             assert_eq!(listed, live, "listing {bucket} prefix {prefix:?}");
         }
     }
@@ -340,9 +352,7 @@ fn a_due_checkpoint_moves_a_large_overlay_in_chunks_and_loses_nothing() {
             storage.submit_key(write).expect("queue")
         })
         .collect();
-    for ticket in tickets {
-        ticket.blocking_recv().expect("answer").expect("durable");
-    }
+    await_durable(tickets);
     // Idle now: the periodic tick finds a checkpoint due with more than one chunk to move.
     let deadline = Instant::now() + Duration::from_secs(20);
     while storage.overlay_size().0 > 0 {
@@ -395,14 +405,10 @@ fn checkpoints_keep_up_with_writes_to_ever_new_keys() {
             storage.overlay_size()
         );
         let queued = round();
-        for ticket in waiting {
-            ticket.blocking_recv().expect("answer").expect("durable");
-        }
+        await_durable(waiting);
         waiting = queued;
     }
-    for ticket in waiting {
-        ticket.blocking_recv().expect("answer").expect("durable");
-    }
+    await_durable(waiting);
 }
 
 #[test]
@@ -449,9 +455,7 @@ fn scans_miss_no_key_while_the_overlay_moves_into_redb() {
                         storage.submit_key(write).expect("queue")
                     })
                     .collect();
-                for ticket in tickets {
-                    ticket.blocking_recv().expect("answer").expect("durable");
-                }
+                await_durable(tickets);
                 if start < KEYS {
                     written.store(range.end, Ordering::Release);
                 }
@@ -469,18 +473,7 @@ fn scans_miss_no_key_while_the_overlay_moves_into_redb() {
                 "the first {KEYS} writes did not finish"
             );
             let durable = written.load(Ordering::Acquire);
-            let mut listed = Vec::new();
-            let mut after: Option<String> = None;
-            loop {
-                let page = storage
-                    .list_keys("b", "", after.as_deref(), 100)
-                    .expect("list");
-                listed.extend(page.keys);
-                match page.next {
-                    Some(next) => after = Some(next),
-                    None => break,
-                }
-            }
+            let listed = list_all(&storage, "b", "", 100);
             let expected: Vec<String> = (0..durable).map(name).collect();
             assert!(
                 listed.len() >= durable && listed[..durable] == expected[..],
