@@ -1,11 +1,11 @@
 //! Repair: joins peers' states into ours through the normal commit path (anti-entropy, read
 //! repair), and quorum / all reads that merge what several regions hold.
 
-use crate::actors::partition::{Merge, MergeCommit, WriteError};
+use crate::actors::partition::{Merge, WriteError};
 use crate::api::error::ApiError;
 use crate::peers::{peer_call, Peer, Traffic};
 use crate::region::Region;
-use crate::storage::StorageError;
+use crate::storage::{StorageError, WriteTicket};
 use meridian_shared::encoding::{decode_state, encode_state};
 use meridian_shared::wire::{AeFetch, AeMerged, AeStates};
 use meridian_shared::{BucketDef, KeyState};
@@ -38,7 +38,7 @@ pub async fn merge_states(
 pub async fn queue_merges(
     region: &Region,
     states: Vec<(String, String, KeyState)>,
-) -> Result<Vec<MergeCommit>, ApiError> {
+) -> Result<Vec<WriteTicket<u64>>, ApiError> {
     let sends = states.into_iter().map(|(bucket, key, state)| {
         region.partitions.merge(Merge {
             bucket,
@@ -64,10 +64,10 @@ pub async fn queue_merges(
 }
 
 /// Waits until queued merges are durable; returns how many there were.
-pub async fn await_merges(queued: Vec<MergeCommit>) -> Result<u64, ApiError> {
+pub async fn await_merges(queued: Vec<WriteTicket<u64>>) -> Result<u64, ApiError> {
     let changed = queued.len() as u64;
-    for result in futures_util::future::join_all(queued).await {
-        result.map_err(|error| ApiError::from(StorageError::CommitFailed(error)))?;
+    for ticket in queued {
+        ticket.await.unwrap_or(Err(StorageError::WriterGone))?;
     }
     Ok(changed)
 }

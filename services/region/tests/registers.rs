@@ -1,8 +1,15 @@
-//! Registers (`register`, `lww`): round trips, siblings, deletes and key listing.
+//! Registers (`register`, `lww`): round trips, siblings (also with a peer's values), deletes
+//! and key listing.
 
 mod common;
 
-use common::{assert_error, assert_key_headers, enc, kv, Region};
+use common::{assert_error, assert_key_headers, enc, kv, Region, CLUSTER_ID};
+use meridian_shared::encoding::encode_state;
+use meridian_shared::log::{LogEntry, LogRecord};
+use meridian_shared::wire::{
+    ReplicateAck, ReplicateBatch, CLUSTER_HEADER, PEER_HEADER, PROTOCOL_VERSION,
+};
+use meridian_shared::{Actor, BucketType, KeyState, Op};
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -125,6 +132,69 @@ async fn a_stale_context_creates_siblings_that_a_later_write_resolves() {
         .expect(200);
     let get = region.get(&path).await;
     assert_eq!(get.expect(200)["values"], json!(["v4"]));
+}
+
+#[tokio::test]
+async fn a_write_supersedes_the_peer_values_merged_before_it() {
+    let region = Region::start("reg-peer").await;
+    region.create_bucket("pm-reg", "register").await;
+    let path = kv("pm-reg", "doc");
+    // Written here first, so the partition actor holds the key's state when the peer's arrives.
+    region.put(&path, &json!("v0")).await.expect(200);
+
+    let peer = Actor::new_v4();
+    let mut theirs = KeyState::empty(BucketType::Register);
+    let write = Op::Put {
+        value: json!("v1").to_string(),
+        context: None,
+    };
+    theirs.apply(write, peer, 1).expect("a put fits a register");
+    replicate(&region, peer, 1, &theirs).await;
+    let get = region.get(&path).await;
+    assert_eq!(get.expect(200)["values"], json!(["v0", "v1"]), "concurrent");
+
+    // No context: the write has seen everything here, the peer's value included.
+    region.put(&path, &json!("v2")).await.expect(200);
+    assert_eq!(region.get(&path).await.expect(200)["values"], json!(["v2"]));
+
+    // The peer's state again (a later entry, or anti-entropy): v2 superseded v1, so v1 stays
+    // gone. Had the write been built on the state from before the merge, v1 would be back.
+    replicate(&region, peer, 2, &theirs).await;
+    assert_eq!(region.get(&path).await.expect(200)["values"], json!(["v2"]));
+}
+
+/// Sends `state` of `pm-reg/doc` as entry `seq` of peer incarnation `peer`'s replication log,
+/// as a peer's replicator would; asserts the region applied it.
+async fn replicate(region: &Region, peer: Actor, seq: u64, state: &KeyState) {
+    let record = LogRecord {
+        committed_us: 0,
+        trace: None,
+        log_offset: 0,
+        entry: LogEntry::Key {
+            bucket: "pm-reg".into(),
+            key: "doc".into(),
+            state: encode_state(state),
+        },
+    };
+    let batch = ReplicateBatch {
+        version: PROTOCOL_VERSION,
+        incarnation: peer,
+        resync: false,
+        records: vec![(seq, record.encode())],
+    };
+    let reply = region
+        .client()
+        .post(format!("{}/internal/v1/replicate", region.url()))
+        .header(PEER_HEADER, "a-peer")
+        .header(CLUSTER_HEADER, CLUSTER_ID)
+        .body(batch.encode())
+        .send()
+        .await
+        .expect("the region answers");
+    assert_eq!(reply.status(), 200, "replicate");
+    let body = reply.bytes().await.expect("a replication ack");
+    let ack: ReplicateAck = postcard::from_bytes(&body).expect("a replication ack");
+    assert_eq!(ack.applied, seq);
 }
 
 #[tokio::test]

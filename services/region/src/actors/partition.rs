@@ -5,13 +5,18 @@
 //! actor's `pending` map, so the next write to the same key builds on it rather than on the
 //! older committed state; the actor never waits for the commit itself (no lock held across an
 //! await), so writes to other keys keep flowing into the same group commit.
+//!
+//! A peer's state is joined the same way, but the joined state goes straight to the latest
+//! state (cache or pending entry) and the caller alone awaits its commit. Should that commit
+//! fail, the actor may build on a join that is not durable here; that loses nothing, since the
+//! peer still holds it and resends it (the applied mark fails with the commit).
 
 use crate::metrics::Metrics;
-use crate::storage::{IdempotencyRecord, KeyWrite, PendingIdempotency, Storage, StorageError};
+use crate::storage::{
+    IdempotencyRecord, KeyWrite, PendingIdempotency, Storage, StorageError, WriteTicket,
+};
 use actix::prelude::*;
 use foldhash::fast::RandomState;
-use futures_util::future::BoxFuture;
-use futures_util::FutureExt;
 use lru::LruCache;
 use meridian_observability::propagation::child_span;
 use meridian_shared::encoding::encode_state;
@@ -101,7 +106,7 @@ pub struct Merge {
 }
 
 impl Message for Merge {
-    type Result = Result<Option<MergeCommit>, WriteError>;
+    type Result = Result<Option<WriteTicket<u64>>, WriteError>;
 }
 
 /// The answer stored for `Idempotency-Key` `id`, if any; a conflict if it answered a different
@@ -122,7 +127,7 @@ pub fn stored_answer(
 /// A write handed to the group commit, or a retry answered from its idempotency record.
 enum Prepared {
     Queued {
-        ticket: crate::storage::WriteTicket<u64>,
+        ticket: WriteTicket<u64>,
         state: KeyState,
         version: u64,
     },
@@ -140,8 +145,8 @@ pub struct PartitionActor {
     /// Idempotency keys whose first write is still being committed.
     idempotency_in_flight: HashSet<u128, RandomState>,
     next_version: u64,
-    /// Committed states of recently written keys. This actor is the only writer of its keys,
-    /// so the cache cannot go stale; it saves a storage read and decode per write.
+    /// Latest states of recently written keys, not in `pending`. This actor is the only writer
+    /// of its keys, so the cache cannot go stale; it saves a storage read and decode per write.
     cache: StateCache,
 }
 
@@ -161,8 +166,11 @@ impl StateCache {
         }
     }
 
-    fn get(&mut self, slot: &(String, String)) -> Option<KeyState> {
-        self.entries.get(slot).map(|(state, _)| state.clone())
+    /// Takes a state out (the caller puts back what it builds on it): no clone.
+    fn take(&mut self, slot: &(String, String)) -> Option<KeyState> {
+        let (state, size) = self.entries.pop(slot)?;
+        self.bytes -= size;
+        Some(state)
     }
 
     fn put(&mut self, slot: (String, String), state: KeyState, size: usize) {
@@ -219,7 +227,7 @@ impl PartitionActor {
 
         let slot = (msg.bucket.clone(), msg.key.clone());
         let mut state = self
-            .current(&slot)?
+            .latest(&slot)?
             .unwrap_or_else(|| KeyState::empty(msg.kind));
         let actor = self.shared.storage.identity().incarnation;
         let hlc = self.shared.hlc.tick(crate::storage::now_ms());
@@ -237,7 +245,12 @@ impl PartitionActor {
         });
         let trace = meridian_observability::propagation::traceparent(&tracing::Span::current());
         let encoded = encode_state(&state);
-        let (ticket, version) = self.queue(slot, &state, encoded, true, idempotency, trace)?;
+        let size = encoded.len();
+        let ticket = self.submit(&slot, &state, encoded, true, idempotency, trace)?;
+        self.next_version += 1;
+        let version = self.next_version;
+        self.pending.insert(slot, (version, state.clone(), size));
+        self.shared.metrics.partition_pending_writes.inc();
         if let Some((id, _, _)) = msg.idempotency {
             self.idempotency_in_flight.insert(id);
         }
@@ -248,29 +261,41 @@ impl PartitionActor {
         })
     }
 
-    /// The latest state of a key: pending if a commit is in flight, else committed.
-    fn current(&mut self, slot: &(String, String)) -> Result<Option<KeyState>, WriteError> {
+    /// The latest state of a key to build on: a copy of the pending one if a commit is in
+    /// flight, else taken out of the cache (the caller keeps what it builds), else committed.
+    fn latest(&mut self, slot: &(String, String)) -> Result<Option<KeyState>, WriteError> {
         if let Some((_, state, _)) = self.pending.get(slot) {
             return Ok(Some(state.clone()));
         }
-        if let Some(state) = self.cache.get(slot) {
+        if let Some(state) = self.cache.take(slot) {
             return Ok(Some(state));
         }
         Ok(self.shared.storage.key_state(&slot.0, &slot.1)?)
     }
 
-    /// Hands a new state to the group commit and keeps it pending until durable.
-    fn queue(
-        &mut self,
-        slot: (String, String),
+    /// Keeps a key's newest state: in its pending entry while a write's commit is in flight
+    /// (that write's settle moves it on), else in the cache.
+    fn keep(&mut self, slot: (String, String), state: KeyState, size: usize) {
+        match self.pending.get_mut(&slot) {
+            Some(entry) => {
+                entry.1 = state;
+                entry.2 = size;
+            }
+            None => self.cache.put(slot, state, size),
+        }
+    }
+
+    /// Hands a new state of a key to the group commit.
+    fn submit(
+        &self,
+        slot: &(String, String),
         state: &KeyState,
         encoded: Vec<u8>,
         logged: bool,
         idempotency: Option<PendingIdempotency>,
         trace: Option<String>,
-    ) -> Result<(crate::storage::WriteTicket<u64>, u64), WriteError> {
-        let size = encoded.len();
-        let ticket = self.shared.storage.submit_key(KeyWrite {
+    ) -> Result<WriteTicket<u64>, WriteError> {
+        Ok(self.shared.storage.submit_key(KeyWrite {
             bucket: slot.0.clone(),
             key: slot.1.clone(),
             state: encoded,
@@ -278,12 +303,7 @@ impl PartitionActor {
             logged,
             idempotency,
             trace,
-        })?;
-        self.next_version += 1;
-        let version = self.next_version;
-        self.pending.insert(slot, (version, state.clone(), size));
-        self.shared.metrics.partition_pending_writes.inc();
-        Ok((ticket, version))
+        })?)
     }
 
     /// Once a commit is done: a durable state moves to the cache (unless a newer write to the
@@ -343,15 +363,12 @@ impl Handler<Write> for PartitionActor {
     }
 }
 
-/// Resolves when a queued merge is durable (awaitable by the actor and the caller alike).
-pub type MergeCommit = futures_util::future::Shared<BoxFuture<'static, Result<(), String>>>;
-
 impl Handler<Merge> for PartitionActor {
     /// `None`: nothing new to store. `Some`: queued for the group commit; the caller may queue
     /// more before awaiting it, so one commit can carry a whole replication batch.
-    type Result = Result<Option<MergeCommit>, WriteError>;
+    type Result = Result<Option<WriteTicket<u64>>, WriteError>;
 
-    fn handle(&mut self, msg: Merge, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Merge, _ctx: &mut Self::Context) -> Self::Result {
         self.shared.metrics.partition_mailbox_depth.dec();
         let span = child_span(
             &msg.span,
@@ -363,40 +380,30 @@ impl Handler<Merge> for PartitionActor {
             // Keep our hybrid clock ahead of every timestamp we have seen.
             self.shared.hlc.observe(reg.marker.hlc);
         }
-        let (merged, encoded) = match self.current(&slot)? {
+        let (merged, encoded) = match self.latest(&slot)? {
             None => {
                 let encoded = encode_state(&msg.state);
                 (msg.state, encoded)
             }
             Some(mut current) => {
                 let before = encode_state(&current);
-                current.merge(msg.state)?;
+                if let Err(error) = current.merge(msg.state) {
+                    self.keep(slot, current, before.len());
+                    return Err(error.into());
+                }
                 let after = encode_state(&current);
                 if after == before {
-                    return Ok(None); // Nothing new: a redelivery or an older state.
+                    // Nothing new: a redelivery or an older state.
+                    self.keep(slot, current, before.len());
+                    return Ok(None);
                 }
                 (current, after)
             }
         };
-        let (ticket, version) = self.queue(slot.clone(), &merged, encoded, false, None, None)?;
-        let commit: MergeCommit = async move {
-            match ticket.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(error)) => Err(error.to_string()),
-                Err(_) => Err(StorageError::WriterGone.to_string()),
-            }
-        }
-        .boxed()
-        .shared();
-        ctx.spawn(
-            commit
-                .clone()
-                .into_actor(self)
-                .map(move |committed, actor, _ctx| {
-                    actor.settle(&slot, version, committed.is_ok());
-                }),
-        );
-        Ok(Some(commit))
+        let size = encoded.len();
+        let ticket = self.submit(&slot, &merged, encoded, false, None, None)?;
+        self.keep(slot, merged, size);
+        Ok(Some(ticket))
     }
 }
 
@@ -438,7 +445,7 @@ impl PartitionRouter {
     }
 
     /// Joins a peer's state into the key's; returns once it is queued for a group commit.
-    pub async fn merge(&self, msg: Merge) -> Result<Option<MergeCommit>, WriteError> {
+    pub async fn merge(&self, msg: Merge) -> Result<Option<WriteTicket<u64>>, WriteError> {
         let owner = self.owner(&msg.bucket, &msg.key);
         self.metrics.partition_mailbox_depth.inc();
         owner.send(msg).await.unwrap_or(Err(WriteError::Stopped))
