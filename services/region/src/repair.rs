@@ -67,7 +67,7 @@ pub async fn queue_merges(
 pub async fn await_merges(queued: Vec<WriteTicket<u64>>) -> Result<u64, ApiError> {
     let changed = queued.len() as u64;
     for ticket in queued {
-        ticket.await.unwrap_or(Err(StorageError::WriterGone))?;
+        ticket.await?;
     }
     Ok(changed)
 }

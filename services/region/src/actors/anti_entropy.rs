@@ -268,10 +268,7 @@ impl Exchange<'_> {
             let ticket = storage
                 .submit_applied(origin, seq, epoch)
                 .map_err(|e| format!("applied mark: {e}"))?;
-            ticket
-                .await
-                .map_err(|_| "storage writer stopped".to_string())?
-                .map_err(|e| format!("applied mark: {e}"))?;
+            ticket.await.map_err(|e| format!("applied mark: {e}"))?;
         }
         Ok(())
     }
@@ -489,7 +486,6 @@ impl Exchange<'_> {
                 .map_err(|e| format!("bucket definition: {e}"))?;
             ticket
                 .await
-                .map_err(|_| "storage writer stopped".to_string())?
                 .map_err(|e| format!("bucket definition: {e}"))?;
         }
         Ok(())

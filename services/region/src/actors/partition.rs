@@ -350,8 +350,7 @@ impl Handler<Write> for PartitionActor {
         };
         let slot = (msg.bucket, msg.key);
         let idempotency_id = msg.idempotency.map(|(id, _, _)| id);
-        let wait =
-            async move { ticket.await.unwrap_or(Err(StorageError::WriterGone)) }.instrument(span);
+        let wait = ticket.instrument(span);
         Box::pin(wait.into_actor(self).map(move |committed, actor, _ctx| {
             actor.settle(&slot, version, committed.is_ok());
             if let Some(id) = idempotency_id {

@@ -149,10 +149,7 @@ async fn round(
         return Ok((next, examined, 0));
     }
     let ticket = storage.submit_purge(purge).map_err(|e| e.to_string())?;
-    let removed = ticket
-        .await
-        .map_err(|_| "storage writer stopped".to_string())?
-        .map_err(|e| e.to_string())?;
+    let removed = ticket.await.map_err(|e| e.to_string())?;
     region.metrics.tombstones_removed.inc_by(removed);
     Ok((next, examined, removed))
 }

@@ -94,9 +94,7 @@ pub async fn put(
     let ticket = region
         .storage
         .submit_bucket(def.clone(), BucketSource::Client)?;
-    let outcome = ticket
-        .await
-        .unwrap_or(Err(crate::storage::StorageError::WriterGone))?;
+    let outcome = ticket.await?;
     match outcome {
         BucketOutcome::Created => Ok(HttpResponse::Created().json(BucketInfo::from(&def))),
         BucketOutcome::Identical => Ok(HttpResponse::Ok().json(BucketInfo::from(&def))),

@@ -163,9 +163,7 @@ async fn apply_batch(
                 let ticket = region
                     .storage
                     .submit_bucket(def, BucketSource::Replicated)?;
-                ticket
-                    .await
-                    .unwrap_or(Err(crate::storage::StorageError::WriterGone))?;
+                ticket.await?;
             }
             LogEntry::Key { bucket, key, state } => {
                 let state = decode_state(&state).map_err(|e| {
@@ -202,9 +200,7 @@ async fn apply_batch(
     let mark = region.storage.submit_applied(incarnation, last, epoch)?;
     drop(gather);
     let count = crate::repair::await_merges(queued).await?;
-    let applied = mark
-        .await
-        .unwrap_or(Err(crate::storage::StorageError::WriterGone))?;
+    let applied = mark.await?;
     region
         .metrics
         .replicated_applied

@@ -7,7 +7,7 @@ use super::extract::{
 use super::forward::{self, Forwarded, PeerClient};
 use crate::actors::partition::{stored_answer, Responder, Write, WriteOutcome};
 use crate::region::Region;
-use crate::storage::{BucketSource, StorageError};
+use crate::storage::BucketSource;
 use actix_web::http::header::HeaderName;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -173,7 +173,7 @@ async fn target(region: &Region, req: &HttpRequest) -> Result<(BucketDef, String
             let ticket = region
                 .storage
                 .submit_bucket(def, BucketSource::Replicated)?;
-            ticket.await.unwrap_or(Err(StorageError::WriterGone))?;
+            ticket.await?;
             Ok((region.bucket(&bucket)?, key))
         }
     }

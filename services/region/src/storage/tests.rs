@@ -51,11 +51,8 @@ fn merge_then_mark(storage: &Storage, round: u64, gap: Duration, gathered: bool)
         .submit_applied(origin, round, storage.failure_epoch())
         .expect("queue mark");
     drop(gather);
-    merged
-        .blocking_recv()
-        .expect("answer")
-        .expect("merge durable");
-    mark.blocking_recv().expect("answer").expect("mark durable");
+    merged.wait().expect("merge durable");
+    mark.wait().expect("mark durable");
 }
 
 #[test]
@@ -98,8 +95,7 @@ fn a_gather_keeps_requests_queued_meanwhile_in_one_commit() {
     storage
         .submit_key(client_write)
         .expect("queue")
-        .blocking_recv()
-        .expect("answer")
+        .wait()
         .expect("durable");
     drop(gather);
     assert_eq!(
@@ -131,8 +127,7 @@ fn cursors_ride_along_with_the_next_commit_and_a_clean_stop() {
     storage
         .submit_key(merge("k"))
         .expect("queue")
-        .blocking_recv()
-        .expect("answer")
+        .wait()
         .expect("durable");
     assert_eq!(group_commits(&metrics) - before, 1);
     assert_eq!(cursor("eu-west"), Some(7));
@@ -209,7 +204,7 @@ fn list_all(storage: &Storage, bucket: &str, prefix: &str, page_size: usize) -> 
 /// Waits until every write behind `tickets` is durable.
 fn await_durable(tickets: Vec<WriteTicket<u64>>) {
     for ticket in tickets {
-        ticket.blocking_recv().expect("answer").expect("durable");
+        ticket.wait().expect("durable");
     }
 }
 
@@ -305,8 +300,8 @@ proptest::proptest! {
                         idempotency: None,
                         trace: None,
                     };
-                    storage.submit_key(write).expect("queue").blocking_recv()
-                        .expect("answer").expect("durable");
+                    storage.submit_key(write).expect("queue").wait()
+                        .expect("durable");
                     model.insert((BUCKETS[b].into(), MODEL_KEYS[k].into()), numbered_state(n));
                 }
                 Step::Purge(b, k, n) => {
@@ -315,8 +310,8 @@ proptest::proptest! {
                         remove: vec![(name.0.clone(), name.1.clone(), numbered_state(n))],
                         forget: Vec::new(),
                     };
-                    let removed = storage.submit_purge(purge).expect("queue").blocking_recv()
-                        .expect("answer").expect("durable");
+                    let removed = storage.submit_purge(purge).expect("queue").wait()
+                        .expect("durable");
                     let matches = model.get(&name) == Some(&numbered_state(n));
                     proptest::prop_assert_eq!(removed, u64::from(matches));
                     if matches {

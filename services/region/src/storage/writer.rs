@@ -21,9 +21,12 @@ use meridian_shared::merkle::{entry_hash, segment_of, MerkleTree};
 use meridian_shared::{Actor, BucketDef};
 use redb::{Database, Durability};
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::ops::Bound;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -99,8 +102,29 @@ pub enum BucketOutcome {
     Resolved(BucketDef),
 }
 
-/// Resolves once the write is durable (or failed).
-pub type WriteTicket<T> = oneshot::Receiver<Result<T, StorageError>>;
+/// Resolves once the write is durable (or failed); a writer that stopped without answering
+/// is [`StorageError::WriterGone`].
+#[must_use = "a write's outcome is known only by awaiting its ticket"]
+pub struct WriteTicket<T>(oneshot::Receiver<Result<T, StorageError>>);
+
+impl<T> Future for WriteTicket<T> {
+    type Output = Result<T, StorageError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|answer| answer.unwrap_or(Err(StorageError::WriterGone)))
+    }
+}
+
+impl<T> WriteTicket<T> {
+    /// Blocks until the outcome is known (outside async code).
+    pub fn wait(self) -> Result<T, StorageError> {
+        self.0
+            .blocking_recv()
+            .unwrap_or(Err(StorageError::WriterGone))
+    }
+}
 
 enum Request {
     Key(KeyWrite, oneshot::Sender<Result<u64, StorageError>>),
@@ -186,7 +210,7 @@ impl WriterHandle {
     pub(super) fn submit_key(&self, write: KeyWrite) -> Result<WriteTicket<u64>, StorageError> {
         let (reply, ticket) = oneshot::channel();
         self.enqueue(Request::Key(write, reply))?;
-        Ok(ticket)
+        Ok(WriteTicket(ticket))
     }
 
     pub(super) fn submit_bucket(
@@ -196,7 +220,7 @@ impl WriterHandle {
     ) -> Result<WriteTicket<BucketOutcome>, StorageError> {
         let (reply, ticket) = oneshot::channel();
         self.enqueue(Request::Bucket(def, source, reply))?;
-        Ok(ticket)
+        Ok(WriteTicket(ticket))
     }
 
     pub(super) fn submit_applied(
@@ -207,7 +231,7 @@ impl WriterHandle {
     ) -> Result<WriteTicket<u64>, StorageError> {
         let (reply, ticket) = oneshot::channel();
         self.enqueue(Request::Applied(origin, seq, epoch, reply))?;
-        Ok(ticket)
+        Ok(WriteTicket(ticket))
     }
 
     /// When `seq` became durable here (wall-clock µs), if it was committed recently.
@@ -253,7 +277,7 @@ impl WriterHandle {
     pub(super) fn submit_purge(&self, purge: Purge) -> Result<WriteTicket<u64>, StorageError> {
         let (reply, ticket) = oneshot::channel();
         self.enqueue(Request::Purge(purge, reply))?;
-        Ok(ticket)
+        Ok(WriteTicket(ticket))
     }
 
     /// Resolves once the state database is durable and the journal cut.
