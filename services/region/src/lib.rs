@@ -7,6 +7,7 @@
 
 pub mod actors;
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod metrics;

@@ -1,7 +1,7 @@
 //! What this region knows about each peer, shared by membership, replicators and handlers.
 
+use crate::clock::now_ms;
 use crate::config::Config;
-use crate::storage::now_ms;
 use meridian_shared::wire::{Heartbeat, CLUSTER_HEADER, PEER_HEADER};
 use meridian_shared::RegionName;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

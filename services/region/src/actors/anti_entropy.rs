@@ -14,10 +14,11 @@
 //! Digest scans are paced to `anti_entropy_scan_rate` keys per second (the IO/CPU budget),
 //! and while clients write to this region repair takes at most a quarter of the time.
 
+use crate::clock::now_ms;
 use crate::peers::{http_client, peer_call, Backoff, ExchangeReport, Peer, Traffic};
 use crate::region::Region;
 use crate::repair::{chunk_states, merge_states};
-use crate::storage::{now_ms, BucketSource, KeyName};
+use crate::storage::{BucketSource, KeyName};
 use actix::prelude::*;
 use meridian_shared::merkle::{
     diff_digests, differing, SegmentFilter, SEGMENTS, SEGMENTS_PER_BRANCH,
@@ -161,7 +162,7 @@ async fn exchange(
     report.bytes_sent = run.traffic.sent;
     report.bytes_received = run.traffic.received;
     report.duration_ms = started.elapsed().as_millis() as u64;
-    report.at = crate::storage::rfc3339(now_ms());
+    report.at = crate::clock::rfc3339(now_ms());
     span.record("segments_compared", report.segments_compared);
     span.record("keys_repaired", report.keys_repaired);
     let peer_label = peer.name.as_str();

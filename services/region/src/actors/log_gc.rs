@@ -59,7 +59,7 @@ impl Actor for LogGc {
         let ttl_ms = self.region.config.idempotency_ttl_secs.saturating_mul(1000);
         let sweep = Duration::from_millis((ttl_ms / 10).clamp(1000, 600_000));
         ctx.run_interval(sweep, move |gc, _| {
-            let before = crate::storage::now_ms().saturating_sub(ttl_ms);
+            let before = crate::clock::now_ms().saturating_sub(ttl_ms);
             let _span = tracing::debug_span!("idempotency_expire", before).entered();
             let _ = gc.region.storage.submit_expire_idempotency(before);
         });

@@ -230,7 +230,7 @@ impl PartitionActor {
             .latest(&slot)?
             .unwrap_or_else(|| KeyState::empty(msg.kind));
         let actor = self.shared.storage.identity().incarnation;
-        let hlc = self.shared.hlc.tick(crate::storage::now_ms());
+        let hlc = self.shared.hlc.tick(crate::clock::now_ms());
         let op = std::mem::replace(&mut msg.op, Op::Increment { by: 0 });
         state.apply(op, actor, hlc)?;
 

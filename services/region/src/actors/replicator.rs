@@ -10,9 +10,9 @@
 //! (two in flight measured worse on 2 cores: more, smaller batches cost more CPU at both ends
 //! than the overlap saves, and the peer still commits them one after the other).
 
+use crate::clock::now_us;
 use crate::peers::{http_client, peer_request, Backoff, Peer};
 use crate::region::Region;
-use crate::storage::now_us;
 use actix::prelude::*;
 use meridian_shared::log::LogRecord;
 use meridian_shared::wire::{ReplicateAck, ReplicateBatch, PROTOCOL_VERSION};

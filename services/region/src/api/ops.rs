@@ -1,9 +1,9 @@
 //! Operational routes: health, readiness, metrics, OpenAPI and the cluster view.
 
 use super::error::ApiError;
+use crate::clock::now_us;
 use crate::peers::ExchangeReport;
 use crate::region::Region;
-use crate::storage::now_us;
 use actix_web::{web, HttpResponse};
 use serde::Serialize;
 use std::collections::BTreeMap;

@@ -19,8 +19,8 @@ mod writer;
 pub use idempotency::IdempotencyRecord;
 pub use identity::Identity;
 pub use writer::{
-    now_ms, now_us, rfc3339, BucketOutcome, BucketSource, Gather, KeyWrite, PendingIdempotency,
-    Purge, SharedTree, WriteTicket, MAX_SPAN_LINKS,
+    BucketOutcome, BucketSource, Gather, KeyWrite, PendingIdempotency, Purge, SharedTree,
+    WriteTicket, MAX_SPAN_LINKS,
 };
 
 use crate::metrics::Metrics;
