@@ -2,10 +2,10 @@
 //!
 //! One thread owns every write transaction. It takes whatever requests are queued (up to
 //! `commit_max_batch`), applies them in one transaction of the state database, appends the
-//! same changes durably to the journal (see `journal`), commits the transaction (visible, not
-//! yet durable by itself), publishes the batch's key states to the overlay (see `overlay`;
-//! they move into the state database before each checkpoint), and only then answers every
-//! requester in the batch. Sequence numbers are assigned here, in commit order, so the
+//! same changes durably to the journal (see `journal`), publishes the batch's new key states
+//! to the overlay (see `overlay`; they move into the state database before each checkpoint),
+//! commits the transaction (visible, not yet durable by itself), and only then answers every
+//! requester in the batch (see `batch`). Sequence numbers are assigned here, in commit order, so the
 //! replication log never has a gap that a later commit fills.
 
 mod batch;
