@@ -77,6 +77,14 @@ pub enum StateError {
         /// The bucket's type.
         kind: BucketType,
     },
+    /// The increment would take the counter out of the range a client can read exactly.
+    #[error("incrementing {value} by {by} leaves the range of a 64-bit signed integer")]
+    CounterOverflow {
+        /// The counter's value here before the increment.
+        value: String,
+        /// The increment refused.
+        by: i64,
+    },
 }
 
 /// What a client sees of a key.
@@ -152,6 +160,25 @@ impl KeyState {
             }
             (KeyState::Lww(reg), Op::Delete { .. }) => reg.update(None, LwwStamp { hlc, actor }),
             (KeyState::Counter(counter), Op::Increment { by }) => {
+                // Checked first: past i64 a read could only clamp the value, and past u64 this
+                // actor's own total would wrap, silently losing the increment. A step of 0
+                // yields the dot carrying that total as it stands.
+                let value = counter.read();
+                let own = if by >= 0 {
+                    counter.inc_many(actor, 0)
+                } else {
+                    counter.dec_many(actor, 0)
+                }
+                .dot
+                .counter;
+                let fits = (&value + by).to_i64().is_some()
+                    && own.checked_add(by.unsigned_abs()).is_some();
+                if !fits {
+                    return Err(StateError::CounterOverflow {
+                        value: value.to_string(),
+                        by,
+                    });
+                }
                 if by > 0 {
                     counter.apply(counter.inc_many(actor, by.unsigned_abs()));
                 } else if by < 0 {

@@ -160,6 +160,34 @@ proptest! {
         let all = states.iter().fold(KeyState::empty(BucketType::Counter), |acc, s| join(&acc, s));
         prop_assert_eq!(all.view(), View::Counter(incs.iter().map(|(_, by)| by).sum()));
     }
+
+    /// Increments at the edges of i64 are applied exactly or refused, never lost: refused
+    /// exactly when the value would leave i64 or the actor's own total of increments (or of
+    /// decrements) would pass u64, and the value read is always the sum of those applied.
+    #[test]
+    fn counter_increments_are_exact_or_refused(
+        incs in prop::collection::vec(
+            prop_oneof![Just(i64::MIN), Just(i64::MAX), any::<i64>(), -1000i64..1000],
+            1..40,
+        )
+    ) {
+        let actor = Actor::from_u128(1);
+        let mut state = KeyState::empty(BucketType::Counter);
+        let (mut sum, mut ups, mut downs) = (0i128, 0u128, 0u128);
+        for by in incs {
+            let next = sum + i128::from(by);
+            let fits = i64::try_from(next).is_ok()
+                && if by >= 0 { ups + u128::from(by.unsigned_abs()) } else { downs + u128::from(by.unsigned_abs()) }
+                    <= u128::from(u64::MAX);
+            let result = state.apply(Op::Increment { by }, actor, 0);
+            prop_assert_eq!(result.is_ok(), fits, "by {} on {}", by, sum);
+            if fits {
+                sum = next;
+                if by >= 0 { ups += u128::from(by.unsigned_abs()) } else { downs += u128::from(by.unsigned_abs()) }
+            }
+            prop_assert_eq!(state.view(), View::Counter(sum as i64));
+        }
+    }
 }
 
 proptest! {

@@ -236,6 +236,30 @@ mod rows {
         assert_error(&reply, 409, "type_mismatch");
     }
 
+    pub async fn counter_overflow(region: &Region) {
+        // Past i64: refused, the value stays exact.
+        let reply = region
+            .post(&incr(CNT, TARGET), &json!({ "by": i64::MAX }))
+            .await;
+        assert_error(&reply, 422, "counter_overflow");
+        // Within i64 at every step, but this region's own total of increments would pass
+        // u64 on the third +MAX: refused, not wrapped around and lost.
+        let edge = incr(CNT, "edge");
+        for (by, value) in [
+            (i64::MAX, i64::MAX),
+            (-i64::MAX, 0),
+            (i64::MAX, i64::MAX),
+            (-i64::MAX, 0),
+        ] {
+            let reply = region.post(&edge, &json!({ "by": by })).await;
+            assert_eq!(reply.expect(200)["value"], json!(value), "by {by}");
+        }
+        let reply = region.post(&edge, &json!({ "by": i64::MAX })).await;
+        assert_error(&reply, 422, "counter_overflow");
+        let get = region.get(&kv(CNT, "edge")).await;
+        assert_eq!(get.expect(200)["value"], json!(0));
+    }
+
     pub async fn invalid_name_too_long(region: &Region) {
         let long = "k".repeat(257);
         let reply = region.put(&kv(REG, &long), &json!(1)).await;
@@ -448,6 +472,7 @@ bad_input_tests!(
     bucket_not_found,
     key_not_found,
     type_mismatch,
+    counter_overflow,
     invalid_name_too_long,
     invalid_name_characters,
     payload_too_large,

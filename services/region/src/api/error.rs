@@ -102,7 +102,16 @@ impl ResponseError for ApiError {
 
 impl From<StateError> for ApiError {
     fn from(e: StateError) -> Self {
-        Self::new(StatusCode::CONFLICT, "type_mismatch", e.to_string())
+        match e {
+            StateError::TypeMismatch { .. } => {
+                Self::new(StatusCode::CONFLICT, "type_mismatch", e.to_string())
+            }
+            StateError::CounterOverflow { .. } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "counter_overflow",
+                e.to_string(),
+            ),
+        }
     }
 }
 
