@@ -72,6 +72,11 @@ pub struct Metrics {
     pub forwards: IntCounterVec,
     /// Writes accepted outside their home region.
     pub failover_writes: IntCounter,
+    /// Writes not failed over: an earlier attempt with their Idempotency-Key may still apply
+    /// at the home.
+    pub failovers_refused: IntCounter,
+    /// Idempotency keys whose forward to the home has an unknown outcome.
+    pub forwards_in_doubt: IntGauge,
     /// Entries currently in the replication log.
     pub log_entries: IntGauge,
     /// Anti-entropy exchanges, by peer and outcome (`in_sync`, `repaired`, `deferred`, `failed`).
@@ -284,6 +289,15 @@ impl Metrics {
             "failover_writes_total",
             "Writes accepted outside their home region because the home was unreachable",
         )?;
+        let failovers_refused = IntCounter::new(
+            "failovers_refused_total",
+            "Writes not failed over because an earlier attempt with their Idempotency-Key may \
+             still be applied by the home",
+        )?;
+        let forwards_in_doubt = IntGauge::new(
+            "forwards_in_doubt",
+            "Idempotency keys whose forward to the home region has an unknown outcome",
+        )?;
         let log_entries =
             IntGauge::new("replication_log_entries", "Entries in the replication log")?;
         let ae_exchanges = IntCounterVec::new(
@@ -355,6 +369,8 @@ impl Metrics {
         registry.register(Box::new(replicated_applied.clone()))?;
         registry.register(Box::new(forwards.clone()))?;
         registry.register(Box::new(failover_writes.clone()))?;
+        registry.register(Box::new(failovers_refused.clone()))?;
+        registry.register(Box::new(forwards_in_doubt.clone()))?;
         registry.register(Box::new(log_entries.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
@@ -415,6 +431,8 @@ impl Metrics {
             replicated_applied,
             forwards,
             failover_writes,
+            failovers_refused,
+            forwards_in_doubt,
             log_entries,
             ae_exchanges,
             ae_duration,

@@ -3,6 +3,7 @@
 use crate::actors::partition::{PartitionRouter, PartitionShared};
 use crate::api::error::ApiError;
 use crate::api::extract::{Ack, ReadConsistency};
+use crate::api::in_doubt::InDoubt;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::peers::{http_client, peer_request, Peers};
@@ -40,6 +41,8 @@ pub struct Region {
     pub regions: Vec<RegionName>,
     /// Live state of every peer.
     pub peers: Peers,
+    /// Idempotency keys a forward left in doubt: their retries must not fail over.
+    pub in_doubt: InDoubt,
 }
 
 impl Region {
@@ -91,6 +94,10 @@ impl Region {
         });
         let partitions = PartitionRouter::start(config.partitions, config.worker_threads(), shared);
         let regions = config.regions();
+        let in_doubt = InDoubt::new(
+            Duration::from_secs(config.idempotency_ttl_secs),
+            metrics.forwards_in_doubt.clone(),
+        );
         Ok(Self {
             config,
             storage,
@@ -98,6 +105,7 @@ impl Region {
             metrics,
             regions,
             peers,
+            in_doubt,
         })
     }
 
@@ -156,21 +164,25 @@ impl Region {
         applied
     }
 
-    /// The session token to return: the client's merged with what this region has applied.
-    pub fn session_after(&self, mut token: SessionToken, seq: Option<u64>) -> SessionToken {
-        let own = self.storage.identity().incarnation;
-        token.observe(own, seq.unwrap_or_else(|| self.storage.last_seq()));
+    /// The session token to return: the client's, merged with everything this region has
+    /// applied from every origin (the answer may reflect any of it: a read's value replicated
+    /// from elsewhere, a counter's sum), which covers this region's own writes too.
+    pub fn session_after(&self, mut token: SessionToken) -> SessionToken {
+        for (origin, seq) in self.applied() {
+            token.observe(origin, seq);
+        }
         token
     }
 
-    /// The session token for a replayed answer: it covers the first write, in the log of
-    /// whichever region applied it.
+    /// The session token for a replayed answer: what [`Region::session_after`] gives, plus
+    /// the first write, in the log of whichever region applied it.
     pub fn session_after_replay(
         &self,
-        mut token: SessionToken,
+        token: SessionToken,
         record: &IdempotencyRecord,
     ) -> SessionToken {
         let origin = record.origin.unwrap_or(self.storage.identity().incarnation);
+        let mut token = self.session_after(token);
         token.observe(origin, record.seq);
         token
     }

@@ -263,6 +263,11 @@ async fn a_retry_at_another_region_while_the_home_is_down_is_replayed_not_applie
         replayed(&retry),
         "answered from the replicated record: {retry:?}"
     );
+    assert_eq!(
+        retry.header("x-meridian-failover"),
+        None,
+        "the home applied it, as the first answer said: {retry:?}"
+    );
     // The write is durable at its origin and here: a quorum of three, not all.
     let quorum = east
         .post_with(&format!("{path}?ack=quorum"), &json!({ "by": 5 }), &headers)
@@ -287,4 +292,66 @@ async fn a_retry_at_another_region_while_the_home_is_down_is_replayed_not_applie
         .converged(&kv("idc", &hits), Duration::from_secs(20))
         .await;
     assert_eq!(value["value"], json!(10), "applied once each: {value}");
+}
+
+#[tokio::test]
+async fn a_retry_after_a_forward_with_an_unknown_outcome_waits_for_the_home_not_failover() {
+    // The home hangs (SIGSTOP) with the forward unread in its socket: the first attempt's
+    // outcome is unknown, and the home applies it once it resumes. A retry with the same key
+    // must not fail over meanwhile, or the increment counts twice.
+    let cluster = Cluster::start(&["us-east", "eu-west", "ap-south"], "").await;
+    cluster
+        .create_buckets("us-east", &[("idd", "counter")], None)
+        .await;
+    let home = "ap-south";
+    let hits = kv("idd", &cluster.key_homed_at("idd", home, "hits"));
+    let path = format!("{hits}/increment");
+    let key = uuid::Uuid::new_v4().to_string();
+    let headers = [("Idempotency-Key", key.as_str())];
+    let east = cluster.region("us-east");
+    east.post(&path, &json!({ "by": 1 })).await.expect(200);
+    cluster.converged(&hits, Duration::from_secs(15)).await;
+
+    cluster.region(home).pause();
+    let first = east.post_with(&path, &json!({ "by": 100 }), &headers).await;
+    assert_error(&first, 503, "unavailable");
+    cluster.wait_status("us-east", home, "down").await;
+    let retry = east.post_with(&path, &json!({ "by": 100 }), &headers).await;
+    assert_error(&retry, 503, "unavailable");
+    assert_eq!(
+        east.get(&hits).await.body["value"],
+        json!(1),
+        "not applied here"
+    );
+    // Without a key a write still fails over: nothing ties it to the first attempt.
+    let other = east.post(&path, &json!({ "by": 10 })).await;
+    other.expect(200);
+    assert_eq!(other.header("x-meridian-failover"), Some("true"));
+
+    cluster.region(home).resume();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let answer = loop {
+        let reply = east.post_with(&path, &json!({ "by": 100 }), &headers).await;
+        if reply.status == 200 {
+            break reply;
+        }
+        // 503 until the home is up again; 409 while the first attempt is still in flight.
+        assert!(
+            matches!(reply.status, 503 | 409),
+            "while the home resumes: {reply:?}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the home never answered the retry: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Applied by the home, from whichever copy it read first; the other replays it.
+    assert_eq!(answer.header("x-meridian-failover"), None, "{answer:?}");
+    let value = cluster.converged(&hits, Duration::from_secs(20)).await;
+    assert_eq!(
+        value["value"],
+        json!(111),
+        "the keyed increment applied once: {value}"
+    );
 }

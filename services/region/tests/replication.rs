@@ -227,3 +227,60 @@ async fn session_reads_see_the_sessions_own_writes_and_never_go_back() {
     let body: Value = cluster.converged(&path, CONVERGE).await;
     assert_eq!(body["values"], json!([6]));
 }
+
+#[tokio::test]
+async fn a_session_token_from_a_read_covers_the_value_read_wherever_it_was_written() {
+    // The value a client reads in us-east was written in ap-south: a session read in eu-west,
+    // which has not received it, must not answer the older value.
+    let cluster = Cluster::start(&REGIONS, "session_wait_ms = 300\n").await;
+    let pinned = json!({"type": "register", "home_region": "ap-south"});
+    cluster
+        .region("ap-south")
+        .put("/v1/buckets/mono", &pinned)
+        .await
+        .expect(201);
+    cluster.wait_buckets(1).await;
+    let path = kv("mono", "doc");
+    let home = cluster.region("ap-south");
+    home.put(&path, &json!("old")).await.expect(200);
+    cluster.converged(&path, CONVERGE).await;
+
+    cluster.cut_off("eu-west");
+    home.put(&path, &json!("new")).await.expect(200);
+    let east = cluster.region("us-east");
+    support::eventually(CONVERGE, "us-east has the new value", || async {
+        east.get(&path).await.body["values"] == json!(["new"])
+    })
+    .await;
+    let read = east.get(&path).await;
+    let token = read
+        .header("x-meridian-session")
+        .expect("session token")
+        .to_string();
+
+    let session_read = format!("{path}?consistency=session");
+    let stale = cluster
+        .region("eu-west")
+        .get_with(&session_read, &[("x-meridian-session", &token)])
+        .await;
+    // It cannot have the new value, nor reach the home: refusing is the only right answer.
+    assert_ne!(stale.status, 200, "went back in time: {stale:?}");
+    assert!(
+        matches!(stale.status, 503 | 504),
+        "a clear refusal: {stale:?}"
+    );
+
+    cluster.heal_all();
+    let west = cluster.region("eu-west");
+    support::eventually(CONVERGE, "eu-west serves the session read", || async {
+        let read = west
+            .get_with(&session_read, &[("x-meridian-session", &token)])
+            .await;
+        // Until it has caught up (or reaches the home) it refuses; it never answers "old".
+        if read.status == 200 {
+            assert_eq!(read.body["values"], json!(["new"]), "{read:?}");
+        }
+        read.status == 200
+    })
+    .await;
+}

@@ -3,7 +3,8 @@
 //! Failover is allowed only when the forward certainly did not apply: the home is marked down,
 //! or the connection could not be made. When the request may have reached the home (a timeout
 //! after sending, a broken answer) the client gets 503: applying it here too could count a
-//! counter increment twice.
+//! counter increment twice. Its Idempotency-Key stays in doubt (see `in_doubt`) until the home
+//! answers for it, so that a retry does not fail over either.
 
 use super::error::ApiError;
 use super::extract::{
@@ -122,10 +123,21 @@ pub async fn forward(
              applied there. Retry with the same Idempotency-Key"
         ))
     };
+    // In doubt from before it is sent until the home answers: also when this future is
+    // dropped on the way (the client went away), the home may still apply it.
+    let idempotency = super::extract::idempotency_key(req).ok().flatten();
+    let doubted_before = idempotency.is_some_and(|id| region.in_doubt.contains(id));
+    if let Some(id) = idempotency {
+        region.in_doubt.mark(id);
+    }
     let response = match request.send().instrument(span.clone()).await {
         Ok(response) => response,
         Err(e) if e.is_connect() => {
-            // Nothing was sent: safe to accept the write here instead.
+            // Nothing was sent: safe to accept the write here instead, unless an earlier
+            // attempt left the key in doubt.
+            if let (Some(id), false) = (idempotency, doubted_before) {
+                region.in_doubt.settle(id);
+            }
             peer.mark_down("forward connection refused");
             outcome("refused");
             return Ok(Forwarded::HomeUnreachable);
@@ -149,6 +161,10 @@ pub async fn forward(
         .await
         .map_err(|e| unknown(e.to_string()))?;
     outcome("answered");
+    if let (Some(id), false) = (idempotency, status.is_server_error()) {
+        // The home decided this key: a later copy of an earlier attempt replays its answer.
+        region.in_doubt.settle(id);
+    }
     let mut answer = HttpResponse::build(status);
     for (name, value) in headers {
         answer.insert_header((name, value));

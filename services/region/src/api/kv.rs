@@ -221,8 +221,11 @@ async fn write(
         // it to the (now reachable) home would apply it a second time.
         if let Some((id, fingerprint, _)) = idempotency {
             if let Some(record) = stored_answer(&region.storage, id, fingerprint)? {
+                // Failover only if this region applied it; a record replicated from the home
+                // answers as the home did.
+                let failed_over = record.origin.is_none();
                 let (status, body, token) = replay(region, ack, session, record).await?;
-                let mut response = key_response(region, status, body, &home, token, true);
+                let mut response = key_response(region, status, body, &home, token, failed_over);
                 mark_replayed(&mut response);
                 return Ok(response);
             }
@@ -233,7 +236,19 @@ async fn write(
         };
         match forward::forward(region, client, req, &def, body, &home, home_may_wait).await? {
             Forwarded::Answered(response) => return Ok(response),
-            Forwarded::HomeUnreachable => region.metrics.failover_writes.inc(),
+            Forwarded::HomeUnreachable => {
+                if let Some((id, ..)) = idempotency {
+                    if region.in_doubt.contains(id) {
+                        region.metrics.failovers_refused.inc();
+                        return Err(ApiError::unavailable(format!(
+                            "an earlier attempt with this Idempotency-Key may still be applied \
+                             by the home region {home}, which is unreachable; retry until it \
+                             answers"
+                        )));
+                    }
+                }
+                region.metrics.failover_writes.inc()
+            }
         }
     }
     let outcome = region
@@ -247,20 +262,16 @@ async fn write(
             span: tracing::Span::current(),
         })
         .await?;
-    let (status, body, token, replayed) = match outcome {
+    let (status, body, token, replayed, failover) = match outcome {
         WriteOutcome::Applied { seq, state } => {
             let (status, body) = respond(&state);
             region.await_ack(ack, seq).await?;
-            (
-                status,
-                body,
-                region.session_after(session, Some(seq)),
-                false,
-            )
+            (status, body, region.session_after(session), false, failover)
         }
         WriteOutcome::Replayed(record) => {
+            let failover = failover && record.origin.is_none();
             let (status, body, token) = replay(region, ack, session, record).await?;
-            (status, body, token, true)
+            (status, body, token, true, failover)
         }
     };
     let mut response = key_response(region, status, body, &home, token, failover);
@@ -508,7 +519,7 @@ pub async fn get(
             home_region,
         }),
     };
-    let token = region.session_after(session, None);
+    let token = region.session_after(session);
     Ok(key_response(&region, 200, body, &home, token, false))
 }
 

@@ -5,6 +5,7 @@ pub mod buckets;
 pub mod error;
 pub mod extract;
 pub mod forward;
+pub mod in_doubt;
 pub mod internal;
 pub mod kv;
 pub mod openapi;

@@ -163,6 +163,25 @@ impl Region {
         }
     }
 
+    /// SIGSTOP: the process keeps its sockets (connections are accepted, requests queue
+    /// unread) but does nothing until [`Region::resume`]: a hung or paused region.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Region::pause`]: it reads what queued meanwhile.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let child = self.child.as_ref().expect("the region is not running");
+        // SAFETY: plain kill(2) on the pid of a child we have not reaped yet.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, signal);
+        }
+    }
+
     /// SIGTERM and wait for a graceful exit (bounded); returns the exit status.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self
