@@ -407,10 +407,21 @@ mod rows {
     pub async fn method_not_allowed(region: &Region) {
         let reply = region.call(Method::DELETE, "/v1/buckets", None, &[]).await;
         assert_error(&reply, 405, "method_not_allowed");
+        assert_eq!(reply.header("allow"), Some("GET"));
         let reply = region
             .call(Method::GET, &incr(CNT, TARGET), None, &[])
             .await;
         assert_error(&reply, 405, "method_not_allowed");
+        assert_eq!(reply.header("allow"), Some("POST"));
+        let reply = region.call(Method::POST, &kv(REG, TARGET), None, &[]).await;
+        assert_error(&reply, 405, "method_not_allowed");
+        assert_eq!(reply.header("allow"), Some("GET, PUT, DELETE"));
+        // The operations routes too, not a 404.
+        for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+            let reply = region.call(Method::POST, path, None, &[]).await;
+            assert_error(&reply, 405, "method_not_allowed");
+            assert_eq!(reply.header("allow"), Some("GET"), "{path}");
+        }
     }
 }
 

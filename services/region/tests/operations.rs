@@ -196,6 +196,21 @@ async fn openapi_documents_every_public_route() {
         ("/metrics", &["get"]),
     ];
     let documented: Vec<&String> = paths.keys().collect();
+    // Code generators name a function after each operation: they must be unique.
+    let mut operation_ids: Vec<&str> = paths
+        .values()
+        .filter_map(|item| item.as_object())
+        .flat_map(|item| item.values())
+        .filter_map(|operation| operation["operationId"].as_str())
+        .collect();
+    let operations = operation_ids.len();
+    operation_ids.sort_unstable();
+    operation_ids.dedup();
+    assert_eq!(
+        operation_ids.len(),
+        operations,
+        "duplicate operationIds in {paths:?}"
+    );
     for (path, methods) in expected {
         let item = paths
             .get(path)

@@ -52,7 +52,7 @@ impl From<&BucketDef> for BucketInfo {
 }
 
 /// Creates a bucket; an identical definition is fine, a different one is a conflict.
-#[utoipa::path(put, path = "/v1/buckets/{bucket}", tag = "buckets",
+#[utoipa::path(put, operation_id = "put_bucket", path = "/v1/buckets/{bucket}", tag = "buckets",
     params(("bucket" = String, Path)), request_body = BucketSpec,
     responses((status = 201, body = BucketInfo, description = "created"),
               (status = 200, body = BucketInfo, description = "identical definition exists"),
@@ -117,7 +117,7 @@ pub async fn put(
 }
 
 /// Lists every bucket.
-#[utoipa::path(get, path = "/v1/buckets", tag = "buckets", responses((status = 200, body = BucketList)))]
+#[utoipa::path(get, operation_id = "list_buckets", path = "/v1/buckets", tag = "buckets", responses((status = 200, body = BucketList)))]
 pub async fn list(region: web::Data<Region>) -> HttpResponse {
     let buckets = region
         .storage
@@ -129,7 +129,7 @@ pub async fn list(region: web::Data<Region>) -> HttpResponse {
 }
 
 /// One bucket's definition.
-#[utoipa::path(get, path = "/v1/buckets/{bucket}", tag = "buckets", params(("bucket" = String, Path)),
+#[utoipa::path(get, operation_id = "get_bucket", path = "/v1/buckets/{bucket}", tag = "buckets", params(("bucket" = String, Path)),
     responses((status = 200, body = BucketInfo), (status = 404, body = super::error::ErrorBody)))]
 pub async fn get(region: web::Data<Region>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let name = extract::name_at(&req, 3)?;

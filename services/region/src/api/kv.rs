@@ -344,12 +344,12 @@ async fn write_body<B: serde::de::DeserializeOwned>(
 }
 
 /// Writes a register value.
-#[utoipa::path(put, path = "/v1/kv/{bucket}/{key}", tag = "keys",
+#[utoipa::path(put, operation_id = "put_key", path = "/v1/kv/{bucket}/{key}", tag = "keys",
     params(("bucket" = String, Path), ("key" = String, Path),
            ("ack" = Option<String>, Query, description = "local | quorum | all"),
            ("X-Meridian-Context" = Option<String>, Header, description = "context that this write supersedes"),
            ("Idempotency-Key" = Option<String>, Header, description = "UUID; a retry is applied once")),
-    request_body(content = Object, description = "any JSON value"),
+    request_body(content = serde_json::Value, description = "any JSON value"),
     responses((status = 200, body = ContextBody), (status = 400, body = super::error::ErrorBody),
               (status = 404, body = super::error::ErrorBody), (status = 409, body = super::error::ErrorBody),
               (status = 413, body = super::error::ErrorBody)))]
@@ -375,7 +375,7 @@ pub async fn put(
 }
 
 /// Deletes a register (tombstone) or every observed member of a set.
-#[utoipa::path(delete, path = "/v1/kv/{bucket}/{key}", tag = "keys",
+#[utoipa::path(delete, operation_id = "delete_key", path = "/v1/kv/{bucket}/{key}", tag = "keys",
     params(("bucket" = String, Path), ("key" = String, Path),
            ("X-Meridian-Context" = Option<String>, Header, description = "context that this delete supersedes")),
     responses((status = 200, body = ContextBody), (status = 404, body = super::error::ErrorBody),
@@ -402,7 +402,7 @@ pub async fn delete(
 }
 
 /// Adds to a counter.
-#[utoipa::path(post, path = "/v1/kv/{bucket}/{key}/increment", tag = "keys",
+#[utoipa::path(post, operation_id = "increment_counter", path = "/v1/kv/{bucket}/{key}/increment", tag = "keys",
     params(("bucket" = String, Path), ("key" = String, Path),
            ("Idempotency-Key" = Option<String>, Header, description = "UUID; a retry is applied once")),
     request_body = IncrementBody,
@@ -419,7 +419,7 @@ pub async fn increment(
 }
 
 /// Adds members to a set.
-#[utoipa::path(post, path = "/v1/kv/{bucket}/{key}/add", tag = "keys",
+#[utoipa::path(post, operation_id = "add_members", path = "/v1/kv/{bucket}/{key}/add", tag = "keys",
     params(("bucket" = String, Path), ("key" = String, Path)),
     request_body = MembersBody,
     responses((status = 200, body = SetBody), (status = 409, body = super::error::ErrorBody),
@@ -435,7 +435,7 @@ pub async fn add(
 }
 
 /// Removes observed members from a set.
-#[utoipa::path(post, path = "/v1/kv/{bucket}/{key}/remove", tag = "keys",
+#[utoipa::path(post, operation_id = "remove_members", path = "/v1/kv/{bucket}/{key}/remove", tag = "keys",
     params(("bucket" = String, Path), ("key" = String, Path)),
     request_body = MembersBody,
     responses((status = 200, body = SetBody), (status = 409, body = super::error::ErrorBody),
@@ -451,7 +451,7 @@ pub async fn remove(
 }
 
 /// Reads a key.
-#[utoipa::path(get, path = "/v1/kv/{bucket}/{key}", tag = "keys",
+#[utoipa::path(get, operation_id = "get_key", path = "/v1/kv/{bucket}/{key}", tag = "keys",
     params(("bucket" = String, Path), ("key" = String, Path),
            ("consistency" = Option<String>, Query, description = "local | home | session | quorum | all"),
            ("X-Meridian-Session" = Option<String>, Header, description = "session token for consistency=session")),
@@ -524,10 +524,10 @@ pub async fn get(
 }
 
 /// Lists a bucket's keys in byte order.
-#[utoipa::path(get, path = "/v1/kv/{bucket}", tag = "keys",
+#[utoipa::path(get, operation_id = "list_keys", path = "/v1/kv/{bucket}", tag = "keys",
     params(("bucket" = String, Path),
            ("prefix" = Option<String>, Query), ("after" = Option<String>, Query),
-           ("limit" = Option<usize>, Query, description = "1..=1000, default 100")),
+           ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "default 100")),
     responses((status = 200, body = KeyListBody), (status = 404, body = super::error::ErrorBody)))]
 pub async fn list(region: web::Data<Region>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let bucket = extract::name_at(&req, 3)?;

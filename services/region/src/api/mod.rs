@@ -24,7 +24,7 @@ use std::time::Instant;
 
 /// Registers every route on an actix app.
 pub fn configure(cfg: &mut web::ServiceConfig, openapi: Arc<String>, max_batch_bytes: usize) {
-    let not_allowed = || web::to(method_not_allowed);
+    let not_allowed = |allow: &'static str| web::to(move || method_not_allowed(allow));
     internal::configure(cfg, max_batch_bytes);
     cfg.service(
         web::scope("/v1")
@@ -35,58 +35,71 @@ pub fn configure(cfg: &mut web::ServiceConfig, openapi: Arc<String>, max_batch_b
                     .route(web::get().to(kv::get))
                     .route(web::put().to(kv::put))
                     .route(web::delete().to(kv::delete))
-                    .default_service(not_allowed()),
+                    .default_service(not_allowed("GET, PUT, DELETE")),
             )
             .service(
                 web::resource("/buckets")
                     .route(web::get().to(buckets::list))
-                    .default_service(not_allowed()),
+                    .default_service(not_allowed("GET")),
             )
             .service(
                 web::resource("/buckets/{bucket}")
                     .route(web::put().to(buckets::put))
                     .route(web::get().to(buckets::get))
-                    .default_service(not_allowed()),
+                    .default_service(not_allowed("PUT, GET")),
             )
             .service(
                 web::resource("/kv/{bucket}")
                     .route(web::get().to(kv::list))
-                    .default_service(not_allowed()),
+                    .default_service(not_allowed("GET")),
             )
             .service(
                 web::resource("/kv/{bucket}/{key}/increment")
                     .route(web::post().to(kv::increment))
-                    .default_service(not_allowed()),
+                    .default_service(not_allowed("POST")),
             )
             .service(
                 web::resource("/kv/{bucket}/{key}/add")
                     .route(web::post().to(kv::add))
-                    .default_service(not_allowed()),
+                    .default_service(not_allowed("POST")),
             )
             .service(
                 web::resource("/kv/{bucket}/{key}/remove")
                     .route(web::post().to(kv::remove))
-                    .default_service(not_allowed()),
+                    .default_service(not_allowed("POST")),
             )
             .service(
                 web::resource("/cluster")
                     .route(web::get().to(ops::cluster))
-                    .default_service(not_allowed()),
+                    .default_service(not_allowed("GET")),
             ),
     )
-    .route("/healthz", web::get().to(ops::healthz))
-    .route("/readyz", web::get().to(ops::readyz))
-    .route("/metrics", web::get().to(ops::metrics))
-    .route(
-        "/openapi.json",
-        web::get().to(move || {
-            let doc = openapi.clone();
-            async move {
-                HttpResponse::Ok()
-                    .content_type("application/json")
-                    .body(doc.as_str().to_owned())
-            }
-        }),
+    .service(
+        web::resource("/healthz")
+            .route(web::get().to(ops::healthz))
+            .default_service(not_allowed("GET")),
+    )
+    .service(
+        web::resource("/readyz")
+            .route(web::get().to(ops::readyz))
+            .default_service(not_allowed("GET")),
+    )
+    .service(
+        web::resource("/metrics")
+            .route(web::get().to(ops::metrics))
+            .default_service(not_allowed("GET")),
+    )
+    .service(
+        web::resource("/openapi.json")
+            .route(web::get().to(move || {
+                let doc = openapi.clone();
+                async move {
+                    HttpResponse::Ok()
+                        .content_type("application/json")
+                        .body(doc.as_str().to_owned())
+                }
+            }))
+            .default_service(not_allowed("GET")),
     );
 }
 
@@ -95,13 +108,18 @@ pub async fn not_found() -> HttpResponse {
     ApiError::not_found("not_found", "no such route; see /openapi.json").error_response()
 }
 
-async fn method_not_allowed() -> HttpResponse {
-    ApiError::new(
+/// JSON 405 naming the methods the route takes (`allow`, as the `Allow` header lists them).
+async fn method_not_allowed(allow: &'static str) -> HttpResponse {
+    let mut response = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        "this route does not accept that method; see /openapi.json",
+        format!("this route takes {allow}; see /openapi.json"),
     )
-    .error_response()
+    .error_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    response
 }
 
 /// Refuses `/v1/*` without a configured client token (when any are configured).
@@ -177,6 +195,24 @@ pub(crate) fn route_label(path: &str) -> &'static str {
     }
 }
 
+/// The method as a metric label: any method outside the standard ones is `other`, so a
+/// client inventing methods cannot create series without bound.
+fn method_label(method: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 /// Counts and times every request by method, route pattern and status.
 pub async fn record_metrics(
     req: ServiceRequest,
@@ -184,7 +220,7 @@ pub async fn record_metrics(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
     let region = req.app_data::<web::Data<Region>>().cloned();
-    let method = req.method().clone();
+    let method = method_label(req.method());
     let route = route_label(req.path());
     let response = next.call(req).await;
     if let Some(region) = region {
@@ -192,7 +228,7 @@ pub async fn record_metrics(
             Ok(r) => r.status(),
             Err(e) => e.as_response_error().status_code(),
         };
-        let labels = [method.as_str(), route, status.as_str()];
+        let labels = [method, route, status.as_str()];
         region
             .metrics
             .http_requests
@@ -209,7 +245,15 @@ pub async fn record_metrics(
 
 #[cfg(test)]
 mod tests {
-    use super::route_label;
+    use super::{method_label, route_label};
+
+    #[test]
+    fn method_labels_are_bounded() {
+        use actix_web::http::Method;
+        assert_eq!(method_label(&Method::PUT), "PUT");
+        let invented = Method::from_bytes(b"FOO").expect("a valid token");
+        assert_eq!(method_label(&invented), "other");
+    }
 
     #[test]
     fn route_labels_name_the_pattern_not_the_path() {

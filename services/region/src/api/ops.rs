@@ -88,7 +88,7 @@ pub struct ClusterView {
 }
 
 /// The cluster view.
-#[utoipa::path(get, path = "/v1/cluster", tag = "operations", responses((status = 200, body = ClusterView)))]
+#[utoipa::path(get, operation_id = "cluster_status", path = "/v1/cluster", tag = "operations", responses((status = 200, body = ClusterView)))]
 pub async fn cluster(region: web::Data<Region>) -> HttpResponse {
     let last_seq = region.storage.last_seq();
     let mut regions = vec![RegionStatus {
