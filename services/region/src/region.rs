@@ -159,7 +159,7 @@ impl Region {
 
     /// Per origin incarnation, the highest contiguous sequence number applied here.
     pub fn applied(&self) -> BTreeMap<Actor, u64> {
-        let mut applied = self.storage.applied_watch().borrow().clone();
+        let mut applied = self.storage.with_applied(BTreeMap::clone);
         applied.insert(self.storage.identity().incarnation, self.storage.last_seq());
         applied
     }
@@ -168,9 +168,13 @@ impl Region {
     /// applied from every origin (the answer may reflect any of it: a read's value replicated
     /// from elsewhere, a counter's sum), which covers this region's own writes too.
     pub fn session_after(&self, mut token: SessionToken) -> SessionToken {
-        for (origin, seq) in self.applied() {
-            token.observe(origin, seq);
-        }
+        // Read in place: this runs for every key response.
+        self.storage.with_applied(|applied| {
+            for (origin, seq) in applied {
+                token.observe(*origin, *seq);
+            }
+        });
+        token.observe(self.storage.identity().incarnation, self.storage.last_seq());
         token
     }
 

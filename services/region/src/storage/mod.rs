@@ -344,6 +344,11 @@ impl Storage {
         self.writer.applied()
     }
 
+    /// Reads the applied vector (as [`Storage::applied_watch`] has it) in place.
+    pub fn with_applied<T>(&self, read: impl FnOnce(&BTreeMap<Actor, u64>) -> T) -> T {
+        self.writer.with_applied(read)
+    }
+
     /// Group commits that changed key states, durable so far.
     pub fn commits(&self) -> u64 {
         self.writer.commits()

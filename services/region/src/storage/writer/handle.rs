@@ -205,6 +205,14 @@ impl WriterHandle {
         self.applied.clone()
     }
 
+    /// Reads the applied vector in place (no copy, no new receiver).
+    pub(in crate::storage) fn with_applied<T>(
+        &self,
+        read: impl FnOnce(&BTreeMap<Actor, u64>) -> T,
+    ) -> T {
+        read(&self.applied.borrow())
+    }
+
     pub(in crate::storage) fn alive(&self) -> bool {
         self.alive.load(Ordering::Acquire)
     }
