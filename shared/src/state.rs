@@ -249,6 +249,9 @@ impl KeyState {
                     return View::Absent;
                 }
                 live.sort_unstable();
+                // Concurrent writes of the same value are one value to a reader; the context
+                // still covers both writes.
+                live.dedup();
                 View::Register {
                     values: live,
                     context: reg.context().clone(),

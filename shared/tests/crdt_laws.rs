@@ -372,3 +372,38 @@ fn a_write_after_a_removed_tombstone_survives_the_tombstone() {
         assert!(!fresh.is_tombstone(), "{kind:?}");
     }
 }
+
+/// Two regions writing the same value concurrently: a reader sees it once, and a write with
+/// the merged context still supersedes both.
+#[test]
+fn concurrent_writes_of_one_value_read_as_one_value() {
+    let (a, b) = (Actor::from_u128(1), Actor::from_u128(2));
+    let put = |value: &str| Op::Put {
+        value: value.into(),
+        context: None,
+    };
+    let mut left = KeyState::empty(BucketType::Register);
+    let mut right = KeyState::empty(BucketType::Register);
+    left.apply(put("\"x\""), a, 1).expect("register put");
+    right.apply(put("\"x\""), b, 1).expect("register put");
+    let mut merged = join(&left, &right);
+    let View::Register { values, .. } = merged.view() else {
+        panic!("register view")
+    };
+    assert_eq!(values, vec!["\"x\"".to_string()]);
+    let context = merged.context();
+    merged
+        .apply(
+            Op::Put {
+                value: "\"y\"".into(),
+                context: Some(context),
+            },
+            a,
+            2,
+        )
+        .expect("register put");
+    let View::Register { values, .. } = merged.view() else {
+        panic!("register view")
+    };
+    assert_eq!(values, vec!["\"y\"".to_string()]);
+}
