@@ -161,8 +161,10 @@ impl KeyState {
             (KeyState::Lww(reg), Op::Delete { .. }) => reg.update(None, LwwStamp { hlc, actor }),
             (KeyState::Counter(counter), Op::Increment { by }) => {
                 // Checked first: past i64 a read could only clamp the value, and past u64 this
-                // actor's own total would wrap, silently losing the increment. A step of 0
-                // yields the dot carrying that total as it stands.
+                // actor's own total would wrap, silently losing the increment. A step toward
+                // the range is always taken (increments accepted concurrently in several
+                // regions can sum past i64). A step of 0 yields the dot carrying this actor's
+                // total as it stands.
                 let value = counter.read();
                 let own = if by >= 0 {
                     counter.inc_many(actor, 0)
@@ -171,7 +173,8 @@ impl KeyState {
                 }
                 .dot
                 .counter;
-                let fits = (&value + by).to_i64().is_some()
+                let next = &value + by;
+                let fits = (next.to_i64().is_some() || next.magnitude() <= value.magnitude())
                     && own.checked_add(by.unsigned_abs()).is_some();
                 if !fits {
                     return Err(StateError::CounterOverflow {

@@ -407,3 +407,35 @@ fn concurrent_writes_of_one_value_read_as_one_value() {
     };
     assert_eq!(values, vec!["\"y\"".to_string()]);
 }
+
+/// Increments accepted concurrently at two regions can sum past i64: reads show the bound,
+/// steps back toward the range are taken, steps further out are refused.
+#[test]
+fn a_counter_past_i64_from_concurrent_increments_can_be_brought_back() {
+    let (a, b) = (Actor::from_u128(1), Actor::from_u128(2));
+    let mut left = KeyState::empty(BucketType::Counter);
+    let mut right = KeyState::empty(BucketType::Counter);
+    left.apply(Op::Increment { by: i64::MAX }, a, 0)
+        .expect("fits at a");
+    right
+        .apply(Op::Increment { by: 2 }, b, 0)
+        .expect("fits at b");
+    let mut merged = join(&left, &right);
+    assert_eq!(merged.view(), View::Counter(i64::MAX), "clamped");
+    assert!(
+        merged.apply(Op::Increment { by: 1 }, a, 0).is_err(),
+        "further out"
+    );
+    merged
+        .apply(Op::Increment { by: -1 }, a, 0)
+        .expect("back toward the range");
+    assert_eq!(
+        merged.view(),
+        View::Counter(i64::MAX),
+        "MAX + 1, still clamped"
+    );
+    merged
+        .apply(Op::Increment { by: -1 }, b, 0)
+        .expect("back toward the range");
+    assert_eq!(merged.view(), View::Counter(i64::MAX), "exactly MAX");
+}

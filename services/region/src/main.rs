@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Run one region.
     Serve {
-        /// TOML config file (fields can be overridden by MERIDIAN_<FIELD>).
+        /// TOML config file (fields can be overridden by `MERIDIAN_<FIELD>`).
         #[arg(long, env = "MERIDIAN_CONFIG")]
         config: Option<PathBuf>,
     },

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub failovers_refused: IntCounter,
     /// Idempotency keys whose forward to the home has an unknown outcome.
     pub forwards_in_doubt: IntGauge,
+    /// Keys in doubt forgotten early because too many were (their retries may fail over).
+    pub forwards_in_doubt_evicted: IntCounter,
     /// Entries currently in the replication log.
     pub log_entries: IntGauge,
     /// Anti-entropy exchanges, by peer and outcome (`in_sync`, `repaired`, `deferred`, `failed`).
@@ -298,6 +300,10 @@ impl Metrics {
             "forwards_in_doubt",
             "Idempotency keys whose forward to the home region has an unknown outcome",
         )?;
+        let forwards_in_doubt_evicted = IntCounter::new(
+            "forwards_in_doubt_evicted_total",
+            "Idempotency keys in doubt forgotten early because too many were in doubt",
+        )?;
         let log_entries =
             IntGauge::new("replication_log_entries", "Entries in the replication log")?;
         let ae_exchanges = IntCounterVec::new(
@@ -371,6 +377,7 @@ impl Metrics {
         registry.register(Box::new(failover_writes.clone()))?;
         registry.register(Box::new(failovers_refused.clone()))?;
         registry.register(Box::new(forwards_in_doubt.clone()))?;
+        registry.register(Box::new(forwards_in_doubt_evicted.clone()))?;
         registry.register(Box::new(log_entries.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
@@ -433,6 +440,7 @@ impl Metrics {
             failover_writes,
             failovers_refused,
             forwards_in_doubt,
+            forwards_in_doubt_evicted,
             log_entries,
             ae_exchanges,
             ae_duration,

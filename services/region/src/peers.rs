@@ -3,7 +3,8 @@
 use crate::clock::now_ms;
 use crate::config::Config;
 use meridian_shared::wire::{Heartbeat, CLUSTER_HEADER, PEER_HEADER};
-use meridian_shared::RegionName;
+use meridian_shared::{Actor, RegionName};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,6 +150,17 @@ impl Peer {
         if let Ok(mut last) = self.beat.lock() {
             *last = Some((beat, std::time::Instant::now()));
         }
+    }
+
+    /// Reads what its last heartbeat said it has applied (`None` before the first answer).
+    pub fn with_applied<T>(&self, read: impl FnOnce(Option<&BTreeMap<Actor, u64>>) -> T) -> T {
+        let last = self.beat.lock();
+        read(
+            last.as_ref()
+                .ok()
+                .and_then(|l| l.as_ref())
+                .map(|(beat, _)| &beat.applied),
+        )
     }
 
     /// Its last heartbeat answer, if it arrived after `since`.

@@ -43,6 +43,9 @@ pub struct Region {
     pub peers: Peers,
     /// Idempotency keys a forward left in doubt: their retries must not fail over.
     pub in_doubt: InDoubt,
+    /// Per origin, what every region had applied at the peers' last heartbeats: a session
+    /// token needs no entry up to it, since every region covers it.
+    applied_everywhere: std::sync::RwLock<BTreeMap<Actor, u64>>,
 }
 
 impl Region {
@@ -97,6 +100,7 @@ impl Region {
         let in_doubt = InDoubt::new(
             Duration::from_secs(config.idempotency_ttl_secs),
             metrics.forwards_in_doubt.clone(),
+            metrics.forwards_in_doubt_evicted.clone(),
         );
         Ok(Self {
             config,
@@ -106,6 +110,7 @@ impl Region {
             regions,
             peers,
             in_doubt,
+            applied_everywhere: Default::default(),
         })
     }
 
@@ -159,36 +164,66 @@ impl Region {
 
     /// Per origin incarnation, the highest contiguous sequence number applied here.
     pub fn applied(&self) -> BTreeMap<Actor, u64> {
-        let mut applied = self.storage.with_applied(BTreeMap::clone);
-        applied.insert(self.storage.identity().incarnation, self.storage.last_seq());
+        let mut applied = BTreeMap::new();
+        self.each_applied(|origin, seq| {
+            applied.insert(origin, seq);
+        });
         applied
+    }
+
+    /// Calls `each` for every entry of [`Region::applied`], without building the map.
+    fn each_applied(&self, mut each: impl FnMut(Actor, u64)) {
+        self.storage.with_applied(|applied| {
+            for (origin, seq) in applied {
+                each(*origin, *seq);
+            }
+        });
+        each(self.storage.identity().incarnation, self.storage.last_seq());
     }
 
     /// The session token to return: the client's, merged with everything this region has
     /// applied from every origin (the answer may reflect any of it: a read's value replicated
-    /// from elsewhere, a counter's sum), which covers this region's own writes too.
+    /// from elsewhere, a counter's sum), which covers this region's own writes too. Entries
+    /// every region has applied are left out: they constrain no read, and the token stays
+    /// small however many incarnations the cluster has seen.
     pub fn session_after(&self, mut token: SessionToken) -> SessionToken {
-        // Read in place: this runs for every key response.
-        self.storage.with_applied(|applied| {
-            for (origin, seq) in applied {
-                token.observe(*origin, *seq);
-            }
-        });
-        token.observe(self.storage.identity().incarnation, self.storage.last_seq());
+        self.each_applied(|origin, seq| token.observe(origin, seq));
+        if let Ok(everywhere) = self.applied_everywhere.read() {
+            let all = |origin: &Actor| everywhere.get(origin).copied().unwrap_or(0);
+            token.seen.retain(|origin, seq| *seq > all(origin));
+        }
         token
+    }
+
+    /// Recomputes what every region has applied, after a peer's heartbeat.
+    pub fn note_peer_applied(&self) {
+        let mut everywhere = self.applied();
+        for peer in self.peers.iter() {
+            peer.with_applied(|theirs| match theirs {
+                // Not heard from yet: nothing is known to be everywhere.
+                None => everywhere.clear(),
+                Some(theirs) => {
+                    for (origin, seq) in everywhere.iter_mut() {
+                        *seq = (*seq).min(theirs.get(origin).copied().unwrap_or(0));
+                    }
+                }
+            });
+        }
+        if let Ok(mut stored) = self.applied_everywhere.write() {
+            *stored = everywhere;
+        }
     }
 
     /// The session token for a replayed answer: what [`Region::session_after`] gives, plus
     /// the first write, in the log of whichever region applied it.
     pub fn session_after_replay(
         &self,
-        token: SessionToken,
+        mut token: SessionToken,
         record: &IdempotencyRecord,
     ) -> SessionToken {
         let origin = record.origin.unwrap_or(self.storage.identity().incarnation);
-        let mut token = self.session_after(token);
         token.observe(origin, record.seq);
-        token
+        self.session_after(token)
     }
 
     /// `ack` for a replayed answer. This region's own write is awaited like a new one; a

@@ -284,3 +284,36 @@ async fn a_session_token_from_a_read_covers_the_value_read_wherever_it_was_writt
     })
     .await;
 }
+
+#[tokio::test]
+async fn session_tokens_leave_out_what_every_region_has_applied() {
+    let cluster = Cluster::start(&REGIONS, "").await;
+    cluster
+        .create_buckets("us-east", &[("tok", "counter")], None)
+        .await;
+    let path = kv("tok", "n");
+    let write = cluster
+        .region("us-east")
+        .post(&format!("{path}/increment"), &json!({"by": 1}))
+        .await;
+    write.expect(200);
+    let fresh = write
+        .header("x-meridian-session")
+        .expect("session token")
+        .to_string();
+    assert_ne!(fresh, EMPTY_TOKEN, "the write is not everywhere yet");
+    cluster.converged(&path, CONVERGE).await;
+    // Once the heartbeats say every region has applied everything, a token carries nothing:
+    // it stays small however many writes and incarnations the cluster has seen.
+    let west = cluster.region("eu-west");
+    support::eventually(CONVERGE, "an empty session token", || async {
+        let read = west
+            .get_with(&path, &[("x-meridian-session", &fresh)])
+            .await;
+        read.header("x-meridian-session") == Some(EMPTY_TOKEN)
+    })
+    .await;
+}
+
+/// The header form of a token with no entries.
+const EMPTY_TOKEN: &str = "AA";

@@ -83,6 +83,7 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
                     .submit_peer_commits(peer.name.as_str(), commits);
             }
             peer.set_beat(beat);
+            region.note_peer_applied();
         }
         Ok(beat) => {
             tracing::error!(peer = %peer.name, their_cluster = %beat.cluster_id, version = beat.version,

@@ -65,17 +65,33 @@ pub fn forwarded_bucket(req: &HttpRequest, bucket: &str) -> Option<BucketDef> {
     (def.name == bucket).then_some(def)
 }
 
+/// What to forward: the client's request, its body and the bucket it names.
+pub struct Forward<'a> {
+    /// The client's request (method, path, passed-on headers).
+    pub req: &'a HttpRequest,
+    /// The bucket's definition (sent along for a home that has not received it yet).
+    pub def: &'a BucketDef,
+    /// The request body.
+    pub body: &'a [u8],
+    /// A write's parsed `Idempotency-Key`: in doubt while its outcome is unknown.
+    pub idempotency: Option<u128>,
+}
+
 /// Sends the request to `home` and returns its answer, or says the home is unreachable.
 /// `home_may_wait` is how long the home may hold the request by design (ack or session waits).
 pub async fn forward(
     region: &Region,
     client: &PeerClient,
-    req: &HttpRequest,
-    def: &BucketDef,
-    body: &[u8],
+    what: Forward<'_>,
     home: &RegionName,
     home_may_wait: Duration,
 ) -> Result<Forwarded, ApiError> {
+    let Forward {
+        req,
+        def,
+        body,
+        idempotency,
+    } = what;
     let outcome = |label: &str| region.metrics.forwards.with_label_values(&[label]).inc();
     let Some(peer) = region.peers.get(home) else {
         outcome("unknown_home");
@@ -125,18 +141,14 @@ pub async fn forward(
     };
     // In doubt from before it is sent until the home answers: also when this future is
     // dropped on the way (the client went away), the home may still apply it.
-    let idempotency = super::extract::idempotency_key(req).ok().flatten();
-    let doubted_before = idempotency.is_some_and(|id| region.in_doubt.contains(id));
-    if let Some(id) = idempotency {
-        region.in_doubt.mark(id);
-    }
+    let attempt = idempotency.map(|id| region.in_doubt.begin(id));
     let response = match request.send().instrument(span.clone()).await {
         Ok(response) => response,
         Err(e) if e.is_connect() => {
-            // Nothing was sent: safe to accept the write here instead, unless an earlier
+            // Nothing was sent: safe to accept the write here instead, unless another
             // attempt left the key in doubt.
-            if let (Some(id), false) = (idempotency, doubted_before) {
-                region.in_doubt.settle(id);
+            if let Some(attempt) = attempt {
+                region.in_doubt.not_sent(attempt);
             }
             peer.mark_down("forward connection refused");
             outcome("refused");
@@ -161,8 +173,9 @@ pub async fn forward(
         .await
         .map_err(|e| unknown(e.to_string()))?;
     outcome("answered");
-    if let (Some(id), false) = (idempotency, status.is_server_error()) {
-        // The home decided this key: a later copy of an earlier attempt replays its answer.
+    if let (Some(id), true) = (idempotency, status.is_success()) {
+        // The home holds a durable answer for the key: a later copy of an earlier attempt
+        // replays it. (A 409 may mean the first attempt is still in flight there.)
         region.in_doubt.settle(id);
     }
     let mut answer = HttpResponse::build(status);

@@ -221,20 +221,20 @@ async fn write(
         // it to the (now reachable) home would apply it a second time.
         if let Some((id, fingerprint, _)) = idempotency {
             if let Some(record) = stored_answer(&region.storage, id, fingerprint)? {
-                // Failover only if this region applied it; a record replicated from the home
-                // answers as the home did.
-                let failed_over = record.origin.is_none();
-                let (status, body, token) = replay(region, ack, session, record).await?;
-                let mut response = key_response(region, status, body, &home, token, failed_over);
-                mark_replayed(&mut response);
-                return Ok(response);
+                return replay(region, ack, session, record, &home, true).await;
             }
         }
         let home_may_wait = match ack {
             extract::Ack::Local => Duration::ZERO,
             _ => Duration::from_millis(region.config.ack_timeout_ms),
         };
-        match forward::forward(region, client, req, &def, body, &home, home_may_wait).await? {
+        let what = forward::Forward {
+            req,
+            def: &def,
+            body,
+            idempotency: idempotency.as_ref().map(|(id, ..)| *id),
+        };
+        match forward::forward(region, client, what, &home, home_may_wait).await? {
             Forwarded::Answered(response) => return Ok(response),
             Forwarded::HomeUnreachable => {
                 if let Some((id, ..)) = idempotency {
@@ -262,42 +262,39 @@ async fn write(
             span: tracing::Span::current(),
         })
         .await?;
-    let (status, body, token, replayed, failover) = match outcome {
+    match outcome {
         WriteOutcome::Applied { seq, state } => {
             let (status, body) = respond(&state);
             region.await_ack(ack, seq).await?;
-            (status, body, region.session_after(session), false, failover)
+            let token = region.session_after(session);
+            Ok(key_response(region, status, body, &home, token, failover))
         }
         WriteOutcome::Replayed(record) => {
-            let failover = failover && record.origin.is_none();
-            let (status, body, token) = replay(region, ack, session, record).await?;
-            (status, body, token, true, failover)
+            replay(region, ack, session, record, &home, failover).await
         }
-    };
-    let mut response = key_response(region, status, body, &home, token, failover);
-    if replayed {
-        mark_replayed(&mut response);
     }
-    Ok(response)
 }
 
-/// A retry answered from its stored record, once `ack` holds: status, body, session token.
+/// A retry answered from its stored record once `ack` holds, marked as a replay. It claims
+/// failover only if this region applied it outside the key's home; a record replicated from
+/// another region answers as that region did.
 async fn replay(
     region: &Region,
     ack: extract::Ack,
     session: SessionToken,
     record: crate::storage::IdempotencyRecord,
-) -> Result<(u16, Vec<u8>, SessionToken), ApiError> {
+    home: &RegionName,
+    outside_home: bool,
+) -> Result<HttpResponse, ApiError> {
     region.await_replay_ack(ack, &record).await?;
     let token = region.session_after_replay(session, &record);
-    Ok((record.status, record.body, token))
-}
-
-fn mark_replayed(response: &mut HttpResponse) {
+    let failover = outside_home && record.origin.is_none();
+    let mut response = key_response(region, record.status, record.body, home, token, failover);
     response.headers_mut().insert(
         HeaderName::from_static(extract::REPLAYED_HEADER),
         actix_web::http::header::HeaderValue::from_static("true"),
     );
+    Ok(response)
 }
 
 /// Identifies a request for idempotency: same key + different request = conflict.
@@ -474,9 +471,13 @@ pub async fn get(
     };
     if go_home {
         let home_may_wait = Duration::from_millis(region.config.session_wait_ms);
-        return match forward::forward(&region, &client, &req, &def, b"", &home, home_may_wait)
-            .await?
-        {
+        let what = forward::Forward {
+            req: &req,
+            def: &def,
+            body: b"",
+            idempotency: None,
+        };
+        return match forward::forward(&region, &client, what, &home, home_may_wait).await? {
             Forwarded::Answered(response) => Ok(response),
             Forwarded::HomeUnreachable => Err(ApiError::unavailable(format!(
                 "consistency={} needs the home region {home}, which is unreachable",

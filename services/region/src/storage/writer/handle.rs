@@ -48,7 +48,7 @@ pub(super) struct Gathering {
 }
 
 /// While held, the writer holds off starting a commit that carries a merge (up to
-/// [`GATHER_WAIT`]), so requests queued from several threads, such as a replicated batch's
+/// `GATHER_WAIT`), so requests queued from several threads, such as a replicated batch's
 /// merges and its applied mark, share one commit and one fsync.
 pub struct Gather(Gathering);
 
@@ -123,7 +123,7 @@ impl WriterHandle {
         self.failures.load(Ordering::Acquire)
     }
 
-    /// Holds off the next commit until the returned guard is dropped (or [`GATHER_WAIT`]).
+    /// Holds off the next commit until the returned guard is dropped (or `GATHER_WAIT`).
     pub(in crate::storage) fn gather(&self) -> Gather {
         self.gathering.open.fetch_add(1, Ordering::AcqRel);
         Gather(self.gathering.clone())
