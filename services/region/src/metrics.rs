@@ -79,6 +79,9 @@ pub struct Metrics {
     pub forwards_in_doubt: IntGauge,
     /// Keys in doubt forgotten early because too many were (their retries may fail over).
     pub forwards_in_doubt_evicted: IntCounter,
+    /// Key states dropped because their type is not their bucket's (written under a
+    /// concurrent definition of the bucket that lost): peers' skipped, and local ones swept.
+    pub foreign_states_dropped: IntCounter,
     /// Entries currently in the replication log.
     pub log_entries: IntGauge,
     /// Anti-entropy exchanges, by peer and outcome (`in_sync`, `repaired`, `deferred`, `failed`).
@@ -304,6 +307,11 @@ impl Metrics {
             "forwards_in_doubt_evicted_total",
             "Idempotency keys in doubt forgotten early because too many were in doubt",
         )?;
+        let foreign_states_dropped = IntCounter::new(
+            "foreign_states_dropped_total",
+            "Key states dropped because a concurrent definition of their bucket with another \
+             type won",
+        )?;
         let log_entries =
             IntGauge::new("replication_log_entries", "Entries in the replication log")?;
         let ae_exchanges = IntCounterVec::new(
@@ -378,6 +386,7 @@ impl Metrics {
         registry.register(Box::new(failovers_refused.clone()))?;
         registry.register(Box::new(forwards_in_doubt.clone()))?;
         registry.register(Box::new(forwards_in_doubt_evicted.clone()))?;
+        registry.register(Box::new(foreign_states_dropped.clone()))?;
         registry.register(Box::new(log_entries.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
@@ -441,6 +450,7 @@ impl Metrics {
             failovers_refused,
             forwards_in_doubt,
             forwards_in_doubt_evicted,
+            foreign_states_dropped,
             log_entries,
             ae_exchanges,
             ae_duration,

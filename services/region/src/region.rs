@@ -7,7 +7,7 @@ use crate::api::in_doubt::InDoubt;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::peers::{http_client, peer_request, Peers};
-use crate::storage::{IdempotencyRecord, OpenedDb, Storage, StorageError};
+use crate::storage::{BucketSource, IdempotencyRecord, OpenedDb, Storage, StorageError};
 use meridian_shared::hlc::Hlc;
 use meridian_shared::home::rendezvous;
 use meridian_shared::session::SessionToken;
@@ -15,6 +15,7 @@ use meridian_shared::{Actor, BucketDef, RegionName};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 /// Why a region could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,10 @@ pub struct Region {
     /// Per origin, what every region had applied at the peers' last heartbeats: a session
     /// token needs no entry up to it, since every region covers it.
     applied_everywhere: std::sync::RwLock<BTreeMap<Actor, u64>>,
+    /// Buckets whose type a peer's definition changed, for the bucket sweep.
+    retyped: mpsc::UnboundedSender<String>,
+    /// The sweep's end of `retyped`, until it starts.
+    retyped_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<String>>>,
 }
 
 impl Region {
@@ -97,6 +102,7 @@ impl Region {
         });
         let partitions = PartitionRouter::start(config.partitions, config.worker_threads(), shared);
         let regions = config.regions();
+        let (retyped, retyped_rx) = mpsc::unbounded_channel();
         let in_doubt = InDoubt::new(
             Duration::from_secs(config.idempotency_ttl_secs),
             metrics.forwards_in_doubt.clone(),
@@ -111,6 +117,8 @@ impl Region {
             peers,
             in_doubt,
             applied_everywhere: Default::default(),
+            retyped,
+            retyped_rx: std::sync::Mutex::new(Some(retyped_rx)),
         })
     }
 
@@ -127,6 +135,9 @@ impl Region {
             });
         }
         crate::actors::log_gc::LogGc::new(self.clone()).start();
+        if let Some(retyped) = self.retyped_rx.lock().ok().and_then(|mut rx| rx.take()) {
+            actix::spawn(crate::actors::bucket_sweep::run(self.clone(), retyped));
+        }
         if self.config.tombstone_gc_interval_ms > 0 {
             crate::actors::tombstone_gc::TombstoneGc::new(self.clone()).start();
         }
@@ -135,6 +146,23 @@ impl Region {
         } else {
             tracing::warn!("anti-entropy is disabled (anti_entropy_interval_ms = 0)");
         }
+    }
+
+    /// Stores a bucket definition a peer sent (its log, anti-entropy, a forward). When it
+    /// replaces ours with one of another type, the bucket is swept (see `bucket_sweep`).
+    pub async fn adopt_bucket(&self, def: BucketDef) -> Result<(), StorageError> {
+        let name = def.name.clone();
+        let before = self.storage.bucket(&name).map(|def| def.kind);
+        self.storage
+            .submit_bucket(def, BucketSource::Replicated)?
+            .await?;
+        let after = self.storage.bucket(&name).map(|def| def.kind);
+        if before.is_some() && before != after {
+            tracing::warn!(bucket = %name, ?before, ?after,
+                "a concurrent definition of the bucket with another type won");
+            let _ = self.retyped.send(name);
+        }
+        Ok(())
     }
 
     /// This region's name.

@@ -39,14 +39,31 @@ pub async fn queue_merges(
     region: &Region,
     states: Vec<(String, String, KeyState)>,
 ) -> Result<Vec<WriteTicket<u64>>, ApiError> {
-    let sends = states.into_iter().map(|(bucket, key, state)| {
-        region.partitions.merge(Merge {
+    let mut foreign = 0;
+    let sends = states.into_iter().filter_map(|(bucket, key, state)| {
+        let kind = region.storage.bucket(&bucket).map(|def| def.kind);
+        if kind.is_some_and(|kind| state.kind() != kind) {
+            // Written under a concurrent definition of the bucket that lost here: it can never
+            // apply (the peer drops it too once the winning definition reaches it).
+            foreign += 1;
+            return None;
+        }
+        Some(region.partitions.merge(Merge {
             bucket,
             key,
             state,
+            kind,
             span: tracing::Span::current(),
-        })
+        }))
     });
+    let sends: Vec<_> = sends.collect();
+    if foreign > 0 {
+        region.metrics.foreign_states_dropped.inc_by(foreign);
+        tracing::warn!(
+            states = foreign,
+            "peer states of another type than their bucket's skipped (conflicting definitions)"
+        );
+    }
     let mut queued = Vec::new();
     for sent in futures_util::future::join_all(sends).await {
         match sent {
@@ -155,6 +172,10 @@ pub async fn read_merged(
     {
         let state = decode_state(bytes)
             .map_err(|e| ApiError::from(StorageError::Corrupt(e.to_string())))?;
+        if state.kind() != def.kind {
+            // Written under a definition of the bucket that lost: it counts as absent.
+            continue;
+        }
         match &mut merged {
             None => merged = Some(state),
             Some(acc) => acc.merge(state).map_err(|e| {

@@ -146,3 +146,72 @@ async fn a_forward_with_an_unknown_outcome_is_refused_not_applied_twice() {
     let body = cluster.converged(&cnt, CONVERGE).await;
     assert_eq!(body["value"], json!(3));
 }
+
+#[tokio::test]
+async fn buckets_created_with_different_types_on_both_sides_of_a_partition_converge() {
+    let cluster = Cluster::start(&["us-east", "eu-west"], "").await;
+    cluster.cut_off("eu-west");
+    let (east, west) = (cluster.region("us-east"), cluster.region("eu-west"));
+    east.put("/v1/buckets/split", &json!({"type": "counter"}))
+        .await
+        .expect(201);
+    west.put("/v1/buckets/split", &json!({"type": "set"}))
+        .await
+        .expect(201);
+    for key in ["both", "east-only"] {
+        east.post(
+            &format!("{}/increment", kv("split", key)),
+            &json!({"by": 5}),
+        )
+        .await
+        .expect(200);
+    }
+    for key in ["both", "west-only"] {
+        west.post(
+            &format!("{}/add", kv("split", key)),
+            &json!({"members": ["m"]}),
+        )
+        .await
+        .expect(200);
+    }
+
+    cluster.heal_all();
+    support::eventually(CONVERGE, "one definition everywhere", || async {
+        let (a, b) = (
+            east.get("/v1/buckets/split").await,
+            west.get("/v1/buckets/split").await,
+        );
+        a.body == b.body
+    })
+    .await;
+    let definition = west.get("/v1/buckets/split").await;
+    let winner = definition.body["type"].as_str().unwrap_or_default();
+    // Every key reads the same everywhere, and the regions hold the same states.
+    let keys = ["both", "east-only", "west-only"];
+    support::eventually(CONVERGE, "the keys and trees agree", || async {
+        for key in keys {
+            let (a, b) = (
+                east.get(&kv("split", key)).await,
+                west.get(&kv("split", key)).await,
+            );
+            if (a.status, &a.body) != (b.status, &b.body) {
+                return false;
+            }
+        }
+        let root = |r: common::Reply| r.body["tree_root"].clone();
+        root(east.get("/v1/cluster").await) == root(west.get("/v1/cluster").await)
+    })
+    .await;
+    // What was written under the winning type is intact; the losing type's states are gone.
+    let read = |key| async move { west.get(&kv("split", key)).await.body };
+    if winner == "counter" {
+        assert_eq!(read("both").await["value"], json!(5));
+        assert_eq!(read("east-only").await["value"], json!(5));
+        assert_eq!(read("west-only").await["value"], json!(0));
+    } else {
+        assert_eq!(winner, "set");
+        assert_eq!(read("both").await["members"], json!(["m"]));
+        assert_eq!(read("west-only").await["members"], json!(["m"]));
+        assert_eq!(read("east-only").await["members"], json!([]));
+    }
+}

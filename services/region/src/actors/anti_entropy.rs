@@ -18,7 +18,7 @@ use crate::clock::now_ms;
 use crate::peers::{http_client, peer_call, Backoff, ExchangeReport, Peer, Traffic};
 use crate::region::Region;
 use crate::repair::{chunk_states, merge_states};
-use crate::storage::{BucketSource, KeyName};
+use crate::storage::KeyName;
 use actix::prelude::*;
 use meridian_shared::merkle::{
     diff_digests, differing, SegmentFilter, SEGMENTS, SEGMENTS_PER_BRANCH,
@@ -480,12 +480,8 @@ impl Exchange<'_> {
             if self.region.storage.bucket(&def.name).as_ref() == Some(&def) {
                 continue;
             }
-            let ticket = self
-                .region
-                .storage
-                .submit_bucket(def, BucketSource::Replicated)
-                .map_err(|e| format!("bucket definition: {e}"))?;
-            ticket
+            self.region
+                .adopt_bucket(def)
                 .await
                 .map_err(|e| format!("bucket definition: {e}"))?;
         }

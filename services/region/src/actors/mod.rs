@@ -2,6 +2,7 @@
 //! actors replicate, watch peers, repair divergence and collect the log.
 
 pub mod anti_entropy;
+pub mod bucket_sweep;
 pub mod log_gc;
 pub mod membership;
 pub mod partition;

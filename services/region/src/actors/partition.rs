@@ -101,6 +101,9 @@ pub struct Merge {
     pub key: String,
     /// The peer's state.
     pub state: KeyState,
+    /// The bucket's type here, when its definition has arrived: a stored state of another
+    /// type was written under a definition that lost (see [`PartitionActor::latest`]).
+    pub kind: Option<BucketType>,
     /// The span of the apply that carries it.
     pub span: tracing::Span,
 }
@@ -227,7 +230,7 @@ impl PartitionActor {
 
         let slot = (msg.bucket.clone(), msg.key.clone());
         let mut state = self
-            .latest(&slot)?
+            .latest(&slot, Some(msg.kind))?
             .unwrap_or_else(|| KeyState::empty(msg.kind));
         let actor = self.shared.storage.identity().incarnation;
         let hlc = self.shared.hlc.tick(crate::clock::now_ms());
@@ -263,14 +266,22 @@ impl PartitionActor {
 
     /// The latest state of a key to build on: a copy of the pending one if a commit is in
     /// flight, else taken out of the cache (the caller keeps what it builds), else committed.
-    fn latest(&mut self, slot: &(String, String)) -> Result<Option<KeyState>, WriteError> {
-        if let Some((_, state, _)) = self.pending.get(slot) {
-            return Ok(Some(state.clone()));
-        }
-        if let Some(state) = self.cache.take(slot) {
-            return Ok(Some(state));
-        }
-        Ok(self.shared.storage.key_state(&slot.0, &slot.1)?)
+    fn latest(
+        &mut self,
+        slot: &(String, String),
+        kind: Option<BucketType>,
+    ) -> Result<Option<KeyState>, WriteError> {
+        let state = if let Some((_, state, _)) = self.pending.get(slot) {
+            Some(state.clone())
+        } else if let Some(state) = self.cache.take(slot) {
+            Some(state)
+        } else {
+            self.shared.storage.key_state(&slot.0, &slot.1)?
+        };
+        // A state of another type than the bucket's was written under a concurrent definition
+        // that lost: it can never merge with the bucket's type, so it counts as absent and the
+        // next state replaces it (the bucket sweep removes those nothing replaces).
+        Ok(state.filter(|state| kind.is_none_or(|kind| state.kind() == kind)))
     }
 
     /// Keeps a key's newest state: in its pending entry while a write's commit is in flight
@@ -379,7 +390,7 @@ impl Handler<Merge> for PartitionActor {
             // Keep our hybrid clock ahead of every timestamp we have seen.
             self.shared.hlc.observe(reg.marker.hlc);
         }
-        let (merged, encoded) = match self.latest(&slot)? {
+        let (merged, encoded) = match self.latest(&slot, msg.kind)? {
             None => {
                 let encoded = encode_state(&msg.state);
                 (msg.state, encoded)

@@ -3,7 +3,7 @@
 
 use super::error::ApiError;
 use crate::region::Region;
-use crate::storage::{BucketSource, IdempotencyRecord};
+use crate::storage::IdempotencyRecord;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, StatusCode};
@@ -159,12 +159,7 @@ async fn apply_batch(
             .map_err(|e| ApiError::bad_request("invalid_batch", format!("entry {seq}: {e}")))?;
         match record.entry {
             // Definitions come before the keys that use them in the log: apply them in order.
-            LogEntry::Bucket(def) => {
-                let ticket = region
-                    .storage
-                    .submit_bucket(def, BucketSource::Replicated)?;
-                ticket.await?;
-            }
+            LogEntry::Bucket(def) => region.adopt_bucket(def).await?,
             LogEntry::Key { bucket, key, state } => {
                 let state = decode_state(&state).map_err(|e| {
                     ApiError::bad_request("invalid_batch", format!("entry {seq}: {e}"))

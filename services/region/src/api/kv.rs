@@ -7,7 +7,6 @@ use super::extract::{
 use super::forward::{self, Forwarded, PeerClient};
 use crate::actors::partition::{stored_answer, Responder, Write, WriteOutcome};
 use crate::region::Region;
-use crate::storage::BucketSource;
 use actix_web::http::header::HeaderName;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -170,10 +169,7 @@ async fn target(region: &Region, req: &HttpRequest) -> Result<(BucketDef, String
             let Some(def) = forward::forwarded_bucket(req, &bucket) else {
                 return Err(missing);
             };
-            let ticket = region
-                .storage
-                .submit_bucket(def, BucketSource::Replicated)?;
-            ticket.await?;
+            region.adopt_bucket(def).await?;
             Ok((region.bucket(&bucket)?, key))
         }
     }
@@ -494,6 +490,8 @@ pub async fn get(
         }
         _ => region.storage.key_state(&def.name, &key)?,
     }
+    // A state of another type was written under a definition of the bucket that lost.
+    .filter(|state| state.kind() == def.kind)
     .unwrap_or_else(|| KeyState::empty(def.kind));
     let home_region = Some(home.as_str());
     let body = match state.view() {

@@ -28,7 +28,7 @@ use meridian_shared::encoding::{decode_state, DecodeError};
 use meridian_shared::log::LogRecord;
 use meridian_shared::merkle::{entry_hash, segment_of, Digest, MerkleTree, SegmentFilter};
 use meridian_shared::state::View;
-use meridian_shared::{Actor, BucketDef, KeyState, RegionName};
+use meridian_shared::{Actor, BucketDef, BucketType, KeyState, RegionName};
 use redb::{Database, ReadableDatabase, ReadableTable};
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -200,6 +200,15 @@ pub struct PeerProgress {
     pub flags: BTreeMap<String, bool>,
     /// Peer name → highest commit counter it reported.
     pub commits: BTreeMap<String, u64>,
+}
+
+/// One page of stored states of a bucket, in key order.
+#[derive(Debug)]
+pub struct StatesPage {
+    /// `(key, encoded state)`.
+    pub states: Vec<(String, Vec<u8>)>,
+    /// The last key scanned, when there may be more after it.
+    pub next: Option<String>,
 }
 
 /// One page of a key listing.
@@ -587,6 +596,39 @@ impl Storage {
             cursors,
             flags,
             commits,
+        })
+    }
+
+    /// Up to `limit` stored states in `bucket` after key `after` whose type is not `kind`.
+    pub fn foreign_states(
+        &self,
+        bucket: &str,
+        kind: BucketType,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<StatesPage, StorageError> {
+        let from = match after {
+            Some(after) => Bound::Excluded((bucket.to_string(), after.to_string())),
+            None => Bound::Included((bucket.to_string(), String::new())),
+        };
+        let mut found = Vec::new();
+        let mut stopped_at = None;
+        scan::scan_states(&self.db, &self.overlay, from, |b, key, state| {
+            if b != bucket {
+                return Ok(false);
+            }
+            if decode_state(state)?.kind() != kind {
+                found.push((key.to_string(), state.to_vec()));
+                if found.len() == limit {
+                    stopped_at = Some(key.to_string());
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })?;
+        Ok(StatesPage {
+            states: found,
+            next: stopped_at,
         })
     }
 

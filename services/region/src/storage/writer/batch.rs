@@ -306,7 +306,8 @@ impl<'b> Applying<'_, '_, 'b> {
         Ok(next)
     }
 
-    /// Removes the tombstones still exactly as found; returns how many went.
+    /// Removes the states still exactly as found (causally stable tombstones, or states of a
+    /// bucket type that lost); returns how many went.
     fn purge(&mut self, purge: &'b Purge) -> Result<u64, StorageError> {
         let mut removed = 0;
         for (bucket, key, state) in &purge.remove {

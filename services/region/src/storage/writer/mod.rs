@@ -123,7 +123,8 @@ enum Request {
     Checkpoint(Option<oneshot::Sender<()>>),
 }
 
-/// Causally stable tombstones to remove, and candidates that are no longer tombstones.
+/// States to remove (causally stable tombstones, states of a bucket type that lost), and
+/// tombstone candidates that are no longer tombstones.
 #[derive(Debug, Default)]
 pub struct Purge {
     /// `(bucket, key, state)`: removed only if the stored state is still exactly `state`.
