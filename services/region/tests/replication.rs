@@ -317,3 +317,40 @@ async fn session_tokens_leave_out_what_every_region_has_applied() {
 
 /// The header form of a token with no entries.
 const EMPTY_TOKEN: &str = "AA";
+
+#[tokio::test]
+async fn a_session_read_of_a_bucket_not_yet_known_here_waits_not_404() {
+    let cluster = Cluster::start(&REGIONS, "session_wait_ms = 300\n").await;
+    cluster.cut_off("eu-west");
+    let east = cluster.region("us-east");
+    east.put("/v1/buckets/late", &json!({"type": "counter"}))
+        .await
+        .expect(201);
+    let path = kv("late", "n");
+    let write = east
+        .post(&format!("{path}/increment"), &json!({"by": 1}))
+        .await;
+    write.expect(200);
+    let token = write
+        .header("x-meridian-session")
+        .expect("session token")
+        .to_string();
+    let west = cluster.region("eu-west");
+    let session_read = format!("{path}?consistency=session");
+    // The bucket has not reached eu-west: the session has seen more than it has applied.
+    let early = west
+        .get_with(&session_read, &[("x-meridian-session", &token)])
+        .await;
+    common::assert_error(&early, 504, "consistency_timeout");
+    // Without a session, an unknown bucket is just unknown.
+    common::assert_error(&west.get(&path).await, 404, "bucket_not_found");
+
+    cluster.heal_all();
+    support::eventually(CONVERGE, "eu-west serves the session read", || async {
+        let read = west
+            .get_with(&session_read, &[("x-meridian-session", &token)])
+            .await;
+        read.status == 200 && read.body["value"] == json!(1)
+    })
+    .await;
+}

@@ -151,6 +151,7 @@ async fn send_batch(
         flag_for_anti_entropy(region, peer, "log no longer holds what the peer is missing");
     }
     let count = records.len();
+    let last_sent = records.last().map_or(0, |(seq, _)| *seq);
     let batch = ReplicateBatch {
         version: PROTOCOL_VERSION,
         incarnation: region.storage.identity().incarnation,
@@ -190,7 +191,9 @@ async fn send_batch(
     let ack: ReplicateAck =
         postcard::from_bytes(&body).map_err(|e| SendError::Other(format!("bad ack: {e}")))?;
     peer.heard_from();
-    if ack.applied > region.storage.last_seq() {
+    // Against what this batch carried too: a commit is readable from the log a moment
+    // before `last_seq` says so.
+    if ack.applied > region.storage.last_seq().max(last_sent) {
         tracing::error!(peer = %peer.name, applied = ack.applied,
             "peer has applied more of this incarnation than it holds; restart to re-incarnate");
     }

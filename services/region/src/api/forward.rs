@@ -131,13 +131,19 @@ pub async fn forward(
     let mut trace_headers = reqwest::header::HeaderMap::new();
     meridian_observability::propagation::inject(&span, &mut trace_headers);
     request = request.headers(trace_headers);
+    let is_read = req.method() == actix_web::http::Method::GET;
     let unknown = |error: String| {
         outcome("unknown");
         tracing::warn!(home = %home, %error, "forward outcome unknown");
-        ApiError::unavailable(format!(
-            "the home region {home} did not answer in time; the write may or may not have been \
-             applied there. Retry with the same Idempotency-Key"
-        ))
+        // The cause stays in the log: it names the peer's internal address.
+        ApiError::unavailable(if is_read {
+            format!("the home region {home} did not answer")
+        } else {
+            format!(
+                "the home region {home} did not answer; the write may or may not have been \
+                 applied there. Retry with the same Idempotency-Key"
+            )
+        })
     };
     // In doubt from before it is sent until the home answers: also when this future is
     // dropped on the way (the client went away), the home may still apply it.

@@ -455,14 +455,22 @@ pub async fn get(
     client: web::Data<PeerClient>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let (def, key) = target(&region, &req).await?;
     let ReadQuery { consistency } = extract::query(&req)?;
     let session = extract::session(&req)?;
+    // A session may have seen the bucket created elsewhere: wait for it before a 404.
+    let covered = consistency != ReadConsistency::Session || region.await_session(&session).await;
+    let (def, key) = match target(&region, &req).await {
+        Err(missing) if !covered => {
+            region.check_read(consistency, &session)?;
+            return Err(missing);
+        }
+        found => found?,
+    };
     let home = region.home_of(&def, &key).clone();
     let at_home = &home == region.name() || forward::was_forwarded(&req);
     let go_home = match consistency {
         ReadConsistency::Home => !at_home,
-        ReadConsistency::Session => !region.await_session(&session).await && !at_home,
+        ReadConsistency::Session => !covered && !at_home,
         ReadConsistency::Local | ReadConsistency::Quorum | ReadConsistency::All => false,
     };
     if go_home {
