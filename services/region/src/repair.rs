@@ -6,6 +6,7 @@ use crate::api::error::ApiError;
 use crate::peers::{peer_call, Peer, Traffic};
 use crate::region::Region;
 use crate::storage::{StorageError, WriteTicket};
+use futures_util::StreamExt;
 use meridian_shared::encoding::{decode_state, encode_state};
 use meridian_shared::wire::{AeFetch, AeMerged, AeStates};
 use meridian_shared::{BucketDef, KeyState};
@@ -128,26 +129,33 @@ pub async fn read_merged(
         )));
     }
     let asks = up.into_iter().map(|peer| {
+        let (region, client, peer) = (region.clone(), client.clone(), peer.clone());
         let fetch = AeFetch {
             keys: vec![name.clone()],
         };
         async move {
             let mut traffic = Traffic::default();
             let answer: Result<AeStates, String> = peer_call(
-                client,
+                &client,
                 &region.config,
-                peer,
+                &peer,
                 "ae/fetch",
                 &fetch,
                 timeout,
                 &mut traffic,
             )
             .await;
-            (peer.clone(), answer)
+            (peer, answer)
         }
     });
     let mut answers: Vec<(Arc<Peer>, Option<Vec<u8>>)> = Vec::new();
-    for (peer, answer) in futures_util::future::join_all(asks).await {
+    // The first `needed` answers decide: a hung peer costs a quorum read nothing while
+    // others answer (each ask is bounded by the forward timeout).
+    let mut pending: futures_util::stream::FuturesUnordered<_> = asks.collect();
+    while answers.len() < needed {
+        let Some((peer, answer)) = pending.next().await else {
+            break;
+        };
         match answer {
             Ok(states) => {
                 let state = states.states.into_iter().next().map(|(_, _, bytes)| bytes);
@@ -196,37 +204,52 @@ pub async fn read_merged(
         let changed = merge_states(region, entry.clone()).await?;
         region.metrics.read_repairs.inc_by(changed);
     }
-    for (peer, state) in answers {
-        if state.as_ref() == Some(&encoded) {
-            continue;
+    // Written back in the background, to the peers that held less: those that answered, and
+    // the others as their answers come in. The reader already has the merged answer.
+    let (region, client) = (region.clone(), client.clone());
+    actix_web::rt::spawn(async move {
+        let differs = |state: &Option<Vec<u8>>| state.as_ref() != Some(&encoded);
+        for (peer, state) in answers {
+            if differs(&state) {
+                write_back(&region, &client, &peer, &entry, timeout).await;
+            }
         }
-        // Written back in the background: the reader already has the merged answer.
-        let (region, client, body) = (
-            region.clone(),
-            client.clone(),
-            AeStates {
-                states: entry.clone(),
-            },
-        );
-        actix_web::rt::spawn(async move {
-            let mut traffic = Traffic::default();
-            let pushed: Result<AeMerged, String> = peer_call(
-                &client,
-                &region.config,
-                &peer,
-                "ae/push",
-                &body,
-                timeout,
-                &mut traffic,
-            )
-            .await;
-            match pushed {
-                Ok(merged) => region.metrics.read_repairs.inc_by(merged.changed),
-                Err(error) => {
-                    tracing::warn!(peer = %peer.name, %error, "read repair write-back failed")
+        while let Some((peer, answer)) = pending.next().await {
+            if let Ok(states) = answer {
+                let state = states.states.into_iter().next().map(|(_, _, bytes)| bytes);
+                if differs(&state) {
+                    write_back(&region, &client, &peer, &entry, timeout).await;
                 }
             }
-        });
-    }
+        }
+    });
     Ok(Some(merged))
+}
+
+/// Pushes a read's merged state to a peer that held less.
+async fn write_back(
+    region: &Region,
+    client: &reqwest::Client,
+    peer: &Peer,
+    entry: &[(String, String, Vec<u8>)],
+    timeout: Duration,
+) {
+    let body = AeStates {
+        states: entry.to_vec(),
+    };
+    let mut traffic = Traffic::default();
+    let pushed: Result<AeMerged, String> = peer_call(
+        client,
+        &region.config,
+        peer,
+        "ae/push",
+        &body,
+        timeout,
+        &mut traffic,
+    )
+    .await;
+    match pushed {
+        Ok(merged) => region.metrics.read_repairs.inc_by(merged.changed),
+        Err(error) => tracing::warn!(peer = %peer.name, %error, "read repair write-back failed"),
+    }
 }

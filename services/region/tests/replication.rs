@@ -354,3 +354,28 @@ async fn a_session_read_of_a_bucket_not_yet_known_here_waits_not_404() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_quorum_read_does_not_wait_for_a_hung_peer_when_another_answers() {
+    // A long forward timeout: waiting for the hung peer would show.
+    let cluster =
+        Cluster::start_with_env(&REGIONS, "", &[("MERIDIAN_FORWARD_TIMEOUT_MS", "5000")]).await;
+    cluster
+        .create_buckets("us-east", &[("qr", "register")], Some("us-east"))
+        .await;
+    let path = kv("qr", "k");
+    let east = cluster.region("us-east");
+    east.put(&path, &json!("v")).await.expect(200);
+    cluster.converged(&path, CONVERGE).await;
+
+    cluster.region("ap-south").pause();
+    let started = std::time::Instant::now();
+    let read = east.get(&format!("{path}?consistency=quorum")).await;
+    let took = started.elapsed();
+    cluster.region("ap-south").resume();
+    assert_eq!(read.expect(200)["values"], json!(["v"]), "{read:?}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "answered by eu-west, not after ap-south's 5 s timeout: {took:?}"
+    );
+}
