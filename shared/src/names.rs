@@ -1,4 +1,5 @@
-//! Validation of bucket and key names (API.md: 1..=256 bytes of UTF-8, no control chars, no `/`).
+//! Validation of bucket and key names (API.md: 1..=256 bytes of UTF-8, no control chars, no `/`;
+//! and not `.` or `..`, which URLs resolve as path steps).
 
 /// Longest bucket or key name, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
@@ -12,6 +13,9 @@ pub enum InvalidName {
     /// Contains a control character or `/`.
     #[error("name must not contain control characters or '/'")]
     Character,
+    /// `.` or `..`: URL parsers (clients', and ours when forwarding) resolve them as path steps.
+    #[error("'.' and '..' are not names: URLs resolve them as path steps")]
+    DotSegment,
 }
 
 /// Checks a bucket or key name against the API contract.
@@ -21,6 +25,9 @@ pub fn validate(name: &str) -> Result<(), InvalidName> {
     }
     if name.chars().any(|c| c.is_control() || c == '/') {
         return Err(InvalidName::Character);
+    }
+    if name == "." || name == ".." {
+        return Err(InvalidName::DotSegment);
     }
     Ok(())
 }
@@ -39,5 +46,8 @@ mod tests {
         assert_eq!(validate("a/b"), Err(InvalidName::Character));
         assert_eq!(validate("a\nb"), Err(InvalidName::Character));
         assert_eq!(validate("a\u{7f}b"), Err(InvalidName::Character));
+        assert_eq!(validate("."), Err(InvalidName::DotSegment));
+        assert_eq!(validate(".."), Err(InvalidName::DotSegment));
+        assert!(validate("...").is_ok() && validate(".hidden").is_ok());
     }
 }

@@ -15,6 +15,9 @@ pub const FORWARDED_HEADER: &str = "x-meridian-forwarded-by";
 /// Header carrying the bucket definition (JSON) with a forwarded request, so a home that has
 /// not yet received the definition by replication can serve it at once.
 pub const BUCKET_DEF_HEADER: &str = "x-meridian-bucket-def";
+/// Header carrying the `peer_token` with a forwarded request (its `Authorization` is the
+/// client's), so the home honours the forward headers from peers only.
+pub const FORWARD_TOKEN_HEADER: &str = "x-meridian-forward-token";
 
 /// A run of the origin's replication log, in sequence order (postcard body).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -286,8 +286,12 @@ impl Config {
         if self.checkpoint_interval_ms == 0 {
             return invalid("checkpoint_interval_ms must be positive".into());
         }
-        if self.commit_max_batch == 0 {
-            return invalid("commit_max_batch must be at least 1".into());
+        // Upper bounds too: the batch is allocated up front, and each worker is a thread.
+        if !(1..=1_000_000).contains(&self.commit_max_batch) {
+            return invalid("commit_max_batch must be between 1 and 1000000".into());
+        }
+        if self.workers > 1024 {
+            return invalid("workers must be at most 1024 (0: one per CPU)".into());
         }
         Ok(())
     }

@@ -80,10 +80,12 @@ impl Peer {
     }
 
     /// Records a missed heartbeat; returns whether the peer is now down.
-    pub fn missed(&self, down_after: u32) -> bool {
+    pub fn missed(&self, down_after: u32, error: &str) -> bool {
         let missed = self.missed_heartbeats.fetch_add(1, Ordering::AcqRel) + 1;
         if missed >= down_after {
-            self.mark_down("missed heartbeats");
+            // The last error says why (a refused connection, or 401/403 for a wrong
+            // `peer_token` or `cluster_id`).
+            self.mark_down(&format!("missed heartbeats: {error}"));
         }
         !self.is_up()
     }

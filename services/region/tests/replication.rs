@@ -379,3 +379,122 @@ async fn a_quorum_read_does_not_wait_for_a_hung_peer_when_another_answers() {
         "answered by eu-west, not after ap-south's 5 s timeout: {took:?}"
     );
 }
+
+/// Sends `PUT path` with the path bytes exactly as given (an HTTP client library would
+/// normalise them first); returns the status code.
+fn raw_put(url: &str, path: &str, body: &str) -> u16 {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    let request = format!(
+        "PUT {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("answer");
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"))
+}
+
+#[tokio::test]
+async fn a_forward_acts_on_exactly_the_names_validated_where_the_client_sent_it() {
+    let cluster = Cluster::start(&REGIONS, "").await;
+    cluster
+        .create_buckets(
+            "us-east",
+            &[("pub", "register"), ("priv", "register")],
+            Some("eu-west"),
+        )
+        .await;
+    let west = cluster.region("eu-west");
+    west.put(&kv("priv", "secret"), &json!("original"))
+        .await
+        .expect(200);
+    // A raw `\` is a legal name character, but a URL parser turns it into `/` and then
+    // resolves the `..`: forwarded as received, this would write priv/secret.
+    let sneaky = r"x\..\..\priv\secret";
+    let status = raw_put(
+        &cluster.region("us-east").url(),
+        &format!("/v1/kv/pub/{sneaky}"),
+        "\"sneaky\"",
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        west.get(&kv("priv", "secret")).await.expect(200)["values"],
+        json!(["original"])
+    );
+    assert_eq!(
+        west.get(&kv("pub", sneaky)).await.expect(200)["values"],
+        json!(["sneaky"])
+    );
+}
+
+#[tokio::test]
+async fn forward_headers_sent_by_a_client_are_not_trusted() {
+    let cluster = Cluster::start_with_env(
+        &REGIONS,
+        "",
+        &[("MERIDIAN_SECURITY", "{peer_token=\"peer-secret\"}")],
+    )
+    .await;
+    cluster
+        .create_buckets("us-east", &[("fw", "counter")], Some("eu-west"))
+        .await;
+    let path = format!("{}/increment", kv("fw", "n"));
+    let east = cluster.region("us-east");
+    // Posing as the home's forward: still forwarded to the real home, not applied here.
+    let reply = east
+        .post_with(
+            &path,
+            &json!({"by": 1}),
+            &[("x-meridian-forwarded-by", "eu-west")],
+        )
+        .await;
+    reply.expect(200);
+    assert_eq!(
+        reply.header("x-meridian-region"),
+        Some("eu-west"),
+        "{reply:?}"
+    );
+    assert_eq!(reply.header("x-meridian-failover"), None);
+    // A bucket definition sent along by a client creates nothing.
+    let forged = r#"{"name":"forged","kind":"register","home_region":"mars"}"#;
+    let reply = east
+        .put_with(
+            &kv("forged", "k"),
+            &json!("v"),
+            &[
+                ("x-meridian-forwarded-by", "eu-west"),
+                ("x-meridian-bucket-def", forged),
+            ],
+        )
+        .await;
+    common::assert_error(&reply, 404, "bucket_not_found");
+    east.get("/v1/buckets/forged").await.expect(404);
+}
+
+#[tokio::test]
+async fn a_peer_url_that_answers_as_another_region_is_refused() {
+    let other = common::Region::start("ap-south").await;
+    let config = format!(
+        "heartbeat_interval_ms = 100\n[peers]\neu-west = \"{}\"\n",
+        other.url()
+    );
+    let region = common::Region::start_with("us-east", &config).await;
+    support::eventually(CONVERGE, "the mismatch is reported", || async {
+        region.log().contains("answers as another region")
+    })
+    .await;
+    let view = region.get("/v1/cluster").await;
+    let peer = view.body["regions"]
+        .as_array()
+        .and_then(|all| all.iter().find(|r| r["name"] == "eu-west"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(peer["status"], json!("down"), "{view:?}");
+}

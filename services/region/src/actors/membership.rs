@@ -54,7 +54,9 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
     let outcome = async {
         let response = request.send().await.map_err(|e| e.to_string())?;
         if !response.status().is_success() {
-            return Err(format!("HTTP {}", response.status()));
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            return Err(format!("HTTP {status}: {}", &body[..body.len().min(200)]));
         }
         response
             .json::<Heartbeat>()
@@ -65,7 +67,9 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
     let labels = [peer.name.as_str()];
     match outcome {
         Ok(beat)
-            if beat.cluster_id == region.config.cluster_id && beat.version == PROTOCOL_VERSION =>
+            if beat.cluster_id == region.config.cluster_id
+                && beat.version == PROTOCOL_VERSION
+                && beat.region == peer.name =>
         {
             peer.heard_from();
             let ours = region.storage.identity().incarnation;
@@ -86,9 +90,12 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
             region.note_peer_applied();
         }
         Ok(beat) => {
-            tracing::error!(peer = %peer.name, their_cluster = %beat.cluster_id, version = beat.version,
-                "peer belongs to another cluster or speaks another protocol version; refusing it");
-            peer.mark_down("wrong cluster or protocol");
+            // Counting another region's commits or applied marks under this peer's name would
+            // corrupt what it is owed (a peer URL pointing at the wrong region).
+            tracing::error!(peer = %peer.name, url = %peer.url, answers_as = %beat.region,
+                their_cluster = %beat.cluster_id, version = beat.version,
+                "the peer's URL answers as another region, cluster or protocol version; refusing it");
+            peer.mark_down("wrong region, cluster or protocol");
         }
         Err(error) => {
             region
@@ -96,7 +103,7 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
                 .heartbeats_failed
                 .with_label_values(&labels)
                 .inc();
-            if peer.missed(region.config.down_after_missed) {
+            if peer.missed(region.config.down_after_missed, &error) {
                 tracing::debug!(peer = %peer.name, %error, "heartbeat failed");
             }
         }

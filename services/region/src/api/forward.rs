@@ -14,8 +14,9 @@ use super::extract::{
 use crate::region::Region;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse};
-use meridian_shared::wire::{BUCKET_DEF_HEADER, FORWARDED_HEADER};
+use meridian_shared::wire::{BUCKET_DEF_HEADER, FORWARDED_HEADER, FORWARD_TOKEN_HEADER};
 use meridian_shared::{BucketDef, RegionName};
+use percent_encoding::{percent_decode_str, percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use std::time::Duration;
 use tracing::Instrument;
 
@@ -50,19 +51,59 @@ const PASSED_RESPONSE_HEADERS: [&str; 7] = [
     "retry-after",
 ];
 
-/// Whether this request was already forwarded by another region (and must not be again).
-pub fn was_forwarded(req: &HttpRequest) -> bool {
-    req.headers().contains_key(FORWARDED_HEADER)
+/// Path segments as the home must see them: everything but unreserved characters encoded.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// The request's path and query for the home, every segment re-encoded: the URL parser would
+/// otherwise turn a raw `\` into `/` and resolve `..`, so the home could act on other names
+/// than the ones validated here.
+fn forward_path(req: &HttpRequest) -> String {
+    let mut path = String::new();
+    for segment in req.uri().path().split('/').skip(1) {
+        path.push('/');
+        let raw: Vec<u8> = percent_decode_str(segment).collect();
+        path.extend(percent_encode(&raw, SEGMENT));
+    }
+    if let Some(query) = req.uri().query() {
+        path.push('?');
+        path.push_str(query);
+    }
+    path
 }
 
-/// The bucket definition a forwarding region sent along, if it names `bucket`.
-pub fn forwarded_bucket(req: &HttpRequest, bucket: &str) -> Option<BucketDef> {
-    if !was_forwarded(req) {
+/// Whether a peer forwarded this request (it must not be forwarded again): it names one of
+/// our peers and, when `peer_token` is set, carries it. A client cannot pose as a peer.
+pub fn was_forwarded(region: &Region, req: &HttpRequest) -> bool {
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let Some(by) = header(FORWARDED_HEADER) else {
+        return false;
+    };
+    let from_peer = region.peers.iter().any(|peer| peer.name.as_str() == by);
+    let token_ok = match &region.config.security.peer_token {
+        None => true,
+        Some(token) => header(FORWARD_TOKEN_HEADER)
+            .is_some_and(|presented| super::constant_time_eq(token, presented)),
+    };
+    from_peer && token_ok
+}
+
+/// The bucket definition a forwarding peer sent along, if it names `bucket` and a home region
+/// of this cluster.
+pub fn forwarded_bucket(region: &Region, req: &HttpRequest, bucket: &str) -> Option<BucketDef> {
+    if !was_forwarded(region, req) {
         return None;
     }
     let header = req.headers().get(BUCKET_DEF_HEADER)?.to_str().ok()?;
     let def: BucketDef = serde_json::from_str(header).ok()?;
-    (def.name == bucket).then_some(def)
+    let home_known = def
+        .home_region
+        .as_ref()
+        .is_none_or(|home| region.regions.contains(home));
+    (def.name == bucket && home_known).then_some(def)
 }
 
 /// What to forward: the client's request, its body and the bucket it names.
@@ -101,10 +142,7 @@ pub async fn forward(
         outcome("home_down");
         return Ok(Forwarded::HomeUnreachable);
     }
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or(req.path(), |p| p.as_str());
+    let path = forward_path(req);
     let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
         .map_err(|_| ApiError::bad_request("invalid_method", "unsupported method"))?;
     let mut request = client
@@ -118,6 +156,9 @@ pub async fn forward(
             serde_json::to_string(def).unwrap_or_default(),
         )
         .body(body.to_vec());
+    if let Some(token) = &region.config.security.peer_token {
+        request = request.header(FORWARD_TOKEN_HEADER, token.as_str());
+    }
     for name in PASSED_REQUEST_HEADERS {
         if let Some(value) = req.headers().get(name) {
             request = request.header(name, value.as_bytes());

@@ -166,7 +166,7 @@ async fn target(region: &Region, req: &HttpRequest) -> Result<(BucketDef, String
     match region.bucket(&bucket) {
         Ok(def) => Ok((def, key)),
         Err(missing) => {
-            let Some(def) = forward::forwarded_bucket(req, &bucket) else {
+            let Some(def) = forward::forwarded_bucket(region, req, &bucket) else {
                 return Err(missing);
             };
             region.adopt_bucket(def).await?;
@@ -211,7 +211,7 @@ async fn write(
         )
     });
     let home = region.home_of(&def, &key).clone();
-    let failover = &home != region.name() && !forward::was_forwarded(req);
+    let failover = &home != region.name() && !forward::was_forwarded(region, req);
     if failover {
         // A retry of a write this region accepted as failover is answered here: forwarding
         // it to the (now reachable) home would apply it a second time.
@@ -467,7 +467,7 @@ pub async fn get(
         found => found?,
     };
     let home = region.home_of(&def, &key).clone();
-    let at_home = &home == region.name() || forward::was_forwarded(&req);
+    let at_home = &home == region.name() || forward::was_forwarded(&region, &req);
     let go_home = match consistency {
         ReadConsistency::Home => !at_home,
         ReadConsistency::Session => !covered && !at_home,

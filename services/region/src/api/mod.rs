@@ -149,7 +149,7 @@ async fn require_client_token(
 }
 
 /// Compares secrets without leaking where they differ through timing.
-fn constant_time_eq(a: &str, b: &str) -> bool {
+pub(crate) fn constant_time_eq(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())
