@@ -7,6 +7,7 @@ use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 use std::sync::Arc;
+use tokio::signal::unix::{signal, SignalKind};
 use tracing_actix_web::TracingLogger;
 
 /// Runs one region until it is asked to stop. In-flight requests finish before it exits.
@@ -24,11 +25,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         %listen,
         "region ready"
     );
+    // Listening for SIGTERM/SIGINT from before the port opens: a stop that arrives as soon as
+    // the region answers would otherwise meet the default action (death, no checkpoint),
+    // since actix-web registers its own handlers only once its server runs.
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
     let openapi = Arc::new(api::openapi::document());
     let app_region = region.clone();
     // A batch is at most replication_batch_bytes of records plus framing.
     let max_batch_bytes = region.config.replication_batch_bytes * 2 + 1024 * 1024;
-    HttpServer::new(move || {
+    let server = HttpServer::new(move || {
         let openapi = openapi.clone();
         App::new()
             .app_data(app_region.clone())
@@ -43,11 +49,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .workers(workers)
     .backlog(4096)
     .shutdown_timeout(10)
+    .disable_signals()
     .bind(listen)
     .with_context(|| format!("cannot listen on {listen}"))?
-    .run()
-    .await
-    .context("HTTP server failed")?;
+    .run();
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::info!("stop requested; finishing requests in flight");
+        handle.stop(true).await;
+    });
+    server.await.context("HTTP server failed")?;
     if let Err(error) = region.storage.checkpoint().await {
         tracing::warn!(%error, "no checkpoint at stop; the journal is replayed at the next start");
     }

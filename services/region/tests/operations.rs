@@ -290,6 +290,15 @@ async fn client_tokens_guard_v1_but_not_health() {
     // Refused requests changed nothing.
     let reply = region.get_with("/v1/buckets", &good).await;
     assert_eq!(reply.expect(200), &json!({ "buckets": [] }));
+    // The scheme is case-insensitive (RFC 7235); the token is not.
+    let reply = region
+        .get_with("/v1/buckets", &[("Authorization", "bearer s3cret")])
+        .await;
+    reply.expect(200);
+    let reply = region
+        .get_with("/v1/buckets", &[("Authorization", "Bearer S3CRET")])
+        .await;
+    assert_error(&reply, 401, "unauthorized");
 
     // With the token everything works.
     let reply = region

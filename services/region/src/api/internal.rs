@@ -6,7 +6,7 @@ use crate::region::Region;
 use crate::storage::IdempotencyRecord;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::{header, StatusCode};
+use actix_web::http::StatusCode;
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, HttpRequest, HttpResponse};
 use meridian_shared::encoding::decode_state;
@@ -35,12 +35,8 @@ async fn require_peer(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     if let Some(region) = req.app_data::<web::Data<Region>>() {
         if let Some(expected) = &region.config.security.peer_token {
-            let presented = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if presented != Some(expected.as_str()) {
+            let presented = super::bearer_token(&req);
+            if !presented.is_some_and(|p| super::constant_time_eq(expected, p)) {
                 return Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
                     "unauthorized",
