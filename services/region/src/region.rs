@@ -148,8 +148,9 @@ impl Region {
         }
     }
 
-    /// Stores a bucket definition a peer sent (its log, anti-entropy, a forward). When it
-    /// replaces ours with one of another type, the bucket is swept (see `bucket_sweep`).
+    /// Stores a bucket definition a peer sent (its log, anti-entropy, a forward). When it is
+    /// new here or replaces ours with one of another type, the bucket is swept of states of
+    /// another type (see `bucket_sweep`).
     pub async fn adopt_bucket(&self, def: BucketDef) -> Result<(), StorageError> {
         let name = def.name.clone();
         let before = self.storage.bucket(&name).map(|def| def.kind);
@@ -157,9 +158,13 @@ impl Region {
             .submit_bucket(def, BucketSource::Replicated)?
             .await?;
         let after = self.storage.bucket(&name).map(|def| def.kind);
-        if before.is_some() && before != after {
-            tracing::warn!(bucket = %name, ?before, ?after,
-                "a concurrent definition of the bucket with another type won");
+        // Also when the bucket is new here: states a peer pushed before its definition
+        // arrived were stored unchecked.
+        if before != after {
+            if before.is_some() {
+                tracing::warn!(bucket = %name, ?before, ?after,
+                    "a concurrent definition of the bucket with another type won");
+            }
             let _ = self.retyped.send(name);
         }
         Ok(())

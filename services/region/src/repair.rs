@@ -208,18 +208,24 @@ pub async fn read_merged(
     // the others as their answers come in. The reader already has the merged answer.
     let (region, client) = (region.clone(), client.clone());
     actix_web::rt::spawn(async move {
-        let differs = |state: &Option<Vec<u8>>| state.as_ref() != Some(&encoded);
-        for (peer, state) in answers {
-            if differs(&state) {
-                write_back(&region, &client, &peer, &entry, timeout).await;
+        // Each write-back runs on its own, so a slow one never delays reading the next answer.
+        let write_back = |peer: Arc<Peer>, state: Option<Vec<u8>>| {
+            if state.as_ref() != Some(&encoded) {
+                let (region, client, entry) = (region.clone(), client.clone(), entry.clone());
+                actix_web::rt::spawn(async move {
+                    write_back(&region, &client, &peer, entry, timeout).await;
+                });
             }
+        };
+        for (peer, state) in answers {
+            write_back(peer, state);
         }
         while let Some((peer, answer)) = pending.next().await {
             if let Ok(states) = answer {
-                let state = states.states.into_iter().next().map(|(_, _, bytes)| bytes);
-                if differs(&state) {
-                    write_back(&region, &client, &peer, &entry, timeout).await;
-                }
+                write_back(
+                    peer,
+                    states.states.into_iter().next().map(|(_, _, bytes)| bytes),
+                );
             }
         }
     });
@@ -231,12 +237,10 @@ async fn write_back(
     region: &Region,
     client: &reqwest::Client,
     peer: &Peer,
-    entry: &[(String, String, Vec<u8>)],
+    entry: Vec<(String, String, Vec<u8>)>,
     timeout: Duration,
 ) {
-    let body = AeStates {
-        states: entry.to_vec(),
-    };
+    let body = AeStates { states: entry };
     let mut traffic = Traffic::default();
     let pushed: Result<AeMerged, String> = peer_call(
         client,

@@ -56,7 +56,8 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
         if !response.status().is_success() {
             let status = response.status();
             let body = response.text().await.unwrap_or_default();
-            return Err(format!("HTTP {status}: {}", &body[..body.len().min(200)]));
+            let excerpt: String = body.chars().take(200).collect();
+            return Err(format!("HTTP {status}: {excerpt}"));
         }
         response
             .json::<Heartbeat>()

@@ -460,7 +460,7 @@ pub async fn get(
     // A session may have seen the bucket created elsewhere: wait for it before a 404.
     let covered = consistency != ReadConsistency::Session || region.await_session(&session).await;
     let (def, key) = match target(&region, &req).await {
-        Err(missing) if !covered => {
+        Err(missing) if !covered && missing.code == "bucket_not_found" => {
             region.check_read(consistency, &session)?;
             return Err(missing);
         }
