@@ -209,7 +209,7 @@ pub async fn read_merged(
     let (region, client) = (region.clone(), client.clone());
     actix_web::rt::spawn(async move {
         // Each write-back runs on its own, so a slow one never delays reading the next answer.
-        let write_back = |peer: Arc<Peer>, state: Option<Vec<u8>>| {
+        let repair = |peer: Arc<Peer>, state: Option<Vec<u8>>| {
             if state.as_ref() != Some(&encoded) {
                 let (region, client, entry) = (region.clone(), client.clone(), entry.clone());
                 actix_web::rt::spawn(async move {
@@ -218,11 +218,11 @@ pub async fn read_merged(
             }
         };
         for (peer, state) in answers {
-            write_back(peer, state);
+            repair(peer, state);
         }
         while let Some((peer, answer)) = pending.next().await {
             if let Ok(states) = answer {
-                write_back(
+                repair(
                     peer,
                     states.states.into_iter().next().map(|(_, _, bytes)| bytes),
                 );
