@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// Top-level fields that `MERIDIAN_<FIELD>` may override.
-const ENV_FIELDS: [&str; 27] = [
+const ENV_FIELDS: [&str; 28] = [
     "region",
     "listen",
     "data_dir",
@@ -18,6 +18,7 @@ const ENV_FIELDS: [&str; 27] = [
     "security",
     "partitions",
     "max_body_bytes",
+    "max_state_bytes",
     "commit_max_batch",
     "checkpoint_interval_ms",
     "state_cache_bytes",
@@ -65,6 +66,10 @@ pub struct Config {
     /// Largest accepted request body, in bytes.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Largest stored state of one key a client write may produce, in bytes; default
+    /// `max(8 MiB, 4 × max_body_bytes)`. See [`Config::state_limit`].
+    #[serde(default)]
+    pub max_state_bytes: Option<usize>,
     /// Most writes carried by one group commit.
     #[serde(default = "default_commit_max_batch")]
     pub commit_max_batch: usize,
@@ -272,6 +277,12 @@ impl Config {
         if self.max_body_bytes < 1024 {
             return invalid("max_body_bytes must be at least 1024".into());
         }
+        if self
+            .max_state_bytes
+            .is_some_and(|limit| limit < 2 * self.max_body_bytes)
+        {
+            return invalid("max_state_bytes must be at least twice max_body_bytes".into());
+        }
         if self.heartbeat_interval_ms == 0 || self.down_after_missed == 0 {
             return invalid("heartbeat_interval_ms and down_after_missed must be positive".into());
         }
@@ -294,6 +305,23 @@ impl Config {
             return invalid("workers must be at most 1024 (0: one per CPU)".into());
         }
         Ok(())
+    }
+
+    /// Largest state of one key a client write may produce. Bounding states bounds every
+    /// replication and repair body a peer must accept (see [`Config::max_peer_body_bytes`]).
+    pub fn state_limit(&self) -> usize {
+        self.max_state_bytes
+            .unwrap_or_else(|| (8 * 1024 * 1024).max(4 * self.max_body_bytes))
+    }
+
+    /// Largest region-to-region body accepted. A replication batch stops after the record
+    /// that passes `replication_batch_bytes`, and a record's state is at most the join of
+    /// every region's states, each within `state_limit` when written.
+    pub fn max_peer_body_bytes(&self) -> usize {
+        let regions = self.peers.len() + 1;
+        self.replication_batch_bytes
+            .saturating_add(regions.saturating_mul(self.state_limit()))
+            .saturating_add(1024 * 1024)
     }
 
     /// Every region of the cluster, this one included, sorted by name.
@@ -336,5 +364,24 @@ mod tests {
                 "{field} missing from ENV_FIELDS"
             );
         }
+    }
+
+    #[test]
+    fn the_state_limit_follows_the_body_limit_and_bounds_peer_bodies() {
+        let base = "region = \"a\"\ndata_dir = \"/tmp/x\"\n";
+        let load = |extra: &str| Config::load_from_str(&format!("{base}{extra}"));
+        let default = load("")
+            .ok()
+            .map(|c| (c.state_limit(), c.max_peer_body_bytes()));
+        let mib = 1024 * 1024;
+        assert_eq!(default, Some((8 * mib, 4 * mib + 8 * mib + mib)));
+        let large = load("max_body_bytes = 4194304\n[peers]\nb = \"http://b:1\"\n").ok();
+        let large = large.map(|c| (c.state_limit(), c.max_peer_body_bytes()));
+        assert_eq!(large, Some((16 * mib, 4 * mib + 2 * 16 * mib + mib)));
+        assert!(load("max_state_bytes = 4000000").is_ok());
+        assert!(
+            load("max_state_bytes = 2000000").is_err(),
+            "a state limit under twice the body limit must be refused"
+        );
     }
 }

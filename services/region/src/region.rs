@@ -97,6 +97,7 @@ impl Region {
         let shared = Arc::new(PartitionShared {
             storage: storage.clone(),
             cache_bytes: config.state_cache_bytes / config.partitions.max(1),
+            max_state_bytes: config.state_limit(),
             hlc: Arc::new(Hlc::new()),
             metrics: metrics.clone(),
         });

@@ -32,8 +32,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
     let openapi = Arc::new(api::openapi::document());
     let app_region = region.clone();
-    // A batch is at most replication_batch_bytes of records plus framing.
-    let max_batch_bytes = region.config.replication_batch_bytes * 2 + 1024 * 1024;
+    let max_batch_bytes = region.config.max_peer_body_bytes();
     let server = HttpServer::new(move || {
         let openapi = openapi.clone();
         App::new()

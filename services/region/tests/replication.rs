@@ -498,3 +498,54 @@ async fn a_peer_url_that_answers_as_another_region_is_refused() {
         .unwrap_or_default();
     assert_eq!(peer["status"], json!("down"), "{view:?}");
 }
+
+#[tokio::test]
+async fn a_key_state_is_bounded_and_a_large_one_still_replicates() {
+    // Batches of 64 KiB: the old peer body limit (2 × batch + 1 MiB) refused the record of a
+    // 1.8 MB register state forever, and replication to that peer stopped for every key.
+    let extra = "replication_batch_bytes = 65536\nmax_state_bytes = 2500000\n";
+    let cluster = Cluster::start(&["us-east", "eu-west"], extra).await;
+    let home = cluster.region("us-east");
+    let other = cluster.region("eu-west");
+    home.put(
+        "/v1/buckets/big",
+        &json!({"type": "register", "home_region": "us-east"}),
+    )
+    .await
+    .expect(201);
+    cluster.wait_buckets(1).await;
+
+    let path = kv("big", "k");
+    let stale = home.put(&path, &json!("seed")).await.context();
+    let value = |c: char| json!(c.to_string().repeat(900_000));
+    for c in ['a', 'b'] {
+        home.put_with(&path, &value(c), &[("X-Meridian-Context", &stale)])
+            .await
+            .expect(200);
+    }
+    // A third sibling would take the state past max_state_bytes: refused, nothing changed.
+    let refused = home
+        .put_with(&path, &value('c'), &[("X-Meridian-Context", &stale)])
+        .await;
+    common::assert_error(&refused, 413, "state_too_large");
+    home.put(&kv("big", "after"), &json!("small"))
+        .await
+        .expect(200);
+
+    let body = cluster.converged(&path, CONVERGE).await;
+    assert_eq!(body["values"], json!([value('a'), value('b')]));
+    let body = cluster.converged(&kv("big", "after"), CONVERGE).await;
+    assert_eq!(body["values"], json!(["small"]));
+
+    // Resolving the siblings with their context shrinks the state, and that replicates too.
+    let context = other.get(&path).await.context();
+    home.put_with(
+        &path,
+        &json!("resolved"),
+        &[("X-Meridian-Context", &context)],
+    )
+    .await
+    .expect(200);
+    let body = cluster.converged(&path, CONVERGE).await;
+    assert_eq!(body["values"], json!(["resolved"]));
+}

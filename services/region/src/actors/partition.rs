@@ -36,6 +36,8 @@ pub struct PartitionShared {
     pub storage: Storage,
     /// Bytes of committed states each partition keeps cached.
     pub cache_bytes: usize,
+    /// Largest state a client write may produce (removals and deletes may always shrink one).
+    pub max_state_bytes: usize,
     /// Hybrid clock for last-writer-wins timestamps.
     pub hlc: Arc<Hlc>,
     /// Metrics.
@@ -84,6 +86,14 @@ pub enum WriteError {
     /// The idempotency key is in flight or was used for another request.
     #[error("{0}")]
     IdempotencyConflict(&'static str),
+    /// The key's state would grow past `max_state_bytes`.
+    #[error("the key's state would be {size} bytes, over this region's limit of {limit} (max_state_bytes); resolve its siblings with a context, remove members, or delete it")]
+    StateTooLarge {
+        /// Encoded size the write would produce.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
     /// The partition actor is gone (shutdown).
     #[error("partition actor stopped")]
     Stopped,
@@ -235,7 +245,18 @@ impl PartitionActor {
         let actor = self.shared.storage.identity().incarnation;
         let hlc = self.shared.hlc.tick(crate::clock::now_ms());
         let op = std::mem::replace(&mut msg.op, Op::Increment { by: 0 });
+        let shrinks = matches!(op, Op::Delete { .. } | Op::Remove { .. });
         state.apply(op, actor, hlc)?;
+        let encoded = encode_state(&state);
+        let size = encoded.len();
+        // Checked before anything is queued; the state taken from the cache is dropped, so
+        // the next write reads the unchanged one back from storage.
+        if size > self.shared.max_state_bytes && !shrinks {
+            return Err(WriteError::StateTooLarge {
+                size,
+                limit: self.shared.max_state_bytes,
+            });
+        }
 
         let idempotency = msg.idempotency.map(|(id, fingerprint, respond)| {
             let (status, body) = respond(&state);
@@ -247,8 +268,6 @@ impl PartitionActor {
             }
         });
         let trace = meridian_observability::propagation::traceparent(&tracing::Span::current());
-        let encoded = encode_state(&state);
-        let size = encoded.len();
         let ticket = self.submit(&slot, &state, encoded, true, idempotency, trace)?;
         self.next_version += 1;
         let version = self.next_version;

@@ -142,6 +142,11 @@ impl From<WriteError> for ApiError {
             WriteError::IdempotencyConflict(message) => {
                 Self::new(StatusCode::CONFLICT, "idempotency_conflict", message)
             }
+            WriteError::StateTooLarge { .. } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "state_too_large",
+                e.to_string(),
+            ),
             WriteError::Stopped => Self::unavailable("the region is shutting down"),
         }
     }
