@@ -75,6 +75,8 @@ pub struct Metrics {
     /// Writes not failed over: an earlier attempt with their Idempotency-Key may still apply
     /// at the home.
     pub failovers_refused: IntCounter,
+    /// Writes refused before applying: too few peers up for their `ack`.
+    pub acks_refused: IntCounter,
     /// Idempotency keys whose forward to the home has an unknown outcome.
     pub forwards_in_doubt: IntGauge,
     /// Keys in doubt forgotten early because too many were (their retries may fail over).
@@ -299,6 +301,10 @@ impl Metrics {
             "Writes not failed over because an earlier attempt with their Idempotency-Key may \
              still be applied by the home",
         )?;
+        let acks_refused = IntCounter::new(
+            "acks_refused_total",
+            "Writes refused before applying because too few regions were up for their ack level",
+        )?;
         let forwards_in_doubt = IntGauge::new(
             "forwards_in_doubt",
             "Idempotency keys whose forward to the home region has an unknown outcome",
@@ -384,6 +390,7 @@ impl Metrics {
         registry.register(Box::new(forwards.clone()))?;
         registry.register(Box::new(failover_writes.clone()))?;
         registry.register(Box::new(failovers_refused.clone()))?;
+        registry.register(Box::new(acks_refused.clone()))?;
         registry.register(Box::new(forwards_in_doubt.clone()))?;
         registry.register(Box::new(forwards_in_doubt_evicted.clone()))?;
         registry.register(Box::new(foreign_states_dropped.clone()))?;
@@ -448,6 +455,7 @@ impl Metrics {
             forwards,
             failover_writes,
             failovers_refused,
+            acks_refused,
             forwards_in_doubt,
             forwards_in_doubt_evicted,
             foreign_states_dropped,

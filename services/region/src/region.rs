@@ -348,6 +348,29 @@ impl Region {
         }
     }
 
+    /// Refuses, before anything is applied, a write whose `ack` the peers up now cannot meet
+    /// (503, as for quorum reads): waiting on a region known to be down would only answer 504
+    /// after the write was applied anyway, leaving the client unsure what happened.
+    pub fn check_ack(&self, ack: Ack) -> Result<(), ApiError> {
+        let needed = self.others_required(ack);
+        let down: Vec<&str> = self
+            .peers
+            .iter()
+            .filter(|p| !p.is_up())
+            .map(|p| p.name.as_str())
+            .collect();
+        let up = self.peers.len() - down.len();
+        if up >= needed {
+            return Ok(());
+        }
+        Err(ApiError::unavailable(format!(
+            "ack={} needs {needed} other regions to confirm the write and only {up} are up \
+             ({} down); nothing was written",
+            format!("{ack:?}").to_lowercase(),
+            down.join(", ")
+        )))
+    }
+
     /// Waits until enough peers have durably applied `seq` (504 when they do not in time).
     pub async fn await_ack(&self, ack: Ack, seq: u64) -> Result<(), ApiError> {
         let needed = self.others_required(ack);

@@ -170,9 +170,30 @@ async fn ack_all_returns_only_once_every_region_has_applied_the_write() {
         .post(&format!("{path}/increment?ack=all"), &json!({"by": 1}))
         .await;
     common::assert_error(&reply, 504, "consistency_timeout");
+    // Once the region is known to be down, ack=all is refused before anything is applied.
+    // (The write goes to the home: that is where it is checked.)
+    cluster.wait_status(&home, victim, "down").await;
+    let refused = cluster
+        .region(other)
+        .post(&format!("{path}/increment?ack=all"), &json!({"by": 1}))
+        .await;
+    common::assert_error(&refused, 503, "unavailable");
+    assert!(refused.header("retry-after").is_some(), "{refused:?}");
+    let message = refused.body["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains(victim), "names the region down: {message}");
+    // A quorum (two of three) is still reachable.
+    cluster
+        .region(other)
+        .post(&format!("{path}/increment?ack=quorum"), &json!({"by": 10}))
+        .await
+        .expect(200);
     cluster.heal_all();
     let body = cluster.converged(&path, CONVERGE).await;
-    assert_eq!(body["value"], json!(16));
+    assert_eq!(
+        body["value"],
+        json!(26),
+        "the refused write was not applied"
+    );
 }
 
 #[tokio::test]

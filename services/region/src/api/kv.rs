@@ -247,6 +247,20 @@ async fn write(
             }
         }
     }
+    if let Err(refused) = region.check_ack(ack) {
+        // A retry of a write already applied is still answered from its record.
+        let record = match idempotency {
+            Some((id, fingerprint, _)) => stored_answer(&region.storage, id, fingerprint)?,
+            None => None,
+        };
+        return match record {
+            Some(record) => replay(region, ack, session, record, &home, failover).await,
+            None => {
+                region.metrics.acks_refused.inc();
+                Err(refused)
+            }
+        };
+    }
     let outcome = region
         .partitions
         .write(Write {
