@@ -6,6 +6,8 @@ use crate::region::Region;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_actix_web::TracingLogger;
@@ -14,6 +16,9 @@ use tracing_actix_web::TracingLogger;
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
     let workers = config.worker_threads();
+    // The port is taken before anything starts, so a port in use is a plain error; it only
+    // accepts connections once the region can serve them (until then, they are refused).
+    let port = reserve(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let region = web::Data::new(Region::open(config).await?);
     region.clone().into_inner().start_background();
     let identity = region.storage.identity().clone();
@@ -46,10 +51,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .default_service(web::to(api::not_found))
     })
     .workers(workers)
-    .backlog(4096)
     .shutdown_timeout(10)
     .disable_signals()
-    .bind(listen)
+    .listen(open(port).with_context(|| format!("cannot listen on {listen}"))?)
     .with_context(|| format!("cannot listen on {listen}"))?
     .run();
     let handle = server.handle();
@@ -67,4 +71,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("region stopped");
     Ok(())
+}
+
+/// A TCP socket bound to `addr` but not listening yet: the port is ours, and connections to
+/// it are refused (so peers fail over safely) until [`open`].
+fn reserve(addr: SocketAddr) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Restarts must not wait for the previous process's connections in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// Starts accepting connections on a reserved socket.
+fn open(socket: Socket) -> std::io::Result<TcpListener> {
+    socket.listen(4096)?;
+    Ok(socket.into())
 }

@@ -326,3 +326,29 @@ async fn client_tokens_guard_v1_but_not_health() {
     assert_eq!(region.get("/healthz").await.status, 200);
     assert_eq!(region.get("/readyz").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_port_in_use_is_a_plain_error_before_anything_opens() {
+    let first = Region::start("us-east").await;
+    let port = first
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("port in the region's URL");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let data = dir.path().join("data");
+    let (status, log) = common::run_until_exit_on(
+        port,
+        "eu-west",
+        &data,
+        CLUSTER_ID,
+        std::time::Duration::from_secs(20),
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{log}");
+    assert!(log.contains("cannot listen on"), "{log}");
+    // Before, storage and actors were started first and torn down with panics.
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(!data.exists(), "no data directory is created: {log}");
+    first.get("/readyz").await.expect(200);
+}

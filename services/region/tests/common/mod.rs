@@ -474,13 +474,20 @@ pub fn run_until_exit(
     cluster_id: &str,
     timeout: Duration,
 ) -> (Option<ExitStatus>, String) {
+    run_until_exit_on(free_port(), region, data_dir, cluster_id, timeout)
+}
+
+/// Like [`run_until_exit`], listening on `port`.
+pub fn run_until_exit_on(
+    port: u16,
+    region: &str,
+    data_dir: &Path,
+    cluster_id: &str,
+    timeout: Duration,
+) -> (Option<ExitStatus>, String) {
     let dir = tempfile::tempdir().expect("create temporary directory");
     let config = dir.path().join("config.toml");
-    fs::write(
-        &config,
-        config_toml(region, free_port(), data_dir, cluster_id, ""),
-    )
-    .expect("write config");
+    fs::write(&config, config_toml(region, port, data_dir, cluster_id, "")).expect("write config");
     let log = dir.path().join("meridian.log");
     let mut child = spawn_meridian(&config, &log, &[]);
     let deadline = Instant::now() + timeout;
