@@ -276,6 +276,11 @@ async fn client_tokens_guard_v1_but_not_health() {
     ] {
         let reply = region.get_with("/v1/buckets", headers).await;
         assert_error(&reply, 401, "unauthorized");
+        assert_eq!(
+            reply.header("www-authenticate"),
+            Some("Bearer realm=\"meridian\""),
+            "a 401 names the scheme (RFC 7235)"
+        );
         let reply = region.get_with("/v1/cluster", headers).await;
         assert_error(&reply, 401, "unauthorized");
         let reply = region

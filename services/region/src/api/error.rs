@@ -91,6 +91,10 @@ impl ResponseError for ApiError {
         if let Some(seconds) = self.retry_after {
             response.insert_header((header::RETRY_AFTER, seconds.to_string()));
         }
+        if self.status == StatusCode::UNAUTHORIZED {
+            // RFC 7235: a 401 names the scheme that would be accepted.
+            response.insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"meridian\""));
+        }
         response.json(ErrorBody {
             error: ErrorDetail {
                 code: self.code,
