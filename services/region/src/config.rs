@@ -1,12 +1,16 @@
 //! Region configuration: a TOML file, every field overridable by `MERIDIAN_<FIELD>`.
 
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use meridian_shared::RegionName;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+/// Fields whose `MERIDIAN_<FIELD>` value is taken as written: parsed, `MERIDIAN_CLUSTER_ID=2024`
+/// would be a number and refused.
+const TEXT_FIELDS: [&str; 4] = ["region", "listen", "data_dir", "cluster_id"];
 
 /// Top-level fields that `MERIDIAN_<FIELD>` may override.
 const ENV_FIELDS: [&str; 28] = [
@@ -238,7 +242,16 @@ impl Config {
         }
         // Only config fields come from the environment: other MERIDIAN_* variables (the config
         // path, the log format, test knobs) are not this loader's business.
-        figment = figment.merge(Env::prefixed("MERIDIAN_").only(&ENV_FIELDS));
+        let parsed: Vec<&str> = ENV_FIELDS
+            .into_iter()
+            .filter(|field| !TEXT_FIELDS.contains(field))
+            .collect();
+        figment = figment.merge(Env::prefixed("MERIDIAN_").only(&parsed));
+        for field in TEXT_FIELDS {
+            if let Some(value) = Env::var(&format!("MERIDIAN_{}", field.to_uppercase())) {
+                figment = figment.merge(Serialized::default(field, value));
+            }
+        }
         let config: Config = figment.extract().map_err(Box::new)?;
         config.validate()?;
         Ok(config)
@@ -364,6 +377,29 @@ mod tests {
                 "{field} missing from ENV_FIELDS"
             );
         }
+    }
+
+    #[test]
+    fn text_fields_from_the_environment_are_taken_as_written() {
+        // The only test of this binary that reads the environment.
+        std::env::set_var("MERIDIAN_REGION", "7");
+        std::env::set_var("MERIDIAN_CLUSTER_ID", "2024");
+        std::env::set_var("MERIDIAN_DATA_DIR", "123");
+        std::env::set_var("MERIDIAN_PARTITIONS", "8");
+        let config = Config::load(None);
+        for name in ["REGION", "CLUSTER_ID", "DATA_DIR", "PARTITIONS"] {
+            std::env::remove_var(format!("MERIDIAN_{name}"));
+        }
+        let config = config.map_err(|e| e.to_string());
+        let fields = config.map(|c| {
+            let region = c.region.to_string();
+            (region, c.cluster_id, c.data_dir, c.partitions)
+        });
+        assert_eq!(
+            fields,
+            Ok(("7".into(), "2024".into(), PathBuf::from("123"), 8)),
+            "numeric-looking text stays text; numbers are still numbers"
+        );
     }
 
     #[test]
