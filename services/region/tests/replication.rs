@@ -170,6 +170,9 @@ async fn ack_all_returns_only_once_every_region_has_applied_the_write() {
         .post(&format!("{path}/increment?ack=all"), &json!({"by": 1}))
         .await;
     common::assert_error(&reply, 504, "consistency_timeout");
+    // Applied at the home all the same: the answer says where, with a session covering it.
+    assert_eq!(reply.header("x-meridian-region"), Some(home.as_str()));
+    assert!(reply.header("x-meridian-session").is_some(), "{reply:?}");
     // Once the region is known to be down, ack=all is refused before anything is applied.
     // (The write goes to the home: that is where it is checked.)
     cluster.wait_status(&home, victim, "down").await;

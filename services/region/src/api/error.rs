@@ -66,6 +66,17 @@ impl ApiError {
         }
     }
 
+    /// The JSON body: `{"error": {"code", "message"}}`.
+    pub fn body(&self) -> Vec<u8> {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+            },
+        };
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+
     /// 404 `bucket_not_found`.
     pub fn no_bucket(bucket: &str) -> Self {
         Self::not_found(
@@ -95,12 +106,7 @@ impl ResponseError for ApiError {
             // RFC 7235: a 401 names the scheme that would be accepted.
             response.insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"meridian\""));
         }
-        response.json(ErrorBody {
-            error: ErrorDetail {
-                code: self.code,
-                message: &self.message,
-            },
-        })
+        response.content_type("application/json").body(self.body())
     }
 }
 

@@ -133,8 +133,7 @@ fn respond_members(state: &KeyState) -> (u16, Vec<u8>) {
 /// Headers every key answer carries.
 fn key_response(
     region: &Region,
-    status: u16,
-    body: Vec<u8>,
+    (status, body): (u16, Vec<u8>),
     home: &RegionName,
     session: SessionToken,
     failover: bool,
@@ -157,7 +156,16 @@ fn key_response(
     response.body(body)
 }
 
-/// Names, bucket definition and home of a `/v1/kv/{bucket}/{key}[/...]` request.
+/// The answer to a write that is applied: its own, or the error of an `ack` not met in time.
+/// Either way it goes out as a key response, so a 504 still tells where the write was
+/// applied and carries the session token that covers it.
+fn settled(acked: Result<(), ApiError>, answer: (u16, Vec<u8>)) -> (u16, Vec<u8>) {
+    match acked {
+        Ok(()) => answer,
+        Err(error) => (error.status.as_u16(), error.body()),
+    }
+}
+
 /// The bucket and key a request names. A forwarded request may name a bucket created so
 /// recently that its definition has not replicated here yet: it brought the definition along.
 async fn target(region: &Region, req: &HttpRequest) -> Result<(BucketDef, String), ApiError> {
@@ -274,10 +282,10 @@ async fn write(
         .await?;
     match outcome {
         WriteOutcome::Applied { seq, state } => {
-            let (status, body) = respond(&state);
-            region.await_ack(ack, seq).await?;
+            let answer = respond(&state);
+            let answer = settled(region.await_ack(ack, seq).await, answer);
             let token = region.session_after(session);
-            Ok(key_response(region, status, body, &home, token, failover))
+            Ok(key_response(region, answer, &home, token, failover))
         }
         WriteOutcome::Replayed(record) => {
             replay(region, ack, session, record, &home, failover).await
@@ -296,10 +304,11 @@ async fn replay(
     home: &RegionName,
     outside_home: bool,
 ) -> Result<HttpResponse, ApiError> {
-    region.await_replay_ack(ack, &record).await?;
+    let acked = region.await_replay_ack(ack, &record).await;
     let token = region.session_after_replay(session, &record);
     let failover = outside_home && record.origin.is_none();
-    let mut response = key_response(region, record.status, record.body, home, token, failover);
+    let answer = settled(acked, (record.status, record.body));
+    let mut response = key_response(region, answer, home, token, failover);
     response.headers_mut().insert(
         HeaderName::from_static(extract::REPLAYED_HEADER),
         actix_web::http::header::HeaderValue::from_static("true"),
@@ -541,7 +550,7 @@ pub async fn get(
         }),
     };
     let token = region.session_after(session);
-    Ok(key_response(&region, 200, body, &home, token, false))
+    Ok(key_response(&region, (200, body), &home, token, false))
 }
 
 /// Lists a bucket's keys in byte order.
