@@ -357,3 +357,21 @@ async fn a_port_in_use_is_a_plain_error_before_anything_opens() {
     assert!(!data.exists(), "no data directory is created: {log}");
     first.get("/readyz").await.expect(200);
 }
+
+#[tokio::test]
+async fn refused_requests_do_not_write_a_log_line_each() {
+    let region = Region::start("us-east").await;
+    region.create_bucket("quiet", "register").await;
+    for _ in 0..20 {
+        let reply = region.get(&kv("quiet", "missing")).await;
+        assert_error(&reply, 404, "key_not_found");
+        let reply = region.get(&kv("nope", "missing")).await;
+        assert_error(&reply, 404, "bucket_not_found");
+    }
+    // A 404 is an answer, not an incident: the request metrics count them.
+    let log = region.log();
+    assert!(
+        !log.contains("key_not_found") && !log.contains("bucket_not_found"),
+        "{log}"
+    );
+}

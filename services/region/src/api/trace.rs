@@ -69,5 +69,19 @@ impl RootSpanBuilder for RegionRootSpan {
         if status.is_server_error() {
             span.record("otel.status_code", "ERROR");
         }
+        let error = match outcome {
+            Ok(response) => response.response().error(),
+            Err(error) => Some(error),
+        };
+        let Some(error) = error else { return };
+        // A failure of the region itself is worth a line; refusals of bad or unlucky
+        // requests (404s, 503 with Retry-After, 504) are the client's to handle and are
+        // counted in the request metrics, so one line each would only bury the log.
+        let ours = status.is_server_error() && !matches!(status.as_u16(), 503 | 504);
+        if ours {
+            tracing::error!(status = status.as_u16(), %error, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), %error, "request refused");
+        }
     }
 }
