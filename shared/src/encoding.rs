@@ -5,6 +5,7 @@
 //! same serde shape but sorted contents: equal states always encode to identical bytes (the
 //! Merkle tree relies on it), and the bytes decode straight back into the `crdts` types.
 
+use crate::bucket::BucketType;
 use crate::register::DvvRegister;
 use crate::state::{KeyState, LwwStamp};
 use crate::Actor;
@@ -63,6 +64,19 @@ pub fn encode_state(state: &KeyState) -> Vec<u8> {
     }
     out.reserve(direct.len());
     postcard::to_extend(&canonical, out).unwrap_or_default()
+}
+
+/// The type of an encoded state, read from its first bytes without decoding the rest (scans
+/// for states of the wrong type touch every state of a bucket). `None` if not a known encoding.
+pub fn encoded_kind(bytes: &[u8]) -> Option<BucketType> {
+    // The format version, then postcard's variant index of `KeyState` (one byte below 128).
+    match bytes {
+        [STATE_FORMAT_V1, 0, ..] => Some(BucketType::Register),
+        [STATE_FORMAT_V1, 1, ..] => Some(BucketType::Lww),
+        [STATE_FORMAT_V1, 2, ..] => Some(BucketType::Counter),
+        [STATE_FORMAT_V1, 3, ..] => Some(BucketType::Set),
+        _ => None,
+    }
 }
 
 /// Decodes bytes produced by [`encode_state`].

@@ -1,7 +1,7 @@
 //! Property tests: join laws of every bucket type and canonical encoding round trips.
 
 use crdts::CmRDT;
-use meridian_shared::encoding::{decode_state, encode_state};
+use meridian_shared::encoding::{decode_state, encode_state, encoded_kind};
 use meridian_shared::state::View;
 use meridian_shared::{Actor, BucketType, KeyState, Op};
 use proptest::prelude::*;
@@ -145,7 +145,8 @@ proptest! {
             let bytes = encode_state(state);
             let decoded = decode_state(&bytes).expect("decodes");
             prop_assert_eq!(&decoded, state);
-            prop_assert_eq!(encode_state(&decoded), bytes);
+            prop_assert_eq!(encode_state(&decoded), bytes.clone());
+            prop_assert_eq!(encoded_kind(&bytes), Some(state.kind()));
         }
     }
 

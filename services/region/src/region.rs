@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::peers::{http_client, peer_request, Peers};
 use crate::storage::{BucketSource, IdempotencyRecord, OpenedDb, Storage, StorageError};
+use meridian_shared::encoding::encoded_kind;
 use meridian_shared::hlc::Hlc;
 use meridian_shared::home::rendezvous;
 use meridian_shared::session::SessionToken;
@@ -169,6 +170,21 @@ impl Region {
             let _ = self.retyped.send(name);
         }
         Ok(())
+    }
+
+    /// Asks for a sweep of every bucket with a state of another type than its definition
+    /// among `states` (this region's, found to differ by anti-entropy).
+    pub fn sweep_if_foreign(&self, states: &[(String, String, Vec<u8>)]) {
+        let mut asked: Option<&str> = None;
+        for (bucket, _, state) in states {
+            let Some(kind) = self.storage.bucket(bucket).map(|def| def.kind) else {
+                continue;
+            };
+            if encoded_kind(state) != Some(kind) && asked != Some(bucket.as_str()) {
+                let _ = self.retyped.send(bucket.clone());
+                asked = Some(bucket.as_str());
+            }
+        }
     }
 
     /// This region's name.

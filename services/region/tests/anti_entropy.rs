@@ -1115,3 +1115,86 @@ async fn a_region_repaired_by_anti_entropy_serves_session_reads_itself() {
     assert_eq!(reply.body["values"], json!(["v"]), "{reply:?}");
     assert_eq!(reply.header("x-meridian-region"), Some("ap-south"));
 }
+
+/// Writes a set state for `bucket/key` straight into a stopped region's data directory, as a
+/// peer's merge that raced the bucket sweep leaves one behind under a bucket of another type.
+fn leave_set_state_behind(data_dir: &Path, region: &str, bucket: &str, key: &str) {
+    use meridian_region::storage::{KeyWrite, OpenedDb, Storage};
+    use meridian_shared::encoding::encode_state;
+    use meridian_shared::{Actor, BucketType, KeyState, Op, RegionName};
+    use std::sync::Arc;
+
+    let name = RegionName::new(region).expect("region name");
+    let metrics = Arc::new(meridian_region::metrics::Metrics::new(region).expect("metrics"));
+    let opened = OpenedDb::open(
+        data_dir,
+        &name,
+        common::CLUSTER_ID,
+        16 << 20,
+        Duration::from_secs(60),
+    )
+    .expect("open the stopped region's data directory");
+    let storage = Storage::start(opened, 64, metrics).expect("start its writer");
+    let mut state = KeyState::empty(BucketType::Set);
+    let members = vec!["stray".to_string()];
+    state
+        .apply(Op::Add { members }, Actor::from_u128(99), 0)
+        .expect("add to a set");
+    let write = KeyWrite {
+        bucket: bucket.into(),
+        key: key.into(),
+        state: encode_state(&state),
+        tombstone: false,
+        logged: false,
+        idempotency: None,
+        trace: None,
+    };
+    storage
+        .submit_key(write)
+        .expect("queue the state")
+        .wait()
+        .expect("state durable");
+    drop(storage);
+    // The writer thread closes the database once its queue is gone; the region reopens it.
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+#[tokio::test]
+async fn a_state_of_another_type_left_behind_is_swept_once_anti_entropy_meets_it() {
+    let mut cluster = Cluster::start(&["us-east", "eu-west"], AE_ONLY).await;
+    cluster
+        .region("us-east")
+        .create_bucket("typed", "counter")
+        .await;
+    cluster.wait_buckets(1).await;
+    increment(cluster.region("us-east"), &kv("typed", "n"), 3)
+        .await
+        .expect(200);
+    cluster.converged(&kv("typed", "n"), CONVERGE).await;
+
+    let west = cluster.region_mut("eu-west");
+    west.stop();
+    let dir = west.data_dir();
+    // Off the test's runtime: the storage API blocks.
+    std::thread::spawn(move || leave_set_state_behind(&dir, "eu-west", "typed", "stray"))
+        .join()
+        .expect("state left behind");
+    // Restarted with the same definition: nothing at start asks for a sweep.
+    west.restart().await;
+
+    // Until it is swept, the stray state keeps the trees apart: the peer drops it as foreign
+    // each time an exchange offers it, and it stays here.
+    eventually(CONVERGE, "the trees agree again", || async {
+        let east = cluster_view(cluster.region("us-east")).await;
+        let west = cluster_view(cluster.region("eu-west")).await;
+        east["tree_root"] == west["tree_root"]
+    })
+    .await;
+    let text = scrape(cluster.region("eu-west")).await;
+    let dropped = sample(&text, "meridian_foreign_states_dropped_total", &[]);
+    assert!(dropped >= 1.0, "swept at eu-west: {dropped}");
+    let listed = cluster.region("eu-west").get("/v1/kv/typed").await;
+    assert_eq!(listed.expect(200)["keys"], json!(["n"]));
+    let body = cluster.converged(&kv("typed", "n"), CONVERGE).await;
+    assert_eq!(body["value"], json!(3));
+}

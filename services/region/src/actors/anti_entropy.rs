@@ -448,6 +448,7 @@ impl Exchange<'_> {
                 .storage
                 .raw_states(names)
                 .map_err(|e| format!("reading states to push: {e}"))?;
+            self.region.sweep_if_foreign(&states);
             for chunk in chunk_states(states) {
                 let merged: AeMerged = self.call("ae/push", &AeStates { states: chunk }).await?;
                 self.repaired("peer", merged.changed);

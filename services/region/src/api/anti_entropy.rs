@@ -141,6 +141,7 @@ async fn fetch(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpRespo
         ));
     }
     let states = region.storage.raw_states(&request.keys)?;
+    region.sweep_if_foreign(&states);
     Ok(answer(&AeStates { states }))
 }
 

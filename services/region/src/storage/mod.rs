@@ -24,7 +24,7 @@ pub use writer::{
 };
 
 use crate::metrics::Metrics;
-use meridian_shared::encoding::{decode_state, DecodeError};
+use meridian_shared::encoding::{decode_state, encoded_kind, DecodeError};
 use meridian_shared::log::LogRecord;
 use meridian_shared::merkle::{entry_hash, segment_of, Digest, MerkleTree, SegmentFilter};
 use meridian_shared::state::View;
@@ -617,7 +617,10 @@ impl Storage {
             if b != bucket {
                 return Ok(false);
             }
-            if decode_state(state)?.kind() != kind {
+            let stored = encoded_kind(state).ok_or_else(|| {
+                StorageError::Corrupt(format!("state of {bucket}/{key} has no known encoding"))
+            })?;
+            if stored != kind {
                 found.push((key.to_string(), state.to_vec()));
                 if found.len() == limit {
                     stopped_at = Some(key.to_string());
