@@ -369,16 +369,16 @@ impl Region {
     /// after the write was applied anyway, leaving the client unsure what happened.
     pub fn check_ack(&self, ack: Ack) -> Result<(), ApiError> {
         let needed = self.others_required(ack);
+        let up = self.peers.iter().filter(|p| p.is_up()).count();
+        if up >= needed {
+            return Ok(());
+        }
         let down: Vec<&str> = self
             .peers
             .iter()
             .filter(|p| !p.is_up())
             .map(|p| p.name.as_str())
             .collect();
-        let up = self.peers.len() - down.len();
-        if up >= needed {
-            return Ok(());
-        }
         Err(ApiError::unavailable(format!(
             "ack={} needs {needed} other regions to confirm the write and only {up} are up \
              ({} down); nothing was written",
