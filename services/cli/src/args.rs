@@ -1,6 +1,6 @@
 //! The command line: every subcommand and flag of `meridianctl`, declared with clap derive.
 
-use crate::duration::parse_duration;
+use crate::duration::{parse_duration, parse_positive_duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use meridian_shared::{BucketType, RegionName};
 use reqwest::Url;
@@ -29,7 +29,7 @@ pub struct Cli {
     pub session: Option<String>,
 
     /// How long one request may take before the server counts as unreachable.
-    #[arg(long, global = true, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, global = true, default_value = "30s", value_parser = parse_positive_duration)]
     pub timeout: Duration,
 
     /// Print the status line and the X-Meridian-* response headers to stderr.
@@ -268,7 +268,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub concurrency: u32,
     /// How long to measure, after the warmup (e.g. 500ms, 10s, 2m).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     pub duration: Duration,
     /// Size in bytes of each PUT body (a JSON string, quotes included).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(2..=16 * 1024 * 1024))]

@@ -89,6 +89,14 @@ impl ApiClient {
         timeout: Duration,
         verbose: bool,
     ) -> Result<Self, CliError> {
+        for (flag, value) in [("--token", &token), ("--session", &session)] {
+            let text = value.as_deref().unwrap_or_default();
+            if reqwest::header::HeaderValue::from_str(text).is_err() {
+                return Err(CliError::Usage(format!(
+                    "{flag} contains characters not allowed in a header"
+                )));
+            }
+        }
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -146,6 +154,16 @@ pub fn build_url(
     segments: &[String],
     query: &[(&'static str, String)],
 ) -> Result<Url, CliError> {
+    // URL building drops `.` and `..` segments (they are path steps) and an empty one names
+    // another route: sent anyway, the request would act on something else than was named.
+    if let Some(bad) = segments
+        .iter()
+        .find(|s| matches!(s.as_str(), "" | "." | ".."))
+    {
+        return Err(CliError::Usage(format!(
+            "{bad:?} cannot be a bucket or key name (names are 1 to 256 bytes, not \".\" or \"..\")"
+        )));
+    }
     let mut url = base.clone();
     {
         let mut path = url
@@ -242,6 +260,23 @@ mod tests {
             url.as_str(),
             "http://h:1/v1/kv/my%20bucket/%C3%BC%3F%23%25?prefix=a+b%26c&after=k1"
         );
+    }
+
+    #[test]
+    fn names_that_url_building_would_drop_are_refused() {
+        for name in ["", ".", ".."] {
+            let segments = vec![
+                "v1".to_owned(),
+                "kv".to_owned(),
+                "b".to_owned(),
+                name.into(),
+            ];
+            let built = build_url(&base("http://h:1"), &segments, &[]);
+            assert!(
+                matches!(built, Err(CliError::Usage(_))),
+                "{name:?}: {built:?}"
+            );
+        }
     }
 
     #[test]

@@ -158,18 +158,14 @@ fn parse_json(response: &ApiResponse) -> Result<Value, CliError> {
     })
 }
 
-/// Prints the body pretty when it is JSON, as text otherwise, nothing when empty.
+/// Prints the JSON body pretty, nothing when empty; any other body is a failure (the URL is
+/// not a Meridian region, or something between answered instead).
 fn print_body(response: &ApiResponse) -> Result<(), CliError> {
     if response.body.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }
-    let text = match serde_json::from_slice::<Value>(&response.body) {
-        Ok(value) => serde_json::to_string_pretty(&value)
-            .map_err(|e| CliError::Failed(format!("cannot format the answer: {e}")))?,
-        Err(_) => String::from_utf8_lossy(&response.body)
-            .trim_end()
-            .to_owned(),
-    };
+    let text = serde_json::to_string_pretty(&parse_json(response)?)
+        .map_err(|e| CliError::Failed(format!("cannot format the answer: {e}")))?;
     write_stdout(&format!("{text}\n"))
 }
 

@@ -38,9 +38,27 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is too long a duration (at most a year)"))
 }
 
+/// Like [`parse_duration`], refusing zero (a timeout or a measured time of nothing).
+pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err(format!("{:?} must be longer than zero", text.trim()));
+    }
+    Ok(duration)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positive_durations_refuse_zero() {
+        assert_eq!(parse_positive_duration("1ms"), Ok(Duration::from_millis(1)));
+        for zero in ["0s", "0ms", "0"] {
+            assert!(parse_positive_duration(zero).is_err(), "{zero:?}");
+        }
+        assert!(parse_positive_duration("x").is_err());
+    }
 
     #[test]
     fn accepts_every_unit() {

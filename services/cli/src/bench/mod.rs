@@ -17,6 +17,7 @@ use crate::error::CliError;
 use bytes::Bytes;
 use hyper::header::HeaderValue;
 use keys::KeySpace;
+use meridian_shared::session::SessionToken;
 use paths::PathTable;
 use report::{BenchReport, RunShape};
 use reqwest::{Method, Url};
@@ -30,12 +31,10 @@ use worker::{Requests, Target, Timing};
 pub const PRELOAD_LIMIT: u64 = 10_000;
 /// Connections used to preload.
 const PRELOAD_CONNECTIONS: u64 = 32;
-/// How long to wait for peers to have the preloaded keys.
+/// How long to wait for every target to have the preloaded keys.
 const REPLICATION_WAIT: Duration = Duration::from_secs(10);
 /// Time after the end for the last answers to arrive before workers are abandoned.
 const GRACE: Duration = Duration::from_secs(5);
-/// Key whose arrival at a peer shows the preload has replicated there.
-const PRELOAD_MARKER_KEY: &str = "preload-marker";
 
 /// Runs the bench and prints its report.
 pub async fn run(
@@ -79,20 +78,23 @@ pub async fn run(
         )
         .await?;
         let secs = started.elapsed().as_secs_f64();
-        println!(
-            "filled {} keys into {} in {secs:.1} s ({:.0} writes/s)",
-            args.keys,
-            urls[0],
-            args.keys as f64 / secs.max(1e-9)
-        );
-        return Ok(());
+        let rate = args.keys as f64 / secs.max(1e-9);
+        let text = if args.json {
+            let report = json!({"filled": args.keys, "target": urls[0].as_str(),
+                "duration_s": secs, "writes_per_sec": rate});
+            format!("{report}\n")
+        } else {
+            format!(
+                "filled {} keys into {} in {secs:.1} s ({rate:.0} writes/s)\n",
+                args.keys, urls[0]
+            )
+        };
+        return write_stdout(&text);
     }
     if let Some(count) = preload_count {
         note(&args, format!("preloading {count} keys into {}", urls[0]));
-        preload(&targets[0], &requests, count, PRELOAD_CONNECTIONS).await?;
-        if clients.len() > 1 {
-            wait_for_replication(&clients, &args.bucket).await?;
-        }
+        let written = preload(&targets[0], &requests, count, PRELOAD_CONNECTIONS).await?;
+        wait_until_applied(&clients, &written).await?;
     }
 
     note(
@@ -155,6 +157,22 @@ pub async fn run(
         return Err(CliError::Failed(
             "no operation succeeded during the measured time".to_owned(),
         ));
+    }
+    // The measured window ends at the last answer: far short of --duration, the target
+    // stopped answering and the figures describe only the start of the run.
+    if report.duration_s < args.duration.as_secs_f64() * 0.9 {
+        return Err(CliError::Failed(format!(
+            "the run ended early: no answer after {:.1} s of the {:.1} s measured",
+            report.duration_s,
+            args.duration.as_secs_f64()
+        )));
+    }
+    if report.errors > 0 {
+        eprintln!(
+            "warning: {} of {} operations failed (see the errors line)",
+            report.errors,
+            report.errors + report.ops
+        );
     }
     Ok(())
 }
@@ -243,9 +261,9 @@ async fn resolve_targets(
         let host_header = HeaderValue::from_str(&authority)
             .map_err(|_| CliError::Usage(format!("{url}: host is not a valid header value")))?;
 
-        // "" as the last segment leaves the trailing slash the key is appended to.
-        let segments = ["v1", "kv", bucket, ""].map(str::to_owned);
-        let prefix = build_url(url, &segments, &[])?.path().to_owned();
+        let segments = ["v1", "kv", bucket].map(str::to_owned);
+        // The key is appended after this slash.
+        let prefix = build_url(url, &segments, &[])?.path().to_owned() + "/";
         let (put_paths, get_paths) = match tables.iter().find(|(p, _, _)| *p == prefix) {
             Some((_, put, get)) => (Arc::clone(put), Arc::clone(get)),
             None => {
@@ -274,7 +292,7 @@ async fn preload(
     requests: &Arc<Requests>,
     count: u64,
     connections: u64,
-) -> Result<(), CliError> {
+) -> Result<SessionToken, CliError> {
     let connections = connections.min(count).max(1);
     let handles: Vec<_> = (0..connections)
         .map(|c| {
@@ -286,53 +304,41 @@ async fn preload(
             ))
         })
         .collect();
+    let mut written = SessionToken::default();
     for handle in handles {
-        handle
+        let covers = handle
             .await
             .map_err(|e| CliError::Failed(format!("a preload task failed: {e}")))?
             .map_err(|e| CliError::Failed(format!("preload failed: {e}")))?;
+        written.merge(&covers);
     }
-    Ok(())
+    Ok(written)
 }
 
-/// Writes a marker after the preload and waits until every peer can read it.
-///
-/// Regions replicate their log in order, so a peer that has the marker has every preloaded key
-/// before it; without this wait, early GETs on peers would count as 404 errors.
-async fn wait_for_replication(clients: &[ApiClient], bucket: &str) -> Result<(), CliError> {
-    let Some((primary, peers)) = clients.split_first() else {
-        return Ok(());
-    };
-    let stamp = uuid::Uuid::new_v4().to_string();
-    let body = serde_json::to_vec(&json!(stamp))
-        .map_err(|e| CliError::Failed(format!("cannot encode the marker: {e}")))?;
-    primary
-        .send(Call::new(Method::PUT, &["v1", "kv", bucket, PRELOAD_MARKER_KEY]).json(body))
-        .await?;
+/// Waits until every target has applied what the preload wrote (the session token of its
+/// answers), as its `/v1/cluster` applied vector shows. The preload's writes go to each key's
+/// home region, so even the target they were sent to may only have them once they replicate
+/// back; without this wait, early GETs would count as 404 errors.
+async fn wait_until_applied(clients: &[ApiClient], written: &SessionToken) -> Result<(), CliError> {
     let deadline = Instant::now() + REPLICATION_WAIT;
-    for peer in peers {
+    for client in clients {
         loop {
-            let read = peer
-                .send(Call::new(
-                    Method::GET,
-                    &["v1", "kv", bucket, PRELOAD_MARKER_KEY],
-                ))
+            let view = client
+                .send(Call::new(Method::GET, &["v1", "cluster"]))
                 .await;
-            let arrived = match &read {
+            let applied = match &view {
                 Ok(response) => serde_json::from_slice::<Value>(&response.body)
                     .ok()
-                    .and_then(|v| v.get("values").and_then(Value::as_array).cloned())
-                    .is_some_and(|values| values.iter().any(|v| v.as_str() == Some(&stamp))),
-                Err(CliError::Api { status: 404, .. }) => false,
-                Err(CliError::Unreachable(_)) => return read.map(|_| ()),
-                Err(_) => false,
+                    .and_then(|v| serde_json::from_value(v["applied"].clone()).ok()),
+                Err(CliError::Unreachable(_)) => return view.map(|_| ()),
+                Err(_) => None,
             };
-            if arrived {
+            if applied.is_some_and(|applied| written.covered_by(&applied)) {
                 break;
             }
             if Instant::now() >= deadline {
                 eprintln!(
-                    "warning: a peer has not received the preloaded keys after {REPLICATION_WAIT:?}; early GETs there may fail"
+                    "warning: a target has not applied the preloaded keys after {REPLICATION_WAIT:?}; early GETs there may fail"
                 );
                 return Ok(());
             }

@@ -14,6 +14,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use meridian_shared::session::SessionToken;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,9 +92,16 @@ enum Op {
 
 /// How an exchange ended when the connection survived it.
 enum Answer {
-    Success,
-    Failure { status: StatusCode, body: Bytes },
+    /// 2xx, with the session token that covers it.
+    Success(Option<HeaderValue>),
+    Failure {
+        status: StatusCode,
+        body: Bytes,
+    },
 }
+
+/// The response header carrying the session token.
+const SESSION_HEADER: &str = "x-meridian-session";
 
 type Sender = SendRequest<Full<Bytes>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -188,7 +196,7 @@ async fn drive(
         let done = Instant::now();
         let measured = start >= timing.measure_start;
         match result {
-            Ok(Answer::Success) if measured => stats.record_ok(done - start, done),
+            Ok(Answer::Success(_)) if measured => stats.record_ok(done - start, done),
             Ok(Answer::Failure { status, body }) if measured => {
                 stats.record_http_error(status.as_u16(), done, || {
                     describe_failure(&target.url, status, &body)
@@ -208,14 +216,15 @@ async fn drive(
 }
 
 /// Writes `keys` with PUTs over one connection to `target`; stops at the first error answer.
+/// Writes `keys` once each; returns the session token that covers every write.
 pub async fn preload(
     target: Arc<Target>,
     requests: Arc<Requests>,
     keys: Vec<u64>,
-) -> Result<u64, String> {
+) -> Result<SessionToken, String> {
     let mut sender: Option<Sender> = None;
     let mut reconnects = 0u32;
-    let mut written = 0u64;
+    let mut covers = SessionToken::default();
     for key in keys {
         loop {
             let connection =
@@ -228,7 +237,16 @@ pub async fn preload(
             let request = put_request(&target, &requests, key)
                 .ok_or_else(|| format!("no request path for key k{key}"))?;
             match exchange(connection, request).await {
-                Ok(Answer::Success) => break,
+                Ok(Answer::Success(session)) => {
+                    let token = session
+                        .as_ref()
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| SessionToken::decode(v).ok());
+                    if let Some(token) = token {
+                        covers.merge(&token);
+                    }
+                    break;
+                }
                 Ok(Answer::Failure { status, body }) => {
                     return Err(describe_failure(&target.url, status, &body))
                 }
@@ -244,9 +262,8 @@ pub async fn preload(
                 Err(e) => return Err(format!("request to {}: {}", target.url, describe(&e))),
             }
         }
-        written += 1;
     }
-    Ok(written)
+    Ok(covers)
 }
 
 /// Opens one HTTP/1.1 connection and drives it on its own task.
@@ -272,13 +289,14 @@ async fn exchange(
     sender.ready().await?;
     let response = sender.send_request(request).await?;
     let status = response.status();
+    let session = response.headers().get(SESSION_HEADER).cloned();
     let mut body = response.into_body();
     if status.is_success() {
         // Drain without collecting: success bodies are not needed.
         while let Some(frame) = body.frame().await {
             frame?;
         }
-        Ok(Answer::Success)
+        Ok(Answer::Success(session))
     } else {
         let body = body.collect().await?.to_bytes();
         Ok(Answer::Failure { status, body })
