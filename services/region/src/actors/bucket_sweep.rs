@@ -63,6 +63,11 @@ async fn sweep(region: &Region, bucket: &str) -> Result<u64, StorageError> {
         .await
         .map_err(|e| StorageError::Corrupt(format!("sweep scan stopped: {e}")))??;
         if !page.states.is_empty() {
+            let keys: Vec<(String, String)> = page
+                .states
+                .iter()
+                .map(|(key, _)| (bucket.to_string(), key.clone()))
+                .collect();
             let purge = Purge {
                 // Removed only if still exactly this state: one written meanwhile stays.
                 remove: page
@@ -73,6 +78,7 @@ async fn sweep(region: &Region, bucket: &str) -> Result<u64, StorageError> {
                 forget: Vec::new(),
             };
             let gone = region.storage.submit_purge(purge)?.await?;
+            region.partitions.evict(keys);
             region.metrics.foreign_states_dropped.inc_by(gone);
             removed += gone;
         }

@@ -159,7 +159,9 @@ pub struct PartitionActor {
     idempotency_in_flight: HashSet<u128, RandomState>,
     next_version: u64,
     /// Latest states of recently written keys, not in `pending`. This actor is the only writer
-    /// of its keys, so the cache cannot go stale; it saves a storage read and decode per write.
+    /// of its keys' states, so the cache cannot go stale, except through removals (tombstone
+    /// GC, bucket sweep), which [`Evict`] the keys afterwards. It saves a storage read and
+    /// decode per write.
     cache: StateCache,
 }
 
@@ -436,6 +438,27 @@ impl Handler<Merge> for PartitionActor {
     }
 }
 
+/// Keys whose states storage removed (tombstone GC, the bucket sweep): a cached copy would
+/// make merges of them look like nothing new and writes build on what is gone.
+pub struct Evict {
+    /// The removed keys.
+    pub keys: Vec<(String, String)>,
+}
+
+impl Message for Evict {
+    type Result = ();
+}
+
+impl Handler<Evict> for PartitionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Evict, _ctx: &mut Self::Context) {
+        for slot in &msg.keys {
+            self.cache.forget(slot);
+        }
+    }
+}
+
 /// Routes each key to its partition actor: `hash(bucket, key) mod P`.
 #[derive(Clone)]
 pub struct PartitionRouter {
@@ -463,7 +486,11 @@ impl PartitionRouter {
     }
 
     fn owner(&self, bucket: &str, key: &str) -> &Addr<PartitionActor> {
-        &self.partitions[(key_hash(bucket, key) % self.partitions.len() as u64) as usize]
+        &self.partitions[self.owner_index(bucket, key)]
+    }
+
+    fn owner_index(&self, bucket: &str, key: &str) -> usize {
+        (key_hash(bucket, key) % self.partitions.len() as u64) as usize
     }
 
     /// Sends a write to the actor owning its key and waits for the durable outcome.
@@ -471,6 +498,18 @@ impl PartitionRouter {
         let owner = self.owner(&msg.bucket, &msg.key);
         self.metrics.partition_mailbox_depth.inc();
         owner.send(msg).await.unwrap_or(Err(WriteError::Stopped))
+    }
+
+    /// Drops the cached states of keys storage removed, each at the actor owning it.
+    pub fn evict(&self, keys: impl IntoIterator<Item = (String, String)>) {
+        let mut by_owner: HashMap<usize, Vec<(String, String)>> = HashMap::default();
+        for (bucket, key) in keys {
+            let owner = self.owner_index(&bucket, &key);
+            by_owner.entry(owner).or_default().push((bucket, key));
+        }
+        for (owner, keys) in by_owner {
+            self.partitions[owner].do_send(Evict { keys });
+        }
     }
 
     /// Joins a peer's state into the key's; returns once it is queued for a group commit.

@@ -104,12 +104,13 @@ async fn round(
             Ok(state) if state.is_tombstone() => {
                 ours.insert((bucket, key), bytes);
             }
-            _ => purge.forget.push((bucket, key)),
+            _ => purge.forget.push((bucket, key, Some(bytes))),
         }
     }
+    let gone = names.iter().filter(|n| !present.contains(*n));
     purge
         .forget
-        .extend(names.iter().filter(|n| !present.contains(*n)).cloned());
+        .extend(gone.map(|(bucket, key)| (bucket.clone(), key.clone(), None)));
     // (1) Every peer holds the same tombstone or nothing.
     let keys: Vec<KeyName> = ours.keys().cloned().collect();
     let timeout = Duration::from_millis(region.config.forward_timeout_ms.max(1000));
@@ -148,8 +149,14 @@ async fn round(
     if purge.remove.is_empty() && purge.forget.is_empty() {
         return Ok((next, examined, 0));
     }
+    let purged: Vec<KeyName> = purge
+        .remove
+        .iter()
+        .map(|(b, k, _)| (b.clone(), k.clone()))
+        .collect();
     let ticket = storage.submit_purge(purge).map_err(|e| e.to_string())?;
     let removed = ticket.await.map_err(|e| e.to_string())?;
+    region.partitions.evict(purged);
     region.metrics.tombstones_removed.inc_by(removed);
     Ok((next, examined, removed))
 }

@@ -493,3 +493,78 @@ fn scans_miss_no_key_while_the_overlay_moves_into_redb() {
         "states moved into redb while the scans ran"
     );
 }
+
+/// Writes `state` of `s/k` as a client write would (logged), waiting until it is durable.
+fn write_set(storage: &Storage, state: &KeyState) {
+    let write = KeyWrite {
+        bucket: "s".into(),
+        key: "k".into(),
+        state: encode_state(state),
+        tombstone: state.is_tombstone(),
+        logged: true,
+        idempotency: None,
+        trace: None,
+    };
+    storage
+        .submit_key(write)
+        .expect("queue")
+        .wait()
+        .expect("durable");
+}
+
+#[test]
+fn a_candidate_deleted_again_after_its_check_stays_a_candidate() {
+    use meridian_shared::Op;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (storage, _) = start(dir.path());
+    let actor = Actor::from_u128(1);
+    let mut state = KeyState::empty(BucketType::Set);
+    let add = || Op::Add {
+        members: vec!["a".into()],
+    };
+    let candidates = |storage: &Storage| storage.tombstone_candidates(None, 10).expect("scan");
+    let name: KeyName = ("s".into(), "k".into());
+
+    state.apply(add(), actor, 1).expect("add");
+    state
+        .apply(Op::Delete { context: None }, actor, 2)
+        .expect("delete");
+    write_set(&storage, &state);
+    state.apply(add(), actor, 3).expect("add again");
+    write_set(&storage, &state);
+    // A GC round checks now: live again, so it will ask to forget the candidate...
+    let checked = encode_state(&state);
+    // ...but the key is deleted again before the purge commits.
+    state
+        .apply(Op::Delete { context: None }, actor, 4)
+        .expect("delete again");
+    write_set(&storage, &state);
+    let purge = Purge {
+        remove: Vec::new(),
+        forget: vec![("s".into(), "k".into(), Some(checked))],
+    };
+    storage
+        .submit_purge(purge)
+        .expect("queue")
+        .wait()
+        .expect("durable");
+    assert_eq!(
+        candidates(&storage),
+        vec![name.clone()],
+        "the new tombstone is collectable"
+    );
+
+    // Still exactly as checked: forgotten.
+    state.apply(add(), actor, 5).expect("add");
+    write_set(&storage, &state);
+    let purge = Purge {
+        remove: Vec::new(),
+        forget: vec![("s".into(), "k".into(), Some(encode_state(&state)))],
+    };
+    storage
+        .submit_purge(purge)
+        .expect("queue")
+        .wait()
+        .expect("durable");
+    assert!(candidates(&storage).is_empty());
+}

@@ -329,10 +329,14 @@ impl<'b> Applying<'_, '_, 'b> {
             })?;
             removed += 1;
         }
-        for (bucket, key) in &purge.forget {
+        for (bucket, key, state) in &purge.forget {
+            let (bucket, key) = (bucket.as_str(), key.as_str());
+            if self.current_state(bucket, key)? != *state {
+                continue;
+            }
             self.apply(Op::ForgetTombstone {
-                bucket: bucket.as_str().into(),
-                key: key.as_str().into(),
+                bucket: bucket.into(),
+                key: key.into(),
             })?;
         }
         Ok(removed)

@@ -129,8 +129,10 @@ enum Request {
 pub struct Purge {
     /// `(bucket, key, state)`: removed only if the stored state is still exactly `state`.
     pub remove: Vec<(String, String, Vec<u8>)>,
-    /// Candidates to forget (rewritten since; no longer tombstones).
-    pub forget: Vec<(String, String)>,
+    /// `(bucket, key, state)`: candidates no longer tombstones (rewritten, or gone: `None`),
+    /// forgotten only if the stored state is still exactly `state`; a key deleted again
+    /// since it was checked stays a candidate.
+    pub forget: Vec<(String, String, Option<Vec<u8>>)>,
 }
 
 /// When recent commits became durable: `(highest sequence number, wall-clock µs)`, oldest
