@@ -275,14 +275,10 @@ impl Config {
         if self.peers.contains_key(&self.region) {
             return invalid(format!("region {} lists itself as a peer", self.region));
         }
-        if let Some((name, url)) = self
-            .peers
-            .iter()
-            .find(|(_, url)| !(url.starts_with("http://") || url.starts_with("https://")))
-        {
-            return invalid(format!(
-                "peer {name} has URL {url:?}; expected http(s)://host:port"
-            ));
+        for (name, url) in &self.peers {
+            peer_url_problem(url).map_or(Ok(()), |why| {
+                invalid(format!("peer {name} has URL {url:?}: {why}"))
+            })?;
         }
         if !(1..=4096).contains(&self.partitions) {
             return invalid("partitions must be between 1 and 4096".into());
@@ -355,6 +351,31 @@ impl Config {
     }
 }
 
+/// Why `url` cannot be a peer's base URL, if it cannot.
+fn peer_url_problem(url: &str) -> Option<&'static str> {
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        return Some("not a URL; expected http://host:port");
+    };
+    match parsed.scheme() {
+        "http" => {}
+        // The region's HTTP client is built without TLS (it would only be refused later).
+        "https" => {
+            return Some(
+                "https is not supported between regions (no TLS client is built in); use \
+                 http:// on a private network, or a TLS tunnel between regions",
+            )
+        }
+        _ => return Some("expected http://host:port"),
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Some("it names no host; expected http://host:port");
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Some("a base URL takes no query or fragment");
+    }
+    None
+}
+
 /// CPUs this process may use (2 when that cannot be told).
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -400,6 +421,27 @@ mod tests {
             Ok(("7".into(), "2024".into(), PathBuf::from("123"), 8)),
             "numeric-looking text stays text; numbers are still numbers"
         );
+    }
+
+    #[test]
+    fn peer_urls_must_be_plain_http_base_urls() {
+        for good in [
+            "http://eu-west:7001",
+            "http://10.0.0.2:7001/",
+            "http://h:1/prefix",
+        ] {
+            assert_eq!(peer_url_problem(good), None, "{good}");
+        }
+        for bad in [
+            "https://eu-west:7001",
+            "http://",
+            "http://a b:1/",
+            "eu-west:7001",
+            "ftp://h:1",
+            "http://h:1/?x=1",
+        ] {
+            assert!(peer_url_problem(bad).is_some(), "{bad}");
+        }
     }
 
     #[test]

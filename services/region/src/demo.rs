@@ -35,16 +35,26 @@ pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> 
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
     let names = region_names(count);
-    let regions: Vec<DemoRegion> = names
+    let regions = names
         .iter()
         .enumerate()
-        .map(|(i, name)| DemoRegion {
-            name: name.clone(),
-            port: base_port + i as u16,
-            config: data_dir.join(format!("{name}.toml")),
-            log: data_dir.join(format!("{name}.log")),
+        .map(|(i, name)| {
+            // Port 0 would be any free port, which the other regions could not know.
+            let port = u16::try_from(i)
+                .ok()
+                .and_then(|i| base_port.checked_add(i))
+                .filter(|port| *port != 0)
+                .with_context(|| {
+                    format!("--base-port {base_port} leaves no port for {count} regions")
+                })?;
+            Ok(DemoRegion {
+                name: name.clone(),
+                port,
+                config: data_dir.join(format!("{name}.toml")),
+                log: data_dir.join(format!("{name}.log")),
+            })
         })
-        .collect();
+        .collect::<anyhow::Result<Vec<DemoRegion>>>()?;
     let workers = workers_per_region(count);
     for region in &regions {
         fs::write(

@@ -19,7 +19,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // The port is taken before anything starts, so a port in use is a plain error; it only
     // accepts connections once the region can serve them (until then, they are refused).
     let port = reserve(listen).with_context(|| format!("cannot listen on {listen}"))?;
-    let region = web::Data::new(Region::open(config).await?);
+    let (name, dir) = (config.region.clone(), config.data_dir.clone());
+    let region = Region::open(config).await.with_context(|| {
+        format!(
+            "cannot start region {name} on data directory {}",
+            dir.display()
+        )
+    })?;
+    let region = web::Data::new(region);
     region.clone().into_inner().start_background();
     let identity = region.storage.identity().clone();
     tracing::info!(
