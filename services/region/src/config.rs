@@ -232,13 +232,24 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let mut figment = Figment::new();
         if let Some(path) = path {
-            if !path.exists() {
+            if !path.is_file() {
                 return Err(ConfigError::Invalid(format!(
-                    "config file {} does not exist",
-                    path.display()
+                    "config file {} {}",
+                    path.display(),
+                    if path.exists() {
+                        "is not a file"
+                    } else {
+                        "does not exist"
+                    }
                 )));
             }
             figment = figment.merge(Toml::file(path));
+        } else if Env::var("MERIDIAN_REGION").is_none() {
+            return Err(ConfigError::Invalid(
+                "nothing to load: pass --config FILE (or MERIDIAN_CONFIG), or set at least \
+                 MERIDIAN_REGION and MERIDIAN_DATA_DIR"
+                    .into(),
+            ));
         }
         // Only config fields come from the environment: other MERIDIAN_* variables (the config
         // path, the log format, test knobs) are not this loader's business.
