@@ -70,7 +70,6 @@ impl Region {
             Duration::from_millis(config.checkpoint_interval_ms),
         )?;
         let seen = peers_have_seen(&config, opened.identity().incarnation).await;
-        let mut unconfirmed = false;
         if seen.commits > opened.commits() {
             tracing::warn!(
                 seen = seen.commits,
@@ -86,26 +85,9 @@ impl Region {
                 "peers have seen more of this region than its disk holds"
             );
             opened.reincarnate(false, 0)?;
-        } else if seen.answered == 0 && !config.peers.is_empty() {
-            // No peer could say how much of this incarnation it has seen: the directory may be
-            // an old copy whose next sequence numbers peers already applied, and would drop.
-            // A new incarnation cannot collide; the log entries peers had not acknowledged go
-            // with the old one, so every peer is repaired by anti-entropy instead.
-            tracing::warn!(
-                "no peer answered at start, so none could confirm this data directory is \
-                 current: new incarnation; peers get what they missed by anti-entropy"
-            );
-            opened.reincarnate(false, 0)?;
-            unconfirmed = true;
         }
         let storage = Storage::start(opened, config.commit_max_batch, metrics.clone())?;
-        let mut progress = storage.peer_progress()?;
-        if unconfirmed {
-            for name in config.peers.keys() {
-                storage.submit_ae_flag(name.as_str(), true)?;
-                progress.flags.insert(name.to_string(), true);
-            }
-        }
+        let progress = storage.peer_progress()?;
         let peers = Peers::new(
             &config,
             &progress.cursors,
@@ -447,8 +429,6 @@ struct Seen {
     seq: u64,
     /// The highest commit counter any has seen from us.
     commits: u64,
-    /// How many peers answered.
-    answered: usize,
 }
 
 /// What the reachable peers have seen of this region (zero when none answers in time).
@@ -473,6 +453,5 @@ async fn peers_have_seen(config: &Config, incarnation: Actor) -> Seen {
         .fold(Seen::default(), |seen, (seq, commits)| Seen {
             seq: seen.seq.max(seq),
             commits: seen.commits.max(commits),
-            answered: seen.answered + 1,
         })
 }
