@@ -95,6 +95,12 @@ impl Region {
             &progress.commits,
         );
         metrics.register_peers(peers.iter().map(|p| p.name.as_str()));
+        // Peers that answered just now are up: quorum and all operations need not wait for
+        // the first heartbeat round.
+        peers
+            .iter()
+            .filter(|p| seen.answered.contains(&p.name))
+            .for_each(|p| p.heard_from());
         let shared = Arc::new(PartitionShared {
             storage: storage.clone(),
             cache_bytes: config.state_cache_bytes / config.partitions.max(1),
@@ -429,29 +435,41 @@ struct Seen {
     seq: u64,
     /// The highest commit counter any has seen from us.
     commits: u64,
+    /// The peers that answered as themselves: they start up, not waiting for a heartbeat.
+    answered: Vec<RegionName>,
 }
 
 /// What the reachable peers have seen of this region (zero when none answers in time).
 async fn peers_have_seen(config: &Config, incarnation: Actor) -> Seen {
     let client = http_client();
-    let asks = config.peers.values().map(|url| {
+    let asks = config.peers.iter().map(|(name, url)| {
         let url = format!("{}/internal/v1/heartbeat", url.trim_end_matches('/'));
         let request = peer_request(client.get(url), config).timeout(Duration::from_secs(1));
         async move {
             let response = request.send().await.ok()?;
             let beat: meridian_shared::wire::Heartbeat = response.json().await.ok()?;
-            Some((
-                beat.applied.get(&incarnation).copied().unwrap_or(0),
-                beat.seen_commits.get(&config.region).copied().unwrap_or(0),
-            ))
+            // Only the peer itself counts (membership refuses a URL that answers as another).
+            let itself = beat.region == *name
+                && beat.cluster_id == config.cluster_id
+                && beat.version == meridian_shared::wire::PROTOCOL_VERSION;
+            itself.then(|| {
+                (
+                    name.clone(),
+                    beat.applied.get(&incarnation).copied().unwrap_or(0),
+                    beat.seen_commits.get(&config.region).copied().unwrap_or(0),
+                )
+            })
         }
     });
-    futures_util::future::join_all(asks)
+    let mut seen = Seen::default();
+    for (name, seq, commits) in futures_util::future::join_all(asks)
         .await
         .into_iter()
         .flatten()
-        .fold(Seen::default(), |seen, (seq, commits)| Seen {
-            seq: seen.seq.max(seq),
-            commits: seen.commits.max(commits),
-        })
+    {
+        seen.seq = seen.seq.max(seq);
+        seen.commits = seen.commits.max(commits);
+        seen.answered.push(name);
+    }
+    seen
 }

@@ -573,3 +573,27 @@ async fn a_key_state_is_bounded_and_a_large_one_still_replicates() {
     let body = cluster.converged(&path, CONVERGE).await;
     assert_eq!(body["values"], json!(["resolved"]));
 }
+
+#[tokio::test]
+async fn a_restarted_region_takes_ack_all_writes_before_its_first_heartbeat_round() {
+    // Heartbeats every 2 s: a write right after the restart comes long before the first one.
+    let slow_beats = [("MERIDIAN_HEARTBEAT_INTERVAL_MS", "2000")];
+    let mut cluster = Cluster::start_with_env(&REGIONS, "", &slow_beats).await;
+    cluster
+        .region("us-east")
+        .put(
+            "/v1/buckets/acked",
+            &json!({"type": "counter", "home_region": "us-east"}),
+        )
+        .await
+        .expect(201);
+    cluster.wait_buckets(1).await;
+    cluster.region_mut("us-east").restart().await;
+    // The peers answered the restarted region's start-up question: they count as up.
+    let path = format!("{}/increment?ack=all", kv("acked", "n"));
+    let reply = cluster
+        .region("us-east")
+        .post(&path, &json!({"by": 1}))
+        .await;
+    assert_eq!(reply.expect(200), &json!({"value": 1}), "{reply:?}");
+}
