@@ -1155,8 +1155,23 @@ fn leave_set_state_behind(data_dir: &Path, region: &str, bucket: &str, key: &str
         .wait()
         .expect("state durable");
     drop(storage);
-    // The writer thread closes the database once its queue is gone; the region reopens it.
-    std::thread::sleep(Duration::from_millis(500));
+    // The writer thread closes the database once its queue is gone: wait until it can be
+    // opened again, so the region can open it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reopened = OpenedDb::open(
+            data_dir,
+            &name,
+            common::CLUSTER_ID,
+            16 << 20,
+            Duration::from_secs(60),
+        );
+        match reopened {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() > deadline => panic!("database stays open: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 #[tokio::test]

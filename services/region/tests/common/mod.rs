@@ -523,7 +523,8 @@ fn spawn_meridian(config: &Path, log: &Path, env: &[(String, String)]) -> Child 
     // environment the tests happen to run in.
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy().into_owned();
-        if key.starts_with("MERIDIAN_") || key.starts_with("OTEL_") {
+        // RUST_LOG too: tests read the log, and its lines depend on the filter.
+        if key.starts_with("MERIDIAN_") || key.starts_with("OTEL_") || key == "RUST_LOG" {
             cmd.env_remove(key);
         }
     }
