@@ -154,15 +154,13 @@ pub fn build_url(
     segments: &[String],
     query: &[(&'static str, String)],
 ) -> Result<Url, CliError> {
-    // URL building drops `.` and `..` segments (they are path steps) and an empty one names
-    // another route: sent anyway, the request would act on something else than was named.
-    if let Some(bad) = segments
-        .iter()
-        .find(|s| matches!(s.as_str(), "" | "." | ".."))
-    {
-        return Err(CliError::Usage(format!(
-            "{bad:?} cannot be a bucket or key name (names are 1 to 256 bytes, not \".\" or \"..\")"
-        )));
+    // Names are checked by the contract's rules before anything is sent: URL building drops
+    // `.` and `..` (path steps) and an empty segment names another route, so the request
+    // would act on something else than was named.
+    for segment in segments {
+        meridian_shared::names::validate(segment).map_err(|why| {
+            CliError::Usage(format!("{segment:?} cannot be a bucket or key name: {why}"))
+        })?;
     }
     let mut url = base.clone();
     {

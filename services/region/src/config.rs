@@ -232,12 +232,13 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let mut figment = Figment::new();
         if let Some(path) = path {
-            if !path.is_file() {
+            // (A pipe such as `--config <(...)` or /dev/stdin is fine: only these are not.)
+            if !path.exists() || path.is_dir() {
                 return Err(ConfigError::Invalid(format!(
                     "config file {} {}",
                     path.display(),
-                    if path.exists() {
-                        "is not a file"
+                    if path.is_dir() {
+                        "is a directory"
                     } else {
                         "does not exist"
                     }

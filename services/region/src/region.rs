@@ -12,7 +12,7 @@ use meridian_shared::encoding::encoded_kind;
 use meridian_shared::hlc::Hlc;
 use meridian_shared::home::rendezvous;
 use meridian_shared::session::SessionToken;
-use meridian_shared::{Actor, BucketDef, RegionName};
+use meridian_shared::{Actor, BucketDef, BucketType, RegionName};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -181,12 +181,20 @@ impl Region {
     /// Asks for a sweep of every bucket with a state of another type than its definition
     /// among `states` (this region's, found to differ by anti-entropy).
     pub fn sweep_if_foreign(&self, states: &[(String, String, Vec<u8>)]) {
+        // States come grouped by bucket (key order): one definition lookup per bucket.
+        let mut current: Option<(&str, Option<BucketType>)> = None;
         let mut asked: Option<&str> = None;
         for (bucket, _, state) in states {
-            let Some(kind) = self.storage.bucket(bucket).map(|def| def.kind) else {
-                continue;
+            let kind = match current {
+                Some((name, kind)) if name == bucket => kind,
+                _ => {
+                    let kind = self.storage.bucket(bucket).map(|def| def.kind);
+                    current = Some((bucket, kind));
+                    kind
+                }
             };
-            if encoded_kind(state) != Some(kind) && asked != Some(bucket.as_str()) {
+            let foreign = kind.is_some_and(|kind| encoded_kind(state) != Some(kind));
+            if foreign && asked != Some(bucket.as_str()) {
                 let _ = self.retyped.send(bucket.clone());
                 asked = Some(bucket.as_str());
             }

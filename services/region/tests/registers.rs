@@ -333,3 +333,69 @@ async fn listing_pages_through_keys_in_byte_order() {
     let reply = region.get("/v1/kv/ls-reg?after=zzz").await;
     assert_eq!(reply.expect(200), &json!({ "keys": [], "next": null }));
 }
+
+#[tokio::test]
+async fn a_state_merged_past_the_size_limit_can_still_shrink_but_not_grow() {
+    use meridian_shared::context::encode_context;
+    use meridian_shared::wire::{AeMerged, AeStates};
+    let region = Region::start_with("us-east", "max_state_bytes = 2500000\n").await;
+    region.create_bucket("big", "register").await;
+    // Four concurrent siblings of 0.9 MB from four peers' writes: 3.6 MB, joined past the
+    // limit (merges are never refused).
+    let sibling = |n: u128| {
+        let mut state = KeyState::empty(BucketType::Register);
+        let value = serde_json::to_string(&n.to_string().repeat(900_000)).expect("json");
+        let put = Op::Put {
+            value,
+            context: None,
+        };
+        state.apply(put, Actor::from_u128(n), 1).expect("put");
+        state
+    };
+    let mut two = sibling(1);
+    two.merge(sibling(2)).expect("merge");
+    let mut four = two.clone();
+    four.merge(sibling(3)).expect("merge");
+    four.merge(sibling(4)).expect("merge");
+    let push = AeStates {
+        states: vec![("big".into(), "k".into(), encode_state(&four))],
+    };
+    let merged: AeMerged = common::internal(&region, "ae/push", &push).await;
+    assert_eq!(merged.changed, 1);
+    let path = kv("big", "k");
+    assert_eq!(
+        region.get(&path).await.expect(200)["values"]
+            .as_array()
+            .map(Vec::len),
+        Some(4)
+    );
+
+    // Growing it is refused (an empty context supersedes nothing: one more sibling)...
+    let stale = encode_context(&Default::default());
+    let grow = region
+        .put_with(
+            &path,
+            &json!("x".repeat(900_000)),
+            &[("X-Meridian-Context", &stale)],
+        )
+        .await;
+    assert_error(&grow, 413, "state_too_large");
+    // ...shrinking it is not, even while it stays over the limit: two siblings resolved into
+    // one leaves three (2.7 MB).
+    let context = encode_context(&two.context());
+    let shrink = region
+        .put_with(
+            &path,
+            &json!("y".repeat(900_000)),
+            &[("X-Meridian-Context", &context)],
+        )
+        .await;
+    shrink.expect(200);
+    let values = region.get(&path).await.expect(200)["values"].clone();
+    assert_eq!(
+        values.as_array().map(Vec::len),
+        Some(3),
+        "{}",
+        values.to_string().len()
+    );
+}

@@ -133,27 +133,6 @@ async fn a_tombstone_is_kept_while_a_region_has_not_seen_it() {
     }
 }
 
-/// A peer's call on `/internal/v1/{route}` with a postcard body.
-async fn internal<T: serde::Serialize, R: serde::de::DeserializeOwned>(
-    region: &common::Region,
-    route: &str,
-    body: &T,
-) -> R {
-    use meridian_shared::wire::{CLUSTER_HEADER, PEER_HEADER};
-    let reply = region
-        .client()
-        .post(format!("{}/internal/v1/{route}", region.url()))
-        .header(PEER_HEADER, "a-peer")
-        .header(CLUSTER_HEADER, common::CLUSTER_ID)
-        .body(meridian_shared::wire::encode(body))
-        .send()
-        .await
-        .expect("the region answers");
-    assert_eq!(reply.status(), 200, "{route}");
-    let bytes = reply.bytes().await.expect("a body");
-    meridian_shared::wire::decode(&bytes).expect("a postcard answer")
-}
-
 #[tokio::test]
 async fn once_collected_a_key_is_what_storage_holds_not_a_cached_tombstone() {
     use meridian_shared::wire::{AeFetch, AeMerged, AeStates};
@@ -164,13 +143,13 @@ async fn once_collected_a_key_is_what_storage_holds_not_a_cached_tombstone() {
     let fetch = AeFetch {
         keys: vec![("gc".into(), "k".into())],
     };
-    let live: AeStates = internal(&region, "ae/fetch", &fetch).await;
+    let live: AeStates = common::internal(&region, "ae/fetch", &fetch).await;
     region.delete(&path).await.expect(200);
     eventually(
         Duration::from_secs(15),
         "the tombstone is collected",
         || async {
-            let now: AeStates = internal(&region, "ae/fetch", &fetch).await;
+            let now: AeStates = common::internal(&region, "ae/fetch", &fetch).await;
             now.states.is_empty()
         },
     )
@@ -180,7 +159,7 @@ async fn once_collected_a_key_is_what_storage_holds_not_a_cached_tombstone() {
     // tombstone used to swallow it, so the answer depended on the cache.
     // (The eviction follows the purge's commit: a push may still meet the cache first.)
     eventually(Duration::from_secs(5), "the push applies", || async {
-        let merged: AeMerged = internal(&region, "ae/push", &live).await;
+        let merged: AeMerged = common::internal(&region, "ae/push", &live).await;
         merged.changed == 1
     })
     .await;

@@ -181,11 +181,11 @@ impl StateCache {
         }
     }
 
-    /// Takes a state out (the caller puts back what it builds on it): no clone.
-    fn take(&mut self, slot: &(String, String)) -> Option<KeyState> {
+    /// Takes a state and its size out (the caller puts back what it builds on it): no clone.
+    fn take(&mut self, slot: &(String, String)) -> Option<(KeyState, usize)> {
         let (state, size) = self.entries.pop(slot)?;
         self.bytes -= size;
-        Some(state)
+        Some((state, size))
     }
 
     fn put(&mut self, slot: (String, String), state: KeyState, size: usize) {
@@ -241,19 +241,20 @@ impl PartitionActor {
         }
 
         let slot = (msg.bucket.clone(), msg.key.clone());
-        let mut state = self
+        let (mut state, size_before) = self
             .latest(&slot, Some(msg.kind))?
-            .unwrap_or_else(|| KeyState::empty(msg.kind));
+            .unwrap_or_else(|| (KeyState::empty(msg.kind), 0));
         let actor = self.shared.storage.identity().incarnation;
         let hlc = self.shared.hlc.tick(crate::clock::now_ms());
         let op = std::mem::replace(&mut msg.op, Op::Increment { by: 0 });
-        let shrinks = matches!(op, Op::Delete { .. } | Op::Remove { .. });
         state.apply(op, actor, hlc)?;
         let encoded = encode_state(&state);
         let size = encoded.len();
-        // Checked before anything is queued; the state taken from the cache is dropped, so
-        // the next write reads the unchanged one back from storage.
-        if size > self.shared.max_state_bytes && !shrinks {
+        // Only growth is refused: a state merged past the limit (joins are not bounded) can
+        // still be shrunk by resolving siblings, removing members or deleting. Checked before
+        // anything is queued; the state taken from the cache is dropped, so the next write
+        // reads the unchanged one back from storage.
+        if size > self.shared.max_state_bytes && size > size_before {
             return Err(WriteError::StateTooLarge {
                 size,
                 limit: self.shared.max_state_bytes,
@@ -285,24 +286,25 @@ impl PartitionActor {
         })
     }
 
-    /// The latest state of a key to build on: a copy of the pending one if a commit is in
-    /// flight, else taken out of the cache (the caller keeps what it builds), else committed.
+    /// The latest state of a key to build on, with its encoded size: a copy of the pending
+    /// one if a commit is in flight, else taken out of the cache (the caller keeps what it
+    /// builds), else committed.
     fn latest(
         &mut self,
         slot: &(String, String),
         kind: Option<BucketType>,
-    ) -> Result<Option<KeyState>, WriteError> {
-        let state = if let Some((_, state, _)) = self.pending.get(slot) {
-            Some(state.clone())
-        } else if let Some(state) = self.cache.take(slot) {
-            Some(state)
+    ) -> Result<Option<(KeyState, usize)>, WriteError> {
+        let state = if let Some((_, state, size)) = self.pending.get(slot) {
+            Some((state.clone(), *size))
+        } else if let Some(sized) = self.cache.take(slot) {
+            Some(sized)
         } else {
-            self.shared.storage.key_state(&slot.0, &slot.1)?
+            self.shared.storage.sized_key_state(&slot.0, &slot.1)?
         };
         // A state of another type than the bucket's was written under a concurrent definition
         // that lost: it can never merge with the bucket's type, so it counts as absent and the
         // next state replaces it (the bucket sweep removes those nothing replaces).
-        Ok(state.filter(|state| kind.is_none_or(|kind| state.kind() == kind)))
+        Ok(state.filter(|(state, _)| kind.is_none_or(|kind| state.kind() == kind)))
     }
 
     /// Keeps a key's newest state: in its pending entry while a write's commit is in flight
@@ -416,7 +418,7 @@ impl Handler<Merge> for PartitionActor {
                 let encoded = encode_state(&msg.state);
                 (msg.state, encoded)
             }
-            Some(mut current) => {
+            Some((mut current, _)) => {
                 let before = encode_state(&current);
                 if let Err(error) = current.merge(msg.state) {
                     self.keep(slot, current, before.len());

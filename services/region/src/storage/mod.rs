@@ -503,14 +503,24 @@ impl Storage {
 
     /// A key's committed state, if it was ever written.
     pub fn key_state(&self, bucket: &str, key: &str) -> Result<Option<KeyState>, StorageError> {
-        if let Some(state) = self.overlay.with(bucket, key, decode_state) {
+        Ok(self.sized_key_state(bucket, key)?.map(|(state, _)| state))
+    }
+
+    /// A key's latest state with its encoded size.
+    pub fn sized_key_state(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<(KeyState, usize)>, StorageError> {
+        let sized = |bytes: &[u8]| decode_state(bytes).map(|state| (state, bytes.len()));
+        if let Some(state) = self.overlay.with(bucket, key, sized) {
             return Ok(Some(state?));
         }
         let snapshot = self.snapshots.latest(&self.db)?;
         let Some(bytes) = snapshot.keys.get((bucket, key))? else {
             return Ok(None);
         };
-        Ok(Some(decode_state(bytes.value())?))
+        Ok(Some(sized(bytes.value())?))
     }
 
     /// A stored idempotency record.

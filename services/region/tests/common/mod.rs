@@ -566,3 +566,24 @@ fn floor_char_boundary(s: &str, mut index: usize) -> usize {
     }
     index
 }
+
+/// A peer's call on `/internal/v1/{route}` with a postcard body.
+pub async fn internal<T: serde::Serialize, R: serde::de::DeserializeOwned>(
+    region: &Region,
+    route: &str,
+    body: &T,
+) -> R {
+    use meridian_shared::wire::{CLUSTER_HEADER, PEER_HEADER};
+    let reply = region
+        .client()
+        .post(format!("{}/internal/v1/{route}", region.url()))
+        .header(PEER_HEADER, "a-peer")
+        .header(CLUSTER_HEADER, CLUSTER_ID)
+        .body(meridian_shared::wire::encode(body))
+        .send()
+        .await
+        .expect("the region answers");
+    assert_eq!(reply.status(), 200, "{route}");
+    let bytes = reply.bytes().await.expect("a body");
+    meridian_shared::wire::decode(&bytes).expect("a postcard answer")
+}
