@@ -365,6 +365,10 @@ impl Config {
 
 /// Why `url` cannot be a peer's base URL, if it cannot.
 fn peer_url_problem(url: &str) -> Option<&'static str> {
+    // The URL is used as written, and parsing would trim what requests then carry.
+    if url.chars().any(char::is_whitespace) {
+        return Some("it contains whitespace");
+    }
     let Ok(parsed) = reqwest::Url::parse(url) else {
         return Some("not a URL; expected http://host:port");
     };
@@ -451,6 +455,9 @@ mod tests {
             "eu-west:7001",
             "ftp://h:1",
             "http://h:1/?x=1",
+            "http://h:1 ",
+            " http://h:1",
+            "http://h:1/a\tb",
         ] {
             assert!(peer_url_problem(bad).is_some(), "{bad}");
         }
