@@ -191,7 +191,7 @@ async fn drive(
 
         let start = Instant::now();
         *in_flight = true;
-        let result = exchange(connection, request).await;
+        let result = exchange(connection, request, false).await;
         *in_flight = false;
         let done = Instant::now();
         let measured = start >= timing.measure_start;
@@ -216,7 +216,7 @@ async fn drive(
 }
 
 /// Writes `keys` with PUTs over one connection to `target`; stops at the first error answer.
-/// Writes `keys` once each; returns the session token that covers every write.
+/// Returns the session token that covers every write.
 pub async fn preload(
     target: Arc<Target>,
     requests: Arc<Requests>,
@@ -236,7 +236,7 @@ pub async fn preload(
                 };
             let request = put_request(&target, &requests, key)
                 .ok_or_else(|| format!("no request path for key k{key}"))?;
-            match exchange(connection, request).await {
+            match exchange(connection, request, true).await {
                 Ok(Answer::Success(session)) => {
                     let token = session
                         .as_ref()
@@ -281,15 +281,19 @@ async fn connect(target: &Target) -> Result<Sender, BoxError> {
     Ok(sender)
 }
 
-/// Sends one request and reads the whole answer so the connection can carry the next.
+/// Sends one request and reads the whole answer so the connection can carry the next; keeps
+/// the session token if `want_session` (the measured loop does not pay for the lookup).
 async fn exchange(
     sender: &mut Sender,
     request: Request<Full<Bytes>>,
+    want_session: bool,
 ) -> Result<Answer, hyper::Error> {
     sender.ready().await?;
     let response = sender.send_request(request).await?;
     let status = response.status();
-    let session = response.headers().get(SESSION_HEADER).cloned();
+    let session = want_session
+        .then(|| response.headers().get(SESSION_HEADER).cloned())
+        .flatten();
     let mut body = response.into_body();
     if status.is_success() {
         // Drain without collecting: success bodies are not needed.
