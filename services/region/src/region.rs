@@ -52,6 +52,10 @@ pub struct Region {
     retyped: mpsc::UnboundedSender<String>,
     /// The sweep's end of `retyped`, until it starts.
     retyped_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    /// This data directory started empty, or without states it once held (a new
+    /// incarnation): until anti-entropy has caught it up, it may lack what a session saw
+    /// elsewhere, and session tokens leave out what every region had applied.
+    started_without_history: bool,
 }
 
 impl Region {
@@ -70,6 +74,7 @@ impl Region {
             Duration::from_millis(config.checkpoint_interval_ms),
         )?;
         let seen = peers_have_seen(&config, opened.identity().incarnation).await;
+        let mut without_history = opened.commits() == 0 && opened.last_seq() == 0;
         if seen.commits > opened.commits() {
             tracing::warn!(
                 seen = seen.commits,
@@ -78,6 +83,7 @@ impl Region {
                  old copy; its key states are dropped and refilled by anti-entropy"
             );
             opened.reincarnate(true, seen.commits)?;
+            without_history = true;
         } else if seen.seq > opened.last_seq() {
             tracing::warn!(
                 seen = seen.seq,
@@ -85,6 +91,7 @@ impl Region {
                 "peers have seen more of this region than its disk holds"
             );
             opened.reincarnate(false, 0)?;
+            without_history = true;
         }
         let storage = Storage::start(opened, config.commit_max_batch, metrics.clone())?;
         let progress = storage.peer_progress()?;
@@ -127,6 +134,7 @@ impl Region {
             applied_everywhere: Default::default(),
             retyped,
             retyped_rx: std::sync::Mutex::new(Some(retyped_rx)),
+            started_without_history: without_history,
         })
     }
 
@@ -325,7 +333,7 @@ impl Region {
     ) -> Result<(), ApiError> {
         match level {
             ReadConsistency::Local | ReadConsistency::Home => Ok(()),
-            ReadConsistency::Session if session.covered_by(&self.applied()) => Ok(()),
+            ReadConsistency::Session if self.covers(session) => Ok(()),
             ReadConsistency::Session => Err(ApiError::new(
                 actix_web::http::StatusCode::GATEWAY_TIMEOUT,
                 "consistency_timeout",
@@ -335,10 +343,29 @@ impl Region {
         }
     }
 
+    /// Whether this region holds everything `session` has seen. Not before a region that
+    /// started without its history has completed an anti-entropy exchange with a peer: a
+    /// token leaves out what every region had applied, which such a region may lack (any
+    /// peer holds it, and an exchange brings it here).
+    fn covers(&self, session: &SessionToken) -> bool {
+        self.holds_history() && session.covered_by(&self.applied())
+    }
+
+    /// False while this region started without its history and no exchange has refilled it.
+    fn holds_history(&self) -> bool {
+        !self.started_without_history
+            || self.peers.is_empty()
+            || self.peers.iter().any(|p| p.synced())
+    }
+
     /// Waits (bounded by `session_wait_ms`) until this region covers the session token.
     pub async fn await_session(&self, session: &SessionToken) -> bool {
-        if session.covered_by(&self.applied()) {
+        if self.covers(session) {
             return true;
+        }
+        if !self.holds_history() {
+            // Refilling takes an anti-entropy exchange: the home answers meanwhile.
+            return false;
         }
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.config.session_wait_ms);

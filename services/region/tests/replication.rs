@@ -597,3 +597,58 @@ async fn a_restarted_region_takes_ack_all_writes_before_its_first_heartbeat_roun
         .await;
     assert_eq!(reply.expect(200), &json!({"value": 1}), "{reply:?}");
 }
+
+#[tokio::test]
+async fn a_region_restarted_without_its_data_serves_no_session_it_cannot_cover() {
+    let mut cluster = Cluster::start(&REGIONS, "session_wait_ms = 300\n").await;
+    let east = cluster.region("us-east");
+    east.put("/v1/buckets/kept", &json!({"type": "register"}))
+        .await
+        .expect(201);
+    cluster.wait_buckets(1).await;
+    let path = kv("kept", "k");
+    east.put(&path, &json!("v1")).await.expect(200);
+    cluster.converged(&path, CONVERGE).await;
+    // Once every region has applied the write, a read's token leaves it out.
+    let deadline = std::time::Instant::now() + CONVERGE;
+    let token = loop {
+        let read = cluster.region("us-east").get(&path).await;
+        let token = read.header("x-meridian-session").unwrap_or("?").to_string();
+        let decoded = meridian_shared::session::SessionToken::decode(&token);
+        if decoded.is_ok_and(|t| t == Default::default()) {
+            break token;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "token never emptied: {token}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // ap-south comes back on an empty disk while no peer can refill it.
+    let south = cluster.region_mut("ap-south");
+    south.stop();
+    std::fs::remove_dir_all(south.data_dir()).expect("wipe ap-south");
+    cluster.cut_off("ap-south");
+    cluster.region_mut("ap-south").restart().await;
+    let session_read = format!("{path}?consistency=session");
+    let south = cluster.region("ap-south");
+    let early = south
+        .get_with(&session_read, &[("x-meridian-session", &token)])
+        .await;
+    // Before: 404 bucket_not_found, for data the session had read.
+    assert!(
+        matches!(early.status, 503 | 504),
+        "not served from an empty disk: {early:?}"
+    );
+
+    cluster.heal_all();
+    support::eventually(CONVERGE, "ap-south serves the session read", || async {
+        let read = cluster
+            .region("ap-south")
+            .get_with(&session_read, &[("x-meridian-session", &token)])
+            .await;
+        read.status == 200 && read.body["values"] == json!(["v1"])
+    })
+    .await;
+}
