@@ -437,6 +437,11 @@ mod tests {
             Ok(("7".into(), "2024".into(), PathBuf::from("123"), 8)),
             "numeric-looking text stays text; numbers are still numbers"
         );
+        // Without the variables (and no file), there is nothing to load; a directory is no file.
+        let none = Config::load(None).map_err(|e| e.to_string());
+        assert!(none.is_err_and(|e| e.contains("nothing to load")));
+        let dir = Config::load(Some(Path::new("/"))).map_err(|e| e.to_string());
+        assert!(dir.is_err_and(|e| e.contains("is a directory")));
     }
 
     #[test]

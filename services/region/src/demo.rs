@@ -18,6 +18,19 @@ struct DemoRegion {
     log: PathBuf,
 }
 
+/// The ports of `count` regions from `base`, if they all fit (port 0 would be any free port,
+/// which the other regions could not know).
+fn ports(base: u16, count: usize) -> Option<Vec<u16>> {
+    (0..count)
+        .map(|i| {
+            u16::try_from(i)
+                .ok()
+                .and_then(|i| base.checked_add(i))
+                .filter(|port| *port != 0)
+        })
+        .collect()
+}
+
 /// Region names for a demo of `count` regions.
 pub fn region_names(count: usize) -> Vec<String> {
     (0..count)
@@ -34,27 +47,18 @@ pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> 
     fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
-    let names = region_names(count);
-    let regions = names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            // Port 0 would be any free port, which the other regions could not know.
-            let port = u16::try_from(i)
-                .ok()
-                .and_then(|i| base_port.checked_add(i))
-                .filter(|port| *port != 0)
-                .with_context(|| {
-                    format!("--base-port {base_port} leaves no port for {count} regions")
-                })?;
-            Ok(DemoRegion {
-                name: name.clone(),
-                port,
-                config: data_dir.join(format!("{name}.toml")),
-                log: data_dir.join(format!("{name}.log")),
-            })
+    let ports = ports(base_port, count)
+        .with_context(|| format!("--base-port {base_port} leaves no port for {count} regions"))?;
+    let regions: Vec<DemoRegion> = region_names(count)
+        .into_iter()
+        .zip(ports)
+        .map(|(name, port)| DemoRegion {
+            config: data_dir.join(format!("{name}.toml")),
+            log: data_dir.join(format!("{name}.log")),
+            name,
+            port,
         })
-        .collect::<anyhow::Result<Vec<DemoRegion>>>()?;
+        .collect();
     let workers = workers_per_region(count);
     for region in &regions {
         fs::write(
@@ -226,6 +230,14 @@ fn print_banner(regions: &[DemoRegion], data_dir: &Path) {
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn ports_that_do_not_fit_are_refused() {
+        assert_eq!(ports(7001, 3), Some(vec![7001, 7002, 7003]));
+        assert_eq!(ports(65533, 3), Some(vec![65533, 65534, 65535]));
+        assert_eq!(ports(65534, 3), None, "wraps past 65535");
+        assert_eq!(ports(0, 3), None, "port 0 is any free port");
+    }
 
     #[test]
     fn each_region_gets_its_share_of_the_cores_and_every_other_region_as_a_peer() {

@@ -97,3 +97,20 @@ fn one_line(error: &anyhow::Error) -> String {
     }
     line
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_already_in_a_message_are_not_repeated() {
+        let inner = std::io::Error::other("disk gone");
+        let error = anyhow::Error::new(inner)
+            .context("storage failure: disk gone")
+            .context("cannot start region us-east");
+        assert_eq!(
+            one_line(&error),
+            "cannot start region us-east: storage failure: disk gone"
+        );
+    }
+}
