@@ -1126,14 +1126,16 @@ fn leave_set_state_behind(data_dir: &Path, region: &str, bucket: &str, key: &str
 
     let name = RegionName::new(region).expect("region name");
     let metrics = Arc::new(meridian_region::metrics::Metrics::new(region).expect("metrics"));
-    let opened = OpenedDb::open(
-        data_dir,
-        &name,
-        common::CLUSTER_ID,
-        16 << 20,
-        Duration::from_secs(60),
-    )
-    .expect("open the stopped region's data directory");
+    let open = || {
+        OpenedDb::open(
+            data_dir,
+            &name,
+            common::CLUSTER_ID,
+            16 << 20,
+            Duration::from_secs(60),
+        )
+    };
+    let opened = open().expect("open the stopped region's data directory");
     let storage = Storage::start(opened, 64, metrics).expect("start its writer");
     let mut state = KeyState::empty(BucketType::Set);
     let members = vec!["stray".to_string()];
@@ -1159,14 +1161,7 @@ fn leave_set_state_behind(data_dir: &Path, region: &str, bucket: &str, key: &str
     // opened again, so the region can open it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let reopened = OpenedDb::open(
-            data_dir,
-            &name,
-            common::CLUSTER_ID,
-            16 << 20,
-            Duration::from_secs(60),
-        );
-        match reopened {
+        match open() {
             Ok(_) => break,
             Err(e) if std::time::Instant::now() > deadline => panic!("database stays open: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(20)),

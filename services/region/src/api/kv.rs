@@ -223,10 +223,8 @@ async fn write(
     if failover {
         // A retry of a write this region accepted as failover is answered here: forwarding
         // it to the (now reachable) home would apply it a second time.
-        if let Some((id, fingerprint, _)) = idempotency {
-            if let Some(record) = stored_answer(&region.storage, id, fingerprint)? {
-                return replay(region, ack, session, record, &home, true).await;
-            }
+        if let Some(record) = stored_record(region, idempotency)? {
+            return replay(region, ack, session, record, &home, true).await;
         }
         let home_may_wait = match ack {
             extract::Ack::Local => Duration::ZERO,
@@ -257,11 +255,7 @@ async fn write(
     }
     if let Err(refused) = region.check_ack(ack) {
         // A retry of a write already applied is still answered from its record.
-        let record = match idempotency {
-            Some((id, fingerprint, _)) => stored_answer(&region.storage, id, fingerprint)?,
-            None => None,
-        };
-        return match record {
+        return match stored_record(region, idempotency)? {
             Some(record) => replay(region, ack, session, record, &home, failover).await,
             None => {
                 region.metrics.acks_refused.inc();
@@ -290,6 +284,17 @@ async fn write(
         WriteOutcome::Replayed(record) => {
             replay(region, ack, session, record, &home, failover).await
         }
+    }
+}
+
+/// The stored answer of a keyed write already applied (or replicated here), if any.
+fn stored_record(
+    region: &Region,
+    idempotency: Option<(u128, u64, Responder)>,
+) -> Result<Option<crate::storage::IdempotencyRecord>, ApiError> {
+    match idempotency {
+        Some((id, fingerprint, _)) => Ok(stored_answer(&region.storage, id, fingerprint)?),
+        None => Ok(None),
     }
 }
 
