@@ -2,6 +2,7 @@
 
 use crate::clock::now_ms;
 use crate::config::Config;
+use crate::storage::PeerProgress;
 use meridian_shared::wire::{Heartbeat, CLUSTER_HEADER, PEER_HEADER};
 use meridian_shared::{Actor, RegionName};
 use std::collections::BTreeMap;
@@ -38,6 +39,10 @@ pub struct Peer {
     beat: std::sync::Mutex<Option<(Heartbeat, std::time::Instant)>>,
     /// The highest commit counter it reported.
     seen_commits: AtomicU64,
+    /// Gaps accepted in its log (its hints for us were dropped): per incarnation, what was
+    /// applied of it before the first gap. Until an exchange fills them, our applied vector
+    /// claims entries we may lack.
+    gaps: std::sync::Mutex<BTreeMap<Actor, u64>>,
 }
 
 /// What one anti-entropy exchange with a peer did (shown in `/v1/cluster`).
@@ -182,6 +187,37 @@ impl Peer {
         self.last_exchange.lock().ok()?.clone()
     }
 
+    /// Records a gap accepted in its log of `incarnation`, applied up to `before`; returns
+    /// every gap to persist, or `None` when an earlier one already covers it.
+    pub fn add_gap(&self, incarnation: Actor, before: u64) -> Option<BTreeMap<Actor, u64>> {
+        let mut gaps = self.gaps.lock().ok()?;
+        if gaps.get(&incarnation).is_some_and(|b| *b <= before) {
+            return None;
+        }
+        gaps.insert(incarnation, before);
+        Some(gaps.clone())
+    }
+
+    /// Forgets its gaps (an exchange filled them); returns whether there were any.
+    pub fn clear_gaps(&self) -> bool {
+        self.gaps
+            .lock()
+            .map(|mut g| {
+                let had = !g.is_empty();
+                g.clear();
+                had
+            })
+            .unwrap_or(false)
+    }
+
+    /// Reads its gaps in place.
+    pub fn with_gaps<T>(&self, read: impl FnOnce(&BTreeMap<Actor, u64>) -> T) -> T {
+        match self.gaps.lock() {
+            Ok(gaps) => read(&gaps),
+            Err(poisoned) => read(&poisoned.into_inner()),
+        }
+    }
+
     /// Milliseconds since the last successful contact (None if never).
     pub fn silent_for_ms(&self) -> Option<u64> {
         match self.last_heartbeat_ms.load(Ordering::Acquire) {
@@ -199,12 +235,13 @@ pub struct Peers {
 impl Peers {
     /// Peers from the configuration, with their persisted cursors and flags. All start down
     /// until their first heartbeat answers.
-    pub fn new(
-        config: &Config,
-        cursors: &std::collections::BTreeMap<String, u64>,
-        flags: &std::collections::BTreeMap<String, bool>,
-        commits: &std::collections::BTreeMap<String, u64>,
-    ) -> Self {
+    pub fn new(config: &Config, progress: &PeerProgress) -> Self {
+        let PeerProgress {
+            cursors,
+            flags,
+            commits,
+            gaps,
+        } = progress;
         let list = config
             .peers
             .iter()
@@ -225,6 +262,9 @@ impl Peers {
                     drops: AtomicU64::new(0),
                     beat: std::sync::Mutex::new(None),
                     seen_commits: AtomicU64::new(commits.get(name.as_str()).copied().unwrap_or(0)),
+                    gaps: std::sync::Mutex::new(
+                        gaps.get(name.as_str()).cloned().unwrap_or_default(),
+                    ),
                 })
             })
             .collect();

@@ -6,7 +6,7 @@ use crate::api::extract::{Ack, ReadConsistency};
 use crate::api::in_doubt::InDoubt;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::peers::{http_client, peer_request, Peers};
+use crate::peers::{http_client, peer_request, Peer, Peers};
 use crate::storage::{BucketSource, IdempotencyRecord, OpenedDb, Storage, StorageError};
 use meridian_shared::encoding::encoded_kind;
 use meridian_shared::hlc::Hlc;
@@ -95,12 +95,7 @@ impl Region {
         }
         let storage = Storage::start(opened, config.commit_max_batch, metrics.clone())?;
         let progress = storage.peer_progress()?;
-        let peers = Peers::new(
-            &config,
-            &progress.cursors,
-            &progress.flags,
-            &progress.commits,
-        );
+        let peers = Peers::new(&config, &progress);
         metrics.register_peers(peers.iter().map(|p| p.name.as_str()));
         // Peers that answered just now are up: quorum and all operations need not wait for
         // the first heartbeat round.
@@ -243,6 +238,24 @@ impl Region {
         applied
     }
 
+    /// What this region is known to hold of every origin: [`Region::applied`], except that an
+    /// origin whose log was accepted past a gap counts as applied up to the gap until an
+    /// exchange has filled it. This is what peers are told (heartbeats, anti-entropy) and
+    /// what session reads and tombstone GC rely on.
+    pub fn held(&self) -> BTreeMap<Actor, u64> {
+        let mut held = self.applied();
+        for peer in self.peers.iter() {
+            peer.with_gaps(|gaps| {
+                for (incarnation, before) in gaps {
+                    if let Some(seq) = held.get_mut(incarnation) {
+                        *seq = (*seq).min(*before);
+                    }
+                }
+            });
+        }
+        held
+    }
+
     /// Calls `each` for every entry of [`Region::applied`], without building the map.
     fn each_applied(&self, mut each: impl FnMut(Actor, u64)) {
         self.storage.with_applied(|applied| {
@@ -269,7 +282,7 @@ impl Region {
 
     /// Recomputes what every region has applied, after a peer's heartbeat.
     pub fn note_peer_applied(&self) {
-        let mut everywhere = self.applied();
+        let mut everywhere = self.held();
         for peer in self.peers.iter() {
             peer.with_applied(|theirs| match theirs {
                 // Not heard from yet: nothing is known to be everywhere.
@@ -346,9 +359,36 @@ impl Region {
     /// Whether this region holds everything `session` has seen. Not before a region that
     /// started without its history has completed an anti-entropy exchange with a peer: a
     /// token leaves out what every region had applied, which such a region may lack (any
-    /// peer holds it, and an exchange brings it here).
+    /// peer holds it, and an exchange brings it here). Nor past a gap accepted in a peer's
+    /// log until an exchange with that peer has filled it.
     fn covers(&self, session: &SessionToken) -> bool {
-        self.holds_history() && session.covered_by(&self.applied())
+        self.holds_history() && session.covered_by(&self.held())
+    }
+
+    /// Flags `peer` for a priority anti-entropy exchange, started from either side; the flag
+    /// clears after a complete exchange that began after the last call.
+    pub fn flag_for_anti_entropy(&self, peer: &Peer, why: &str) {
+        peer.drops.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if !peer.ae_needed() {
+            tracing::warn!(peer = %peer.name, why, "peer flagged for priority anti-entropy");
+            peer.set_ae_needed(true);
+            let _ = self.storage.submit_ae_flag(peer.name.as_str(), true);
+        }
+    }
+
+    /// Records that `origin`'s log of `incarnation` is accepted past a gap here, applied up to
+    /// `before` until then: the applied vector then claims entries this region never got.
+    /// Queued before the applied mark that jumps the gap, so it is durable no later.
+    pub fn accept_log_gap(&self, origin: &str, incarnation: Actor, before: u64) {
+        let Some(peer) = self.peers.iter().find(|p| p.name.as_str() == origin) else {
+            return;
+        };
+        if let Some(gaps) = peer.add_gap(incarnation, before) {
+            if let Err(error) = self.storage.submit_log_gaps(origin, &gaps) {
+                tracing::error!(peer = origin, %error, "could not record a log gap");
+            }
+        }
+        self.flag_for_anti_entropy(peer, "its log reached us with a gap");
     }
 
     /// False while this region started without its history and no exchange has refilled it.
@@ -379,9 +419,9 @@ impl Region {
                 }
             };
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return session.covered_by(&self.applied());
+                return self.covers(session);
             }
-            if session.covered_by(&self.applied()) {
+            if self.covers(session) {
                 return true;
             }
         }

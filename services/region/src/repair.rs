@@ -18,7 +18,8 @@ pub const STATES_PER_CALL: usize = 1000;
 /// About the most state bytes in one body (well under the internal body limit).
 pub const STATE_BYTES_PER_CALL: usize = 1024 * 1024;
 
-/// Joins `(bucket, key, encoded state)` into our states, durably; returns how many changed.
+/// Joins peers' `(bucket, key, encoded state)` into ours outside the log (anti-entropy, read
+/// repair), durably, logging each change; returns how many changed.
 pub async fn merge_states(
     region: &Region,
     states: Vec<(String, String, Vec<u8>)>,
@@ -29,16 +30,18 @@ pub async fn merge_states(
             .map_err(|e| ApiError::bad_request("invalid_state", format!("{bucket}/{key}: {e}")))?;
         decoded.push((bucket, key, state));
     }
-    let queued = queue_merges(region, decoded).await?;
+    let queued = queue_merges(region, decoded, true).await?;
     await_merges(queued).await
 }
 
 /// Hands peers' states to their partition actors; returns the merges that changed something,
 /// queued for the group commit. Every merge is queued before any is awaited, so one commit
 /// usually carries the lot (and a caller may queue more, such as an applied mark, first).
+/// `logged`: see [`Merge::logged`] (replication's merges are covered by its applied mark).
 pub async fn queue_merges(
     region: &Region,
     states: Vec<(String, String, KeyState)>,
+    logged: bool,
 ) -> Result<Vec<WriteTicket<u64>>, ApiError> {
     let mut foreign = 0;
     let sends = states.into_iter().filter_map(|(bucket, key, state)| {
@@ -55,6 +58,7 @@ pub async fn queue_merges(
             state,
             kind,
             span: tracing::Span::current(),
+            logged,
         }))
     });
     let sends: Vec<_> = sends.collect();

@@ -652,3 +652,130 @@ async fn a_region_restarted_without_its_data_serves_no_session_it_cannot_cover()
     })
     .await;
 }
+
+/// Asserts that a session read answered either the value the session has seen or a clear
+/// refusal: never the older value.
+#[track_caller]
+fn assert_not_back_in_time(read: &common::Reply, seen: &Value) {
+    if read.status == 200 {
+        assert_eq!(&read.body["values"], seen, "went back in time: {read:?}");
+    } else {
+        assert!(
+            matches!(read.status, 503 | 504),
+            "a clear refusal: {read:?}"
+        );
+    }
+}
+
+/// A register bucket homed at ap-south holding "old" everywhere; returns the key's path.
+async fn old_value_homed_at_ap_south(cluster: &Cluster, bucket: &str) -> String {
+    let pinned = json!({"type": "register", "home_region": "ap-south"});
+    cluster
+        .region("ap-south")
+        .put(&format!("/v1/buckets/{bucket}"), &pinned)
+        .await
+        .expect(201);
+    cluster.wait_buckets(1).await;
+    let path = kv(bucket, "doc");
+    cluster
+        .region("ap-south")
+        .put(&path, &json!("old"))
+        .await
+        .expect(200);
+    cluster.converged(&path, CONVERGE).await;
+    path
+}
+
+#[tokio::test]
+async fn a_token_from_a_quorum_read_covers_what_it_merged_from_a_peer() {
+    // us-east reads ap-south's newer value with consistency=quorum while nothing of it has
+    // reached eu-west, nor can. A session read in eu-west with the token (or with the token
+    // of a later local read of us-east's repaired copy) must not answer the old value.
+    let quiet = "session_wait_ms = 300\nanti_entropy_interval_ms = 600000\n";
+    let cluster = Cluster::start(&REGIONS, quiet).await;
+    let path = old_value_homed_at_ap_south(&cluster, "quorum").await;
+    cluster.link("ap-south", "us-east").cut();
+    cluster.link("ap-south", "eu-west").cut();
+    cluster.link("us-east", "eu-west").cut();
+    cluster.wait_status("us-east", "eu-west", "down").await;
+    cluster
+        .region("ap-south")
+        .put(&path, &json!("new"))
+        .await
+        .expect(200);
+
+    let east = cluster.region("us-east");
+    let quorum = east.get(&format!("{path}?consistency=quorum")).await;
+    assert_eq!(quorum.expect(200)["values"], json!(["new"]));
+    let local = east.get(&path).await;
+    assert_eq!(local.expect(200)["values"], json!(["new"]), "repaired here");
+
+    let session_read = format!("{path}?consistency=session");
+    let west = cluster.region("eu-west");
+    for read in [&quorum, &local] {
+        let token = read.header("x-meridian-session").expect("session token");
+        let answer = west
+            .get_with(&session_read, &[("x-meridian-session", token)])
+            .await;
+        // Before: the token covered nothing eu-west lacks, and it answered "old".
+        assert_not_back_in_time(&answer, &json!(["new"]));
+    }
+}
+
+#[tokio::test]
+async fn a_region_serves_no_session_read_past_a_gap_in_a_peers_log_until_it_is_filled() {
+    // ap-south drops its hints for eu-west at once (hint_max_bytes = 0), so its log reaches
+    // eu-west with a gap that hides "new". eu-west's applied vector jumps the gap; until an
+    // exchange has filled it, a session that saw "new" must not be served "old" there.
+    let config = "session_wait_ms = 300\nhint_max_bytes = 0\nanti_entropy_interval_ms = 600000\n";
+    let cluster = Cluster::start(&REGIONS, config).await;
+    let path = old_value_homed_at_ap_south(&cluster, "gap").await;
+    let south = cluster.region("ap-south");
+    let link = cluster.link("ap-south", "eu-west");
+    link.cut();
+    cluster.wait_status("ap-south", "eu-west", "down").await;
+    let write = south.put(&path, &json!("new")).await;
+    write.expect(200);
+    let token = write
+        .header("x-meridian-session")
+        .expect("session token")
+        .to_string();
+    // Dropped for eu-west and, once us-east has it too, truncated from the log.
+    support::eventually(CONVERGE, "ap-south's log emptied", || async {
+        let metrics = south.get("/metrics").await.text;
+        support::sample(&metrics, "meridian_replication_log_entries", &[]) == 0.0
+    })
+    .await;
+
+    // ap-south's own exchange with eu-west goes over this link: slowed, it repairs "new"
+    // seconds after the next log entry has reached eu-west past the gap.
+    link.heal();
+    link.slow(150);
+    cluster.wait_status("ap-south", "eu-west", "up").await;
+    let later = kv("gap", "later");
+    south.put(&later, &json!("x")).await.expect(200);
+    let west = cluster.region("eu-west");
+    support::eventually(CONVERGE, "the later write reaches eu-west", || async {
+        west.get(&later).await.status == 200
+    })
+    .await;
+    let session_read = format!("{path}?consistency=session");
+    let read = west
+        .get_with(&session_read, &[("x-meridian-session", &token)])
+        .await;
+    assert_not_back_in_time(&read, &json!(["new"]));
+
+    // eu-west's own exchange fills the gap: it then serves the session itself.
+    support::eventually(
+        CONVERGE,
+        "eu-west serves the session read itself",
+        || async {
+            let read = west
+                .get_with(&session_read, &[("x-meridian-session", &token)])
+                .await;
+            assert_not_back_in_time(&read, &json!(["new"]));
+            read.status == 200 && read.header("x-meridian-region") == Some("eu-west")
+        },
+    )
+    .await;
+}

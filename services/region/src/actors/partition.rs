@@ -116,6 +116,10 @@ pub struct Merge {
     pub kind: Option<BucketType>,
     /// The span of the apply that carries it.
     pub span: tracing::Span,
+    /// Whether a change goes into this region's log. Repair merges do: what arrived outside
+    /// the log is covered by no applied vector, so a session token from here would leave it
+    /// out; logged, the token covers it and other regions receive it before serving that token.
+    pub logged: bool,
 }
 
 impl Message for Merge {
@@ -434,7 +438,7 @@ impl Handler<Merge> for PartitionActor {
             }
         };
         let size = encoded.len();
-        let ticket = self.submit(&slot, &merged, encoded, false, None, None)?;
+        let ticket = self.submit(&slot, &merged, encoded, msg.logged, None, None)?;
         self.keep(slot, merged, size);
         Ok(Some(ticket))
     }

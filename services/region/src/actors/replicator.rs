@@ -148,7 +148,7 @@ async fn send_batch(
     // Entries the peer needs were truncated (its hints overflowed): it must accept the gap.
     let resync = first > cursor + 1;
     if resync {
-        flag_for_anti_entropy(region, peer, "log no longer holds what the peer is missing");
+        region.flag_for_anti_entropy(peer, "log no longer holds what the peer is missing");
     }
     let count = records.len();
     let last_sent = records.last().map_or(0, |(seq, _)| *seq);
@@ -277,17 +277,8 @@ fn enforce_hint_bounds(region: &Region, peer: &Peer, cursor: u64, last: u64) {
             .hints_overflowed
             .with_label_values(&[peer.name.as_str()])
             .inc();
-        flag_for_anti_entropy(region, peer, "hints overflowed");
+        region.flag_for_anti_entropy(peer, "hints overflowed");
         peer.set_acked(last);
         let _ = region.storage.submit_cursor(peer.name.as_str(), last);
-    }
-}
-
-fn flag_for_anti_entropy(region: &Region, peer: &Peer, why: &str) {
-    peer.drops.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    if !peer.ae_needed() {
-        tracing::warn!(peer = %peer.name, why, "peer flagged for priority anti-entropy");
-        peer.set_ae_needed(true);
-        let _ = region.storage.submit_ae_flag(peer.name.as_str(), true);
     }
 }

@@ -175,7 +175,7 @@ async fn await_horizon(region: &Region) -> Result<(), String> {
         .collect::<Option<_>>()
         .ok_or("no fresh heartbeat from every peer")?;
     let mut horizon: BTreeMap<Incarnation, u64> = BTreeMap::new();
-    let own = region.applied();
+    let own = region.held();
     let current: Vec<Incarnation> = std::iter::once(region.storage.identity().incarnation)
         .chain(
             beats
@@ -203,7 +203,7 @@ async fn await_horizon(region: &Region) -> Result<(), String> {
         tokio::time::sleep(poll * 2).await;
         let fresh: Option<Vec<_>> = region.peers.iter().map(|p| p.beat_since(since)).collect();
         if let Some(fresh) = fresh {
-            if covers(&region.applied()) && fresh.iter().all(|b| covers(&b.applied)) {
+            if covers(&region.held()) && fresh.iter().all(|b| covers(&b.applied)) {
                 return Ok(());
             }
         }

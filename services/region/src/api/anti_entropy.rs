@@ -71,7 +71,7 @@ async fn top(
         ));
     }
     // Applied vector first, then the tree (the writer publishes them in the other order).
-    let applied = region.applied();
+    let applied = region.held();
     let (root, branches) = region
         .storage
         .with_tree(|t| {

@@ -72,7 +72,7 @@ async fn heartbeat(region: web::Data<Region>) -> HttpResponse {
         cluster_id: region.config.cluster_id.clone(),
         incarnation: region.storage.identity().incarnation,
         last_seq: region.storage.last_seq(),
-        applied: region.applied(),
+        applied: region.held(),
         commits: region.storage.commits(),
         seen_commits: region
             .peers
@@ -141,6 +141,9 @@ async fn apply_batch(
         );
         return Ok(applied);
     }
+    if first > applied + 1 {
+        region.accept_log_gap(origin, incarnation, applied);
+    }
     // Merges are queued first and the applied mark right after them, so one group commit
     // usually carries the whole batch. The failure epoch makes the mark fail if any commit
     // failed after this point: `applied` never covers a merge that did not become durable.
@@ -184,7 +187,7 @@ async fn apply_batch(
     // Every merge is queued (in parallel across partitions) before the idempotency answers
     // and the applied mark are; the gather keeps them all in one commit.
     let gather = region.storage.gather();
-    let queued = crate::repair::queue_merges(region, states).await?;
+    let queued = crate::repair::queue_merges(region, states, false).await?;
     for (id, record) in answers {
         region.storage.submit_idempotency(id, record)?;
     }

@@ -77,7 +77,8 @@ pub struct ClusterView {
     pub incarnation: String,
     /// Every region, this one included.
     pub regions: Vec<RegionStatus>,
-    /// Per origin incarnation, the highest contiguous sequence number applied here.
+    /// Per origin incarnation, the highest sequence number whose effects this region holds
+    /// (applied contiguously, and below any gap in the origin's log not yet filled).
     pub applied: BTreeMap<String, u64>,
     /// Whether an anti-entropy exchange has completed with every peer since start: a new or
     /// restored region has caught up.
@@ -130,7 +131,7 @@ pub async fn cluster(region: web::Data<Region>) -> HttpResponse {
     }));
     regions.sort_by(|a, b| a.name.cmp(&b.name));
     let applied = region
-        .applied()
+        .held()
         .into_iter()
         .map(|(origin, seq)| (origin.to_string(), seq))
         .collect();

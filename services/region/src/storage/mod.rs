@@ -200,6 +200,8 @@ pub struct PeerProgress {
     pub flags: BTreeMap<String, bool>,
     /// Peer name → highest commit counter it reported.
     pub commits: BTreeMap<String, u64>,
+    /// Peer name → gaps accepted in its log (see [`Storage::submit_log_gaps`]).
+    pub gaps: BTreeMap<String, BTreeMap<Actor, u64>>,
 }
 
 /// One page of stored states of a bucket, in key order.
@@ -488,6 +490,19 @@ impl Storage {
         self.writer.submit_meta(key, vec![needed as u8])
     }
 
+    /// Persists the gaps accepted in a peer's log: per incarnation, what was applied of it
+    /// before the first gap (empty: none left).
+    pub fn submit_log_gaps(
+        &self,
+        peer: &str,
+        gaps: &BTreeMap<Actor, u64>,
+    ) -> Result<(), StorageError> {
+        let key = format!("{}{peer}", meta::LOG_GAP_PREFIX);
+        let value =
+            postcard::to_allocvec(gaps).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+        self.writer.submit_meta(key, value)
+    }
+
     /// A bucket definition, from the in-memory mirror.
     pub fn bucket(&self, name: &str) -> Option<BucketDef> {
         self.buckets.read().ok()?.get(name).cloned()
@@ -576,7 +591,7 @@ impl Storage {
             .map_err(|e| StorageError::Corrupt(e.to_string()))
     }
 
-    /// Persisted per-peer cursors and anti-entropy flags.
+    /// Persisted per-peer cursors, anti-entropy flags, commit counters and log gaps.
     pub fn peer_progress(&self) -> Result<PeerProgress, StorageError> {
         let txn = self.db.begin_read()?;
         let mut cursors = BTreeMap::new();
@@ -584,28 +599,19 @@ impl Storage {
             let (peer, seq) = entry?;
             cursors.insert(peer.value().to_string(), seq.value());
         }
-        let mut flags = BTreeMap::new();
         let meta_table = txn.open_table(META)?;
-        for entry in meta_table.range(meta::AE_NEEDED_PREFIX..)? {
-            let (key, value) = entry?;
-            let Some(peer) = key.value().strip_prefix(meta::AE_NEEDED_PREFIX) else {
-                break;
-            };
-            flags.insert(peer.to_string(), value.value() == [1]);
-        }
-        let mut commits = BTreeMap::new();
-        for entry in meta_table.range(meta::PEER_COMMITS_PREFIX..)? {
-            let (key, value) = entry?;
-            let Some(peer) = key.value().strip_prefix(meta::PEER_COMMITS_PREFIX) else {
-                break;
-            };
-            let seen = u64::from_be_bytes(value.value().try_into().unwrap_or([0; 8]));
-            commits.insert(peer.to_string(), seen);
-        }
+        let flags = per_peer(&meta_table, meta::AE_NEEDED_PREFIX, |v| Ok(v == [1]))?;
+        let commits = per_peer(&meta_table, meta::PEER_COMMITS_PREFIX, |v| {
+            Ok(u64::from_be_bytes(v.try_into().unwrap_or([0; 8])))
+        })?;
+        let gaps = per_peer(&meta_table, meta::LOG_GAP_PREFIX, |v| {
+            postcard::from_bytes(v).map_err(|e| StorageError::Corrupt(format!("log gap: {e}")))
+        })?;
         Ok(PeerProgress {
             cursors,
             flags,
             commits,
+            gaps,
         })
     }
 
@@ -759,6 +765,23 @@ fn read_meta_u64(db: &Database, key: &str) -> Result<u64, StorageError> {
         None => 0,
     };
     Ok(value)
+}
+
+/// Every `<prefix><peer>` meta entry, read by `read`.
+fn per_peer<T>(
+    table: &redb::ReadOnlyTable<&str, &[u8]>,
+    prefix: &str,
+    read: impl Fn(&[u8]) -> Result<T, StorageError>,
+) -> Result<BTreeMap<String, T>, StorageError> {
+    let mut found = BTreeMap::new();
+    for entry in table.range(prefix..)? {
+        let (key, value) = entry?;
+        let Some(peer) = key.value().strip_prefix(prefix) else {
+            break;
+        };
+        found.insert(peer.to_string(), read(value.value())?);
+    }
+    Ok(found)
 }
 
 /// Log bytes written so far and the applied vector.

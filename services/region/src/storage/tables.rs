@@ -41,6 +41,9 @@ pub mod meta {
     pub const PEER_COMMITS_PREFIX: &str = "peer_commits:";
     /// Prefix of per-peer "needs priority anti-entropy" flags (`ae_needed:<peer>`).
     pub const AE_NEEDED_PREFIX: &str = "ae_needed:";
+    /// Prefix of per-peer log gaps accepted here (`log_gap:<peer>`): per incarnation of the
+    /// peer, what was applied of it before the gap (postcard map; empty once filled).
+    pub const LOG_GAP_PREFIX: &str = "log_gap:";
     /// Highest journal record this state database holds durably (u64 big-endian).
     pub const JOURNAL_UPTO: &str = "journal_upto";
 }
