@@ -18,6 +18,11 @@ pub const BUCKET_DEF_HEADER: &str = "x-meridian-bucket-def";
 /// Header carrying the `peer_token` with a forwarded request (its `Authorization` is the
 /// client's), so the home honours the forward headers from peers only.
 pub const FORWARD_TOKEN_HEADER: &str = "x-meridian-forward-token";
+/// On a heartbeat request: the start-up question of a region that reopened its data
+/// directory, which a region still starting itself answers too.
+pub const STARTUP_QUESTION_HEADER: &str = "x-meridian-startup-question";
+/// On a 503: the region is still starting, so it applied nothing (a forward may fail over).
+pub const STARTING_HEADER: &str = "x-meridian-starting";
 
 /// A run of the origin's replication log, in sequence order (postcard body).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +67,27 @@ pub struct Heartbeat {
     /// The highest `commits` it has seen from each peer.
     #[serde(default)]
     pub seen_commits: BTreeMap<RegionName, u64>,
+    /// Origins whose log it accepted past a gap not yet filled: what it had applied before.
+    #[serde(default)]
+    pub gaps: BTreeMap<Actor, u64>,
+}
+
+impl Heartbeat {
+    /// What it is known to hold of every origin: `applied`, below any gap.
+    pub fn held(&self) -> BTreeMap<Actor, u64> {
+        let mut held = self.applied.clone();
+        below_gaps(&mut held, &self.gaps);
+        held
+    }
+}
+
+/// Lowers an applied vector to what was applied before each gap in `gaps`.
+pub fn below_gaps(applied: &mut BTreeMap<Actor, u64>, gaps: &BTreeMap<Actor, u64>) {
+    for (origin, before) in gaps {
+        if let Some(seq) = applied.get_mut(origin) {
+            *seq = (*seq).min(*before);
+        }
+    }
 }
 
 impl ReplicateBatch {

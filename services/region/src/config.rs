@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 const TEXT_FIELDS: [&str; 4] = ["region", "listen", "data_dir", "cluster_id"];
 
 /// Top-level fields that `MERIDIAN_<FIELD>` may override.
-const ENV_FIELDS: [&str; 28] = [
+const ENV_FIELDS: [&str; 29] = [
     "region",
     "listen",
     "data_dir",
@@ -31,6 +31,7 @@ const ENV_FIELDS: [&str; 28] = [
     "idempotency_ttl_secs",
     "heartbeat_interval_ms",
     "down_after_missed",
+    "startup_peer_wait_ms",
     "forward_timeout_ms",
     "ack_timeout_ms",
     "session_wait_ms",
@@ -99,6 +100,10 @@ pub struct Config {
     /// Consecutive missed heartbeats after which a peer is down.
     #[serde(default = "default_down_after_missed")]
     pub down_after_missed: u32,
+    /// How long a region reopening a data directory that holds writes waits for every peer
+    /// to say how much of it they have seen (0: asks once).
+    #[serde(default = "default_startup_peer_wait_ms")]
+    pub startup_peer_wait_ms: u64,
     /// Time limit of a write forwarded to its home region.
     #[serde(default = "default_forward_timeout_ms")]
     pub forward_timeout_ms: u64,
@@ -181,6 +186,9 @@ fn default_heartbeat_interval_ms() -> u64 {
 }
 fn default_down_after_missed() -> u32 {
     3
+}
+fn default_startup_peer_wait_ms() -> u64 {
+    3000
 }
 fn default_forward_timeout_ms() -> u64 {
     2000

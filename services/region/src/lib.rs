@@ -15,4 +15,5 @@ pub mod peers;
 pub mod region;
 pub mod repair;
 pub mod server;
+pub mod startup;
 pub mod storage;

@@ -22,7 +22,8 @@ pub struct Peer {
     last_heartbeat_ms: AtomicU64,
     /// Highest of our sequence numbers it has durably applied (its cursor in our log).
     acked: watch::Sender<u64>,
-    /// Its hints overflowed or expired: it needs priority anti-entropy.
+    /// Its hints overflowed or expired, or its log reached us with a gap: it needs priority
+    /// anti-entropy.
     ae_needed: AtomicBool,
     /// Woken when the peer comes back up.
     pub came_up: Notify,
@@ -159,15 +160,10 @@ impl Peer {
         }
     }
 
-    /// Reads what its last heartbeat said it has applied (`None` before the first answer).
-    pub fn with_applied<T>(&self, read: impl FnOnce(Option<&BTreeMap<Actor, u64>>) -> T) -> T {
-        let last = self.beat.lock();
-        read(
-            last.as_ref()
-                .ok()
-                .and_then(|l| l.as_ref())
-                .map(|(beat, _)| &beat.applied),
-        )
+    /// What its last heartbeat said it holds of every origin (`None` before the first answer).
+    pub fn held(&self) -> Option<BTreeMap<Actor, u64>> {
+        let last = self.beat.lock().ok()?;
+        last.as_ref().map(|(beat, _)| beat.held())
     }
 
     /// Its last heartbeat answer, if it arrived after `since`.

@@ -6,12 +6,14 @@ use crate::api::extract::{Ack, ReadConsistency};
 use crate::api::in_doubt::InDoubt;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::peers::{http_client, peer_request, Peer, Peers};
+use crate::peers::{Peer, Peers};
+use crate::startup::{self, StartupPort};
 use crate::storage::{BucketSource, IdempotencyRecord, OpenedDb, Storage, StorageError};
 use meridian_shared::encoding::encoded_kind;
 use meridian_shared::hlc::Hlc;
 use meridian_shared::home::rendezvous;
 use meridian_shared::session::SessionToken;
+use meridian_shared::wire::below_gaps;
 use meridian_shared::{Actor, BucketDef, BucketType, RegionName};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,6 +29,9 @@ pub enum StartError {
     /// Metrics could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The port could not answer peers' start-up questions.
+    #[error("cannot answer peers on the port: {0}")]
+    Port(std::io::Error),
 }
 
 /// Everything a request handler needs.
@@ -64,7 +69,9 @@ impl Region {
     /// Before accepting writes it asks the peers how much of its incarnation they have seen:
     /// if they have seen more than this data directory holds (a restored or copied disk), it
     /// starts a new incarnation so no sequence number or dot is ever reused.
-    pub async fn open(config: Config) -> Result<Self, StartError> {
+    /// A directory that already holds writes asks for up to `startup_peer_wait_ms`, while
+    /// `port` answers the same question for peers that are starting too.
+    pub async fn open(config: Config, port: &mut StartupPort) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new(config.region.as_str())?);
         let mut opened = OpenedDb::open(
             &config.data_dir,
@@ -73,8 +80,17 @@ impl Region {
             config.storage_cache_bytes,
             Duration::from_millis(config.checkpoint_interval_ms),
         )?;
-        let seen = peers_have_seen(&config, opened.identity().incarnation).await;
         let mut without_history = opened.commits() == 0 && opened.last_seq() == 0;
+        // A directory without writes has nothing to reuse: one round of questions, only to
+        // count the peers that answer up at once.
+        let wait = if without_history || config.peers.is_empty() {
+            Duration::ZERO
+        } else {
+            port.answer_peers(&config, startup::heartbeat_from_disk(&config, &opened)?)
+                .map_err(StartError::Port)?;
+            Duration::from_millis(config.startup_peer_wait_ms)
+        };
+        let seen = startup::peers_have_seen(&config, opened.identity().incarnation, wait).await;
         if seen.commits > opened.commits() {
             tracing::warn!(
                 seen = seen.commits,
@@ -244,16 +260,18 @@ impl Region {
     /// what session reads and tombstone GC rely on.
     pub fn held(&self) -> BTreeMap<Actor, u64> {
         let mut held = self.applied();
-        for peer in self.peers.iter() {
-            peer.with_gaps(|gaps| {
-                for (incarnation, before) in gaps {
-                    if let Some(seq) = held.get_mut(incarnation) {
-                        *seq = (*seq).min(*before);
-                    }
-                }
-            });
-        }
+        below_gaps(&mut held, &self.gaps());
         held
+    }
+
+    /// Per origin incarnation whose log was accepted here past a gap not yet filled, what was
+    /// applied of it before.
+    pub fn gaps(&self) -> BTreeMap<Actor, u64> {
+        let mut all = BTreeMap::new();
+        for peer in self.peers.iter() {
+            peer.with_gaps(|gaps| all.extend(gaps.iter().map(|(k, v)| (*k, *v))));
+        }
+        all
     }
 
     /// Calls `each` for every entry of [`Region::applied`], without building the map.
@@ -284,7 +302,7 @@ impl Region {
     pub fn note_peer_applied(&self) {
         let mut everywhere = self.held();
         for peer in self.peers.iter() {
-            peer.with_applied(|theirs| match theirs {
+            match peer.held() {
                 // Not heard from yet: nothing is known to be everywhere.
                 None => everywhere.clear(),
                 Some(theirs) => {
@@ -292,7 +310,7 @@ impl Region {
                         *seq = (*seq).min(theirs.get(origin).copied().unwrap_or(0));
                     }
                 }
-            });
+            }
         }
         if let Ok(mut stored) = self.applied_everywhere.write() {
             *stored = everywhere;
@@ -501,50 +519,4 @@ impl Region {
             }
         }
     }
-}
-
-/// What reachable peers have seen of this region.
-#[derive(Debug, Default)]
-struct Seen {
-    /// The most any has applied of our incarnation's log.
-    seq: u64,
-    /// The highest commit counter any has seen from us.
-    commits: u64,
-    /// The peers that answered as themselves: they start up, not waiting for a heartbeat.
-    answered: Vec<RegionName>,
-}
-
-/// What the reachable peers have seen of this region (zero when none answers in time).
-async fn peers_have_seen(config: &Config, incarnation: Actor) -> Seen {
-    let client = http_client();
-    let asks = config.peers.iter().map(|(name, url)| {
-        let url = format!("{}/internal/v1/heartbeat", url.trim_end_matches('/'));
-        let request = peer_request(client.get(url), config).timeout(Duration::from_secs(1));
-        async move {
-            let response = request.send().await.ok()?;
-            let beat: meridian_shared::wire::Heartbeat = response.json().await.ok()?;
-            // Only the peer itself counts (membership refuses a URL that answers as another).
-            let itself = beat.region == *name
-                && beat.cluster_id == config.cluster_id
-                && beat.version == meridian_shared::wire::PROTOCOL_VERSION;
-            itself.then(|| {
-                (
-                    name.clone(),
-                    beat.applied.get(&incarnation).copied().unwrap_or(0),
-                    beat.seen_commits.get(&config.region).copied().unwrap_or(0),
-                )
-            })
-        }
-    });
-    let mut seen = Seen::default();
-    for (name, seq, commits) in futures_util::future::join_all(asks)
-        .await
-        .into_iter()
-        .flatten()
-    {
-        seen.seq = seen.seq.max(seq);
-        seen.commits = seen.commits.max(commits);
-        seen.answered.push(name);
-    }
-    seen
 }

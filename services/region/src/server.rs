@@ -3,11 +3,10 @@
 use crate::api;
 use crate::config::Config;
 use crate::region::Region;
+use crate::startup::StartupPort;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
-use socket2::{Domain, Protocol, Socket, Type};
-use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_actix_web::TracingLogger;
@@ -17,10 +16,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
     let workers = config.worker_threads();
     // The port is taken before anything starts, so a port in use is a plain error; it only
-    // accepts connections once the region can serve them (until then, they are refused).
-    let port = reserve(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    // accepts connections once the region can serve them (until then, they are refused) or
+    // answer peers' start-up questions.
+    let mut port =
+        StartupPort::reserve(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let (name, dir) = (config.region.clone(), config.data_dir.clone());
-    let region = Region::open(config).await.with_context(|| {
+    let region = Region::open(config, &mut port).await.with_context(|| {
         format!(
             "cannot start region {name} on data directory {}",
             dir.display()
@@ -60,10 +61,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .workers(workers)
     .shutdown_timeout(10)
     .disable_signals()
-    .listen(open(port).with_context(|| format!("cannot listen on {listen}"))?)
+    .listen(
+        port.listen()
+            .and_then(|l| l.try_clone())
+            .with_context(|| format!("cannot listen on {listen}"))?,
+    )
     .with_context(|| format!("cannot listen on {listen}"))?
     .run();
     let handle = server.handle();
+    let server = actix_web::rt::spawn(server);
+    // Connections that arrive meanwhile wait in the backlog for the region's server.
+    port.retire().await;
     actix_web::rt::spawn(async move {
         tokio::select! {
             _ = terminate.recv() => {}
@@ -72,26 +80,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("stop requested; finishing requests in flight");
         handle.stop(true).await;
     });
-    server.await.context("HTTP server failed")?;
+    server
+        .await
+        .context("HTTP server stopped")?
+        .context("HTTP server failed")?;
     if let Err(error) = region.storage.checkpoint().await {
         tracing::warn!(%error, "no checkpoint at stop; the journal is replayed at the next start");
     }
     tracing::info!("region stopped");
     Ok(())
-}
-
-/// A TCP socket bound to `addr` but not listening yet: the port is ours, and connections to
-/// it are refused (so peers fail over safely) until [`open`].
-fn reserve(addr: SocketAddr) -> std::io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    // Restarts must not wait for the previous process's connections in TIME_WAIT.
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    Ok(socket)
-}
-
-/// Starts accepting connections on a reserved socket.
-fn open(socket: Socket) -> std::io::Result<TcpListener> {
-    socket.listen(4096)?;
-    Ok(socket.into())
 }

@@ -150,3 +150,68 @@ async fn a_region_restored_from_an_old_copy_of_its_disk_does_not_reuse_sequence_
     write(&cluster, "eu-west", 5, &["c"]).await;
     peers_hold(&cluster, &["us-east", "ap-south"], 12, &["a", "b", "c"]).await;
 }
+
+#[tokio::test]
+async fn a_restored_copy_started_with_the_whole_cluster_does_not_reuse_sequence_numbers() {
+    // Every region starts at the same moment (compose up after a restore): none listens yet
+    // when the others ask who they are, so each answers from its disk while it asks.
+    let mut cluster = Cluster::start(&REGIONS, "startup_peer_wait_ms = 1500\n").await;
+    cluster
+        .create_buckets(
+            "eu-west",
+            &[("cnt", "counter"), ("set", "set")],
+            Some("eu-west"),
+        )
+        .await;
+    write(&cluster, "eu-west", 3, &["a"]).await;
+    peers_hold(&cluster, &["us-east", "ap-south"], 3, &["a"]).await;
+    let snapshot = tempfile::tempdir().expect("snapshot dir");
+    let region = cluster.region_mut("eu-west");
+    region.stop();
+    copy_dir(&region.data_dir(), snapshot.path());
+    region.restart().await;
+    let before = incarnation(&cluster, "eu-west").await;
+    write(&cluster, "eu-west", 4, &["b"]).await;
+    peers_hold(&cluster, &["us-east", "ap-south"], 7, &["a", "b"]).await;
+
+    for region in cluster.regions.iter_mut() {
+        region.stop();
+    }
+    let data = cluster.region("eu-west").data_dir();
+    std::fs::remove_dir_all(&data).expect("remove data");
+    copy_dir(snapshot.path(), &data);
+    for region in cluster.regions.iter_mut() {
+        region.relaunch();
+    }
+    for region in cluster.regions.iter_mut() {
+        region.wait_ready().await;
+    }
+    // Before: nobody answered its one question at start, and it kept the old incarnation.
+    assert_ne!(
+        incarnation(&cluster, "eu-west").await,
+        before,
+        "restored copy must re-incarnate"
+    );
+    cluster.wait_all_up().await;
+    write(&cluster, "eu-west", 5, &["c"]).await;
+    peers_hold(&cluster, &["us-east", "ap-south"], 12, &["a", "b", "c"]).await;
+
+    // With no peer to answer, a reopened region waits a bounded time, then serves.
+    for name in ["us-east", "ap-south"] {
+        cluster.region_mut(name).stop();
+    }
+    let region = cluster.region_mut("eu-west");
+    let started = std::time::Instant::now();
+    region.restart().await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "it asked its peers for (about) the whole wait: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        region
+            .log()
+            .contains("not every peer answered the start-up question"),
+        "says why it waited"
+    );
+}

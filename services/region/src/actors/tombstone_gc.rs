@@ -186,8 +186,8 @@ async fn await_horizon(region: &Region) -> Result<(), String> {
     for incarnation in &current {
         let highest = beats
             .iter()
-            .map(|b| &b.applied)
-            .chain(std::iter::once(&own))
+            .map(|b| b.held())
+            .chain(std::iter::once(own.clone()))
             .filter_map(|applied| applied.get(incarnation).copied())
             .max()
             .unwrap_or(0);
@@ -203,7 +203,7 @@ async fn await_horizon(region: &Region) -> Result<(), String> {
         tokio::time::sleep(poll * 2).await;
         let fresh: Option<Vec<_>> = region.peers.iter().map(|p| p.beat_since(since)).collect();
         if let Some(fresh) = fresh {
-            if covers(&region.held()) && fresh.iter().all(|b| covers(&b.applied)) {
+            if covers(&region.held()) && fresh.iter().all(|b| covers(&b.held())) {
                 return Ok(());
             }
         }

@@ -1,7 +1,7 @@
 //! Forwarding a request to the key's home region.
 //!
 //! Failover is allowed only when the forward certainly did not apply: the home is marked down,
-//! or the connection could not be made. When the request may have reached the home (a timeout
+//! the connection could not be made, or the home answered that it is still starting. When the request may have reached the home (a timeout
 //! after sending, a broken answer) the client gets 503: applying it here too could count a
 //! counter increment twice. Its Idempotency-Key stays in doubt (see `in_doubt`) until the home
 //! answers for it, so that a retry does not fail over either.
@@ -14,7 +14,9 @@ use super::extract::{
 use crate::region::Region;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse};
-use meridian_shared::wire::{BUCKET_DEF_HEADER, FORWARDED_HEADER, FORWARD_TOKEN_HEADER};
+use meridian_shared::wire::{
+    BUCKET_DEF_HEADER, FORWARDED_HEADER, FORWARD_TOKEN_HEADER, STARTING_HEADER,
+};
 use meridian_shared::{BucketDef, RegionName};
 use percent_encoding::{percent_decode_str, percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use std::time::Duration;
@@ -203,6 +205,17 @@ pub async fn forward(
         }
         Err(e) => return Err(unknown(e.to_string())),
     };
+    if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
+        && response.headers().contains_key(STARTING_HEADER)
+    {
+        // The home is still starting (asking its peers who it is): it applied nothing.
+        if let Some(attempt) = attempt {
+            region.in_doubt.not_sent(attempt);
+        }
+        peer.mark_down("home is starting");
+        outcome("refused");
+        return Ok(Forwarded::HomeUnreachable);
+    }
     let status =
         StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let headers: Vec<(&'static str, Vec<u8>)> = PASSED_RESPONSE_HEADERS

@@ -2,10 +2,12 @@
 //! routes live in `anti_entropy.rs`).
 
 use super::error::ApiError;
+use crate::config::Config;
 use crate::region::Region;
 use crate::storage::IdempotencyRecord;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::HeaderMap;
 use actix_web::http::StatusCode;
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -34,34 +36,32 @@ async fn require_peer(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     if let Some(region) = req.app_data::<web::Data<Region>>() {
-        if let Some(expected) = &region.config.security.peer_token {
-            let presented = super::bearer_token(&req);
-            if !presented.is_some_and(|p| super::constant_time_eq(expected, p)) {
-                return Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "region-to-region requests need the cluster's peer token",
-                )
-                .into());
-            }
-        }
-        let cluster = req
-            .headers()
-            .get(CLUSTER_HEADER)
-            .and_then(|v| v.to_str().ok());
-        if cluster != Some(region.config.cluster_id.as_str()) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "wrong_cluster",
-                format!(
-                    "this region belongs to cluster {:?}",
-                    region.config.cluster_id
-                ),
-            )
-            .into());
-        }
+        check_peer(&region.config, req.headers())?;
     }
     next.call(req).await
+}
+
+/// Whether a request comes from a peer of this cluster (with the peer token when configured).
+pub fn check_peer(config: &Config, headers: &HeaderMap) -> Result<(), ApiError> {
+    if let Some(expected) = &config.security.peer_token {
+        let presented = super::bearer_token(headers);
+        if !presented.is_some_and(|p| super::constant_time_eq(expected, p)) {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "region-to-region requests need the cluster's peer token",
+            ));
+        }
+    }
+    let cluster = headers.get(CLUSTER_HEADER).and_then(|v| v.to_str().ok());
+    if cluster != Some(config.cluster_id.as_str()) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "wrong_cluster",
+            format!("this region belongs to cluster {:?}", config.cluster_id),
+        ));
+    }
+    Ok(())
 }
 
 /// This region's identity and progress.
@@ -72,13 +72,14 @@ async fn heartbeat(region: web::Data<Region>) -> HttpResponse {
         cluster_id: region.config.cluster_id.clone(),
         incarnation: region.storage.identity().incarnation,
         last_seq: region.storage.last_seq(),
-        applied: region.held(),
+        applied: region.applied(),
         commits: region.storage.commits(),
         seen_commits: region
             .peers
             .iter()
             .map(|p| (p.name.clone(), p.seen_commits()))
             .collect(),
+        gaps: region.gaps(),
     })
 }
 

@@ -130,7 +130,7 @@ async fn require_client_token(
     if let Some(region) = req.app_data::<web::Data<Region>>() {
         let tokens = &region.config.security.client_tokens;
         if !tokens.is_empty() {
-            let presented = bearer_token(&req);
+            let presented = bearer_token(req.headers());
             if !presented.is_some_and(|p| tokens.iter().any(|t| constant_time_eq(t, p))) {
                 return Err(ApiError::new(
                     StatusCode::UNAUTHORIZED,
@@ -145,8 +145,8 @@ async fn require_client_token(
 }
 
 /// The token of an `Authorization: Bearer <token>` header (the scheme in any case, RFC 7235).
-pub(crate) fn bearer_token(req: &ServiceRequest) -> Option<&str> {
-    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+pub(crate) fn bearer_token(headers: &header::HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }

@@ -60,7 +60,8 @@ pub struct RegionStatus {
     pub hints: Option<u64>,
     /// The last anti-entropy exchange with it since this region started, if any.
     pub last_anti_entropy: Option<ExchangeReport>,
-    /// Its hints overflowed or expired: waiting for priority anti-entropy.
+    /// Waiting for a priority anti-entropy exchange: its hints overflowed or expired here, or
+    /// its log reached this region with a gap.
     pub needs_anti_entropy: bool,
     /// Milliseconds since it last answered (null if never).
     pub last_contact_ms_ago: Option<u64>,

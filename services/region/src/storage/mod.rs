@@ -157,6 +157,12 @@ impl OpenedDb {
         self.commits
     }
 
+    /// The applied vector and what is persisted about each peer, as the writer will load them.
+    pub fn progress(&self) -> Result<(BTreeMap<Actor, u64>, PeerProgress), StorageError> {
+        let (_, applied) = load_progress(&self.db)?;
+        Ok((applied, read_peer_progress(&self.db)?))
+    }
+
     /// Starts a new incarnation: peers have seen more of the old one than this copy holds, so
     /// its sequence numbers and dots must never be reused. The old log is dropped with it.
     /// With `forget_states` (peers saw more commits than this copy holds: a restored old copy)
@@ -593,26 +599,7 @@ impl Storage {
 
     /// Persisted per-peer cursors, anti-entropy flags, commit counters and log gaps.
     pub fn peer_progress(&self) -> Result<PeerProgress, StorageError> {
-        let txn = self.db.begin_read()?;
-        let mut cursors = BTreeMap::new();
-        for entry in txn.open_table(PEER_CURSORS)?.iter()? {
-            let (peer, seq) = entry?;
-            cursors.insert(peer.value().to_string(), seq.value());
-        }
-        let meta_table = txn.open_table(META)?;
-        let flags = per_peer(&meta_table, meta::AE_NEEDED_PREFIX, |v| Ok(v == [1]))?;
-        let commits = per_peer(&meta_table, meta::PEER_COMMITS_PREFIX, |v| {
-            Ok(u64::from_be_bytes(v.try_into().unwrap_or([0; 8])))
-        })?;
-        let gaps = per_peer(&meta_table, meta::LOG_GAP_PREFIX, |v| {
-            postcard::from_bytes(v).map_err(|e| StorageError::Corrupt(format!("log gap: {e}")))
-        })?;
-        Ok(PeerProgress {
-            cursors,
-            flags,
-            commits,
-            gaps,
-        })
+        read_peer_progress(&self.db)
     }
 
     /// Up to `limit` stored states in `bucket` after key `after` whose type is not `kind`.
@@ -765,6 +752,30 @@ fn read_meta_u64(db: &Database, key: &str) -> Result<u64, StorageError> {
         None => 0,
     };
     Ok(value)
+}
+
+/// Persisted per-peer cursors, anti-entropy flags, commit counters and log gaps.
+fn read_peer_progress(db: &Database) -> Result<PeerProgress, StorageError> {
+    let txn = db.begin_read()?;
+    let mut cursors = BTreeMap::new();
+    for entry in txn.open_table(PEER_CURSORS)?.iter()? {
+        let (peer, seq) = entry?;
+        cursors.insert(peer.value().to_string(), seq.value());
+    }
+    let meta_table = txn.open_table(META)?;
+    let flags = per_peer(&meta_table, meta::AE_NEEDED_PREFIX, |v| Ok(v == [1]))?;
+    let commits = per_peer(&meta_table, meta::PEER_COMMITS_PREFIX, |v| {
+        Ok(u64::from_be_bytes(v.try_into().unwrap_or([0; 8])))
+    })?;
+    let gaps = per_peer(&meta_table, meta::LOG_GAP_PREFIX, |v| {
+        postcard::from_bytes(v).map_err(|e| StorageError::Corrupt(format!("log gap: {e}")))
+    })?;
+    Ok(PeerProgress {
+        cursors,
+        flags,
+        commits,
+        gaps,
+    })
 }
 
 /// Every `<prefix><peer>` meta entry, read by `read`.

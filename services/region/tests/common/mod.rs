@@ -234,13 +234,21 @@ impl Region {
         self.wait_ready().await;
     }
 
+    /// Starts the (stopped) process again without waiting for it: regions started together
+    /// with [`Region::relaunch`], then each awaited with [`Region::wait_ready`].
+    pub fn relaunch(&mut self) {
+        self.client = new_client();
+        self.spawn();
+    }
+
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "region {} already running", self.name);
         let child = spawn_meridian(&self.config, &self.log, &self.env);
         self.child = Some(child);
     }
 
-    async fn wait_ready(&mut self) {
+    /// Waits until the process answers `/readyz` with 200.
+    pub async fn wait_ready(&mut self) {
         let deadline = Instant::now() + READY_TIMEOUT;
         let url = format!("{}/readyz", self.url());
         loop {
