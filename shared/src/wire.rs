@@ -23,6 +23,9 @@ pub const FORWARD_TOKEN_HEADER: &str = "x-meridian-forward-token";
 pub const STARTUP_QUESTION_HEADER: &str = "x-meridian-startup-question";
 /// On a 503: the region is still starting, so it applied nothing (a forward may fail over).
 pub const STARTING_HEADER: &str = "x-meridian-starting";
+/// On an error: this request applied nothing (a forwarder's retry of it need not wait for the
+/// home; a proxy's own 503 never carries it).
+pub const NOT_APPLIED_HEADER: &str = "x-meridian-not-applied";
 
 /// A run of the origin's replication log, in sequence order (postcard body).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -483,7 +483,8 @@ impl Region {
              ({} down); nothing was written",
             format!("{ack:?}").to_lowercase(),
             down.join(", ")
-        )))
+        ))
+        .nothing_applied())
     }
 
     /// Waits until enough peers have durably applied `seq` (504 when they do not in time).

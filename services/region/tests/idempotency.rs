@@ -355,3 +355,42 @@ async fn a_retry_after_a_forward_with_an_unknown_outcome_waits_for_the_home_not_
         "the keyed increment applied once: {value}"
     );
 }
+
+#[tokio::test]
+async fn a_retry_of_a_write_the_home_refused_unapplied_may_fail_over_later() {
+    // The home refuses an ack=quorum write up front (it sees no other region up) and says
+    // nothing was applied. When the home then goes down, a retry with the same key fails over
+    // instead of waiting for the home (before: 503 for the records' whole lifetime).
+    let cluster = Cluster::start(&["us-east", "eu-west", "ap-south"], "").await;
+    cluster
+        .create_buckets("us-east", &[("ref", "counter")], None)
+        .await;
+    let home = "eu-west";
+    let hits = kv("ref", &cluster.key_homed_at("ref", home, "hits"));
+    let path = format!("{hits}/increment?ack=quorum");
+    let key = uuid::Uuid::new_v4().to_string();
+    let headers = [("Idempotency-Key", key.as_str())];
+    cluster.link(home, "us-east").cut();
+    cluster.link(home, "ap-south").cut();
+    cluster.wait_status(home, "us-east", "down").await;
+    cluster.wait_status(home, "ap-south", "down").await;
+
+    let east = cluster.region("us-east");
+    let refused = east.post_with(&path, &json!({ "by": 5 }), &headers).await;
+    assert_error(&refused, 503, "unavailable");
+
+    cluster.link("us-east", home).cut();
+    cluster.wait_status("us-east", home, "down").await;
+    let retry = east.post_with(&path, &json!({ "by": 5 }), &headers).await;
+    retry.expect(200);
+    assert_eq!(
+        retry.header("x-meridian-failover"),
+        Some("true"),
+        "{retry:?}"
+    );
+    assert_eq!(east.get(&hits).await.body["value"], json!(5));
+
+    cluster.heal_all();
+    let value = cluster.converged(&hits, Duration::from_secs(20)).await;
+    assert_eq!(value["value"], json!(5), "applied once: {value}");
+}

@@ -4,6 +4,7 @@ use crate::actors::partition::WriteError;
 use crate::storage::StorageError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
+use meridian_shared::wire::NOT_APPLIED_HEADER;
 use meridian_shared::StateError;
 use serde::Serialize;
 use std::fmt;
@@ -19,6 +20,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for `Retry-After` (429/503).
     pub retry_after: Option<u32>,
+    /// The request certainly applied nothing (said in a header, for forwarders).
+    pub not_applied: bool,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -40,7 +43,14 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            not_applied: false,
         }
+    }
+
+    /// Marks the error as refused before anything was applied.
+    pub fn nothing_applied(mut self) -> Self {
+        self.not_applied = true;
+        self
     }
 
     /// 400 with a code.
@@ -101,6 +111,9 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status);
         if let Some(seconds) = self.retry_after {
             response.insert_header((header::RETRY_AFTER, seconds.to_string()));
+        }
+        if self.not_applied {
+            response.insert_header((NOT_APPLIED_HEADER, "true"));
         }
         if self.status == StatusCode::UNAUTHORIZED {
             // RFC 7235: a 401 names the scheme that would be accepted.

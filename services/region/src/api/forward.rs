@@ -15,7 +15,7 @@ use crate::region::Region;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse};
 use meridian_shared::wire::{
-    BUCKET_DEF_HEADER, FORWARDED_HEADER, FORWARD_TOKEN_HEADER, STARTING_HEADER,
+    BUCKET_DEF_HEADER, FORWARDED_HEADER, FORWARD_TOKEN_HEADER, NOT_APPLIED_HEADER, STARTING_HEADER,
 };
 use meridian_shared::{BucketDef, RegionName};
 use percent_encoding::{percent_decode_str, percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -190,7 +190,7 @@ pub async fn forward(
     };
     // In doubt from before it is sent until the home answers: also when this future is
     // dropped on the way (the client went away), the home may still apply it.
-    let attempt = idempotency.map(|id| region.in_doubt.begin(id));
+    let mut attempt = idempotency.map(|id| region.in_doubt.begin(id));
     let response = match request.send().instrument(span.clone()).await {
         Ok(response) => response,
         Err(e) if e.is_connect() => {
@@ -215,6 +215,12 @@ pub async fn forward(
         peer.mark_down("home is starting");
         outcome("refused");
         return Ok(Forwarded::HomeUnreachable);
+    }
+    if response.headers().contains_key(NOT_APPLIED_HEADER) {
+        // The home refused it before applying anything: a retry may fail over later.
+        if let Some(attempt) = attempt.take() {
+            region.in_doubt.not_sent(attempt);
+        }
     }
     let status =
         StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);

@@ -4,7 +4,8 @@
 //! overloaded home reads it from its socket when it resumes. A retry with the same
 //! Idempotency-Key must then not fail over here, or the write is applied twice (once by the
 //! home, once here). It waits for the home instead (503 with Retry-After) until the home has
-//! answered it with success: from then on the home holds its record and replays it.
+//! answered it with success (from then on the home holds its record and replays it), or has
+//! said that this attempt applied nothing.
 //!
 //! Kept in memory, per region, for at most the idempotency records' lifetime: a retry sent to
 //! another region, or after this one restarts, is not covered.
