@@ -2,7 +2,7 @@
 
 use crate::clock::now_ms;
 use crate::config::Config;
-use crate::storage::PeerProgress;
+use crate::storage::{LogGap, PeerProgress};
 use meridian_shared::wire::{Heartbeat, CLUSTER_HEADER, PEER_HEADER};
 use meridian_shared::{Actor, RegionName};
 use std::collections::BTreeMap;
@@ -40,10 +40,9 @@ pub struct Peer {
     beat: std::sync::Mutex<Option<(Heartbeat, std::time::Instant)>>,
     /// The highest commit counter it reported.
     seen_commits: AtomicU64,
-    /// Gaps accepted in its log (its hints for us were dropped): per incarnation, what was
-    /// applied of it before the first gap. Until an exchange fills them, our applied vector
-    /// claims entries we may lack.
-    gaps: std::sync::Mutex<BTreeMap<Actor, u64>>,
+    /// Gaps accepted in its log (its hints for us were dropped), per incarnation. Until an
+    /// exchange fills them, our applied vector claims entries we may lack.
+    gaps: std::sync::Mutex<BTreeMap<Actor, LogGap>>,
 }
 
 /// What one anti-entropy exchange with a peer did (shown in `/v1/cluster`).
@@ -183,35 +182,53 @@ impl Peer {
         self.last_exchange.lock().ok()?.clone()
     }
 
-    /// Records a gap accepted in its log of `incarnation`, applied up to `before`; returns
-    /// every gap to persist, or `None` when an earlier one already covers it.
-    pub fn add_gap(&self, incarnation: Actor, before: u64) -> Option<BTreeMap<Actor, u64>> {
-        let mut gaps = self.gaps.lock().ok()?;
-        if gaps.get(&incarnation).is_some_and(|b| *b <= before) {
-            return None;
+    /// Records that its log of `incarnation` is accepted past a gap, from `before` to `upto`;
+    /// `persist` queues the new set under the same lock, so the disk sees changes in order.
+    pub fn add_gap<E>(
+        &self,
+        incarnation: Actor,
+        gap: LogGap,
+        persist: impl FnOnce(&BTreeMap<Actor, LogGap>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut gaps = self.gaps.lock().unwrap_or_else(|p| p.into_inner());
+        let merged = match gaps.get(&incarnation) {
+            Some(old) => LogGap {
+                before: old.before.min(gap.before),
+                upto: old.upto.max(gap.upto),
+            },
+            None => gap,
+        };
+        if gaps.get(&incarnation) == Some(&merged) {
+            return Ok(());
         }
-        gaps.insert(incarnation, before);
-        Some(gaps.clone())
+        // Kept in memory only once queued: a retry of the batch must find it missing.
+        let mut next = gaps.clone();
+        next.insert(incarnation, merged);
+        persist(&next)?;
+        *gaps = next;
+        Ok(())
     }
 
-    /// Forgets its gaps (an exchange filled them); returns whether there were any.
-    pub fn clear_gaps(&self) -> bool {
-        self.gaps
-            .lock()
-            .map(|mut g| {
-                let had = !g.is_empty();
-                g.clear();
-                had
-            })
-            .unwrap_or(false)
+    /// Forgets the gaps that `held` (what a peer held when a complete exchange with it began)
+    /// covers; `persist` queues the rest under the same lock. Returns how many were filled.
+    pub fn fill_gaps<E>(
+        &self,
+        held: &BTreeMap<Actor, u64>,
+        persist: impl FnOnce(&BTreeMap<Actor, LogGap>) -> Result<(), E>,
+    ) -> Result<usize, E> {
+        let mut gaps = self.gaps.lock().unwrap_or_else(|p| p.into_inner());
+        let before = gaps.len();
+        gaps.retain(|incarnation, gap| held.get(incarnation).copied().unwrap_or(0) < gap.upto);
+        let filled = before - gaps.len();
+        if filled > 0 {
+            persist(&gaps)?;
+        }
+        Ok(filled)
     }
 
     /// Reads its gaps in place.
-    pub fn with_gaps<T>(&self, read: impl FnOnce(&BTreeMap<Actor, u64>) -> T) -> T {
-        match self.gaps.lock() {
-            Ok(gaps) => read(&gaps),
-            Err(poisoned) => read(&poisoned.into_inner()),
-        }
+    pub fn with_gaps<T>(&self, read: impl FnOnce(&BTreeMap<Actor, LogGap>) -> T) -> T {
+        read(&self.gaps.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Milliseconds since the last successful contact (None if never).

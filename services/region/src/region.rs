@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::peers::{Peer, Peers};
 use crate::startup::{self, StartupPort};
-use crate::storage::{BucketSource, IdempotencyRecord, OpenedDb, Storage, StorageError};
+use crate::storage::{BucketSource, IdempotencyRecord, LogGap, OpenedDb, Storage, StorageError};
 use meridian_shared::encoding::encoded_kind;
 use meridian_shared::hlc::Hlc;
 use meridian_shared::home::rendezvous;
@@ -117,7 +117,7 @@ impl Region {
         // the first heartbeat round.
         peers
             .iter()
-            .filter(|p| seen.answered.contains(&p.name))
+            .filter(|p| seen.serving.contains(&p.name))
             .for_each(|p| p.heard_from());
         let shared = Arc::new(PartitionShared {
             storage: storage.clone(),
@@ -269,7 +269,7 @@ impl Region {
     pub fn gaps(&self) -> BTreeMap<Actor, u64> {
         let mut all = BTreeMap::new();
         for peer in self.peers.iter() {
-            peer.with_gaps(|gaps| all.extend(gaps.iter().map(|(k, v)| (*k, *v))));
+            peer.with_gaps(|gaps| all.extend(gaps.iter().map(|(k, g)| (*k, g.before))));
         }
         all
     }
@@ -394,19 +394,41 @@ impl Region {
         }
     }
 
-    /// Records that `origin`'s log of `incarnation` is accepted past a gap here, applied up to
-    /// `before` until then: the applied vector then claims entries this region never got.
-    /// Queued before the applied mark that jumps the gap, so it is durable no later.
-    pub fn accept_log_gap(&self, origin: &str, incarnation: Actor, before: u64) {
+    /// Records that `origin`'s log of `incarnation` is accepted past a gap here, its applied
+    /// mark jumping from `before` to `upto`: the applied vector then claims entries this
+    /// region never got. Queued before that mark, so it is durable no later.
+    pub fn accept_log_gap(
+        &self,
+        origin: &str,
+        incarnation: Actor,
+        gap: LogGap,
+    ) -> Result<(), ApiError> {
         let Some(peer) = self.peers.iter().find(|p| p.name.as_str() == origin) else {
-            return;
+            return Err(ApiError::new(
+                actix_web::http::StatusCode::FORBIDDEN,
+                "unknown_peer",
+                format!("{origin} is not a peer of this region"),
+            ));
         };
-        if let Some(gaps) = peer.add_gap(incarnation, before) {
-            if let Err(error) = self.storage.submit_log_gaps(origin, &gaps) {
-                tracing::error!(peer = origin, %error, "could not record a log gap");
+        peer.add_gap(incarnation, gap, |gaps| {
+            self.storage.submit_log_gaps(origin, gaps)
+        })?;
+        self.flag_for_anti_entropy(peer, "its log reached us with a gap");
+        Ok(())
+    }
+
+    /// After a complete exchange with a peer that held `held` when it began: this region now
+    /// holds that much too, so the gaps it covers are filled.
+    pub fn fill_gaps(&self, held: &BTreeMap<Actor, u64>) -> Result<(), StorageError> {
+        for peer in self.peers.iter() {
+            let filled = peer.fill_gaps(held, |gaps| {
+                self.storage.submit_log_gaps(peer.name.as_str(), gaps)
+            })?;
+            if filled > 0 {
+                tracing::info!(peer = %peer.name, filled, "anti-entropy filled gaps in its log");
             }
         }
-        self.flag_for_anti_entropy(peer, "its log reached us with a gap");
+        Ok(())
     }
 
     /// False while this region started without its history and no exchange has refilled it.

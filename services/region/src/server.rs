@@ -15,13 +15,23 @@ use tracing_actix_web::TracingLogger;
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listen = config.listen;
     let workers = config.worker_threads();
+    // Listening for SIGTERM/SIGINT from the start: a stop while the region starts, or as soon
+    // as it answers, would otherwise meet the default action (death, no checkpoint), since
+    // actix-web registers its own handlers only once its server runs.
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
     // The port is taken before anything starts, so a port in use is a plain error; it only
     // accepts connections once the region can serve them (until then, they are refused) or
     // answer peers' start-up questions.
     let mut port =
         StartupPort::reserve(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let (name, dir) = (config.region.clone(), config.data_dir.clone());
-    let region = Region::open(config, &mut port).await.with_context(|| {
+    let opened = tokio::select! {
+        opened = Region::open(config, &mut port) => opened,
+        _ = terminate.recv() => return stopped_while_starting(),
+        _ = interrupt.recv() => return stopped_while_starting(),
+    };
+    let region = opened.with_context(|| {
         format!(
             "cannot start region {name} on data directory {}",
             dir.display()
@@ -38,11 +48,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         %listen,
         "region ready"
     );
-    // Listening for SIGTERM/SIGINT from before the port opens: a stop that arrives as soon as
-    // the region answers would otherwise meet the default action (death, no checkpoint),
-    // since actix-web registers its own handlers only once its server runs.
-    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
     let openapi = Arc::new(api::openapi::document());
     let app_region = region.clone();
     let max_batch_bytes = region.config.max_peer_body_bytes();
@@ -66,12 +71,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .and_then(|l| l.try_clone())
             .with_context(|| format!("cannot listen on {listen}"))?,
     )
-    .with_context(|| format!("cannot listen on {listen}"))?
-    .run();
-    let handle = server.handle();
-    let server = actix_web::rt::spawn(server);
-    // Connections that arrive meanwhile wait in the backlog for the region's server.
+    .with_context(|| format!("cannot listen on {listen}"))?;
+    // The start-up responder stops before the region's server accepts: connections that
+    // arrive meanwhile wait in the backlog, and none is answered "starting" by mistake.
     port.retire().await;
+    let server = server.run();
+    let handle = server.handle();
     actix_web::rt::spawn(async move {
         tokio::select! {
             _ = terminate.recv() => {}
@@ -80,13 +85,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("stop requested; finishing requests in flight");
         handle.stop(true).await;
     });
-    server
-        .await
-        .context("HTTP server stopped")?
-        .context("HTTP server failed")?;
+    server.await.context("HTTP server failed")?;
     if let Err(error) = region.storage.checkpoint().await {
         tracing::warn!(%error, "no checkpoint at stop; the journal is replayed at the next start");
     }
     tracing::info!("region stopped");
+    Ok(())
+}
+
+/// A stop asked for before the region served: nothing was accepted, nothing to finish.
+fn stopped_while_starting() -> anyhow::Result<()> {
+    tracing::info!("stop requested while starting; nothing was served");
     Ok(())
 }

@@ -32,8 +32,9 @@ pub struct Seen {
     pub seq: u64,
     /// The highest commit counter any has seen from us.
     pub commits: u64,
-    /// The peers that answered as themselves: they start up, not waiting for a heartbeat.
-    pub answered: Vec<RegionName>,
+    /// The peers that answered as themselves and already serve: they start up, not waiting
+    /// for a heartbeat.
+    pub serving: Vec<RegionName>,
 }
 
 /// Asks every peer what it has seen of `incarnation`, again until each has answered or `wait`
@@ -53,19 +54,20 @@ pub async fn peers_have_seen(config: &Config, incarnation: Actor, wait: Duration
             }
         }
     });
-    let mut seen = Seen::default();
-    for (name, seq, commits) in futures_util::future::join_all(asks)
+    let answers: Vec<Answer> = futures_util::future::join_all(asks)
         .await
         .into_iter()
         .flatten()
-    {
-        seen.seq = seen.seq.max(seq);
-        seen.commits = seen.commits.max(commits);
-        seen.answered.push(name);
+        .collect();
+    let mut seen = Seen::default();
+    for answer in &answers {
+        seen.seq = seen.seq.max(answer.seq);
+        seen.commits = seen.commits.max(answer.commits);
+        seen.serving.extend(answer.serving.clone());
     }
-    if !wait.is_zero() && seen.answered.len() < config.peers.len() {
+    if !wait.is_zero() && answers.len() < config.peers.len() {
         tracing::warn!(
-            answered = seen.answered.len(),
+            answered = answers.len(),
             peers = config.peers.len(),
             wait_ms = wait.as_millis() as u64,
             "not every peer answered the start-up question: if this data directory is a \
@@ -75,32 +77,40 @@ pub async fn peers_have_seen(config: &Config, incarnation: Actor, wait: Duration
     seen
 }
 
-/// One question to one peer: its name, how much of `incarnation` it has applied and the
-/// highest commit counter it has seen from us; `None` when it does not answer as itself.
+/// One question to one peer; `None` when it does not answer as itself.
 async fn ask(
     client: &reqwest::Client,
     config: &Config,
     name: &RegionName,
     url: &str,
     incarnation: Actor,
-) -> Option<(RegionName, u64, u64)> {
+) -> Option<Answer> {
     let url = format!("{}/internal/v1/heartbeat", url.trim_end_matches('/'));
     let request = peer_request(client.get(url), config)
         .header(STARTUP_QUESTION_HEADER, "1")
         .timeout(ASK_TIMEOUT);
     let response = request.send().await.ok()?;
+    let serving = !response.headers().contains_key(STARTING_HEADER);
     let beat: Heartbeat = response.json().await.ok()?;
     // Only the peer itself counts (membership refuses a URL that answers as another).
     let itself = beat.region == *name
         && beat.cluster_id == config.cluster_id
         && beat.version == PROTOCOL_VERSION;
-    itself.then(|| {
-        (
-            name.clone(),
-            beat.applied.get(&incarnation).copied().unwrap_or(0),
-            beat.seen_commits.get(&config.region).copied().unwrap_or(0),
-        )
+    itself.then(|| Answer {
+        serving: serving.then(|| name.clone()),
+        seq: beat.applied.get(&incarnation).copied().unwrap_or(0),
+        commits: beat.seen_commits.get(&config.region).copied().unwrap_or(0),
     })
+}
+
+/// One peer's answer to the start-up question.
+struct Answer {
+    /// The peer's name when it already serves (not starting itself).
+    serving: Option<RegionName>,
+    /// How much of our incarnation it has applied.
+    seq: u64,
+    /// The highest commit counter it has seen from us.
+    commits: u64,
 }
 
 /// What this region answers to the start-up question before its storage runs: its disk's
@@ -121,7 +131,12 @@ pub fn heartbeat_from_disk(config: &Config, opened: &OpenedDb) -> Result<Heartbe
             .into_iter()
             .filter_map(|(peer, commits)| Some((RegionName::new(peer).ok()?, commits)))
             .collect(),
-        gaps: progress.gaps.into_values().flatten().collect(),
+        gaps: progress
+            .gaps
+            .into_values()
+            .flatten()
+            .map(|(incarnation, gap)| (incarnation, gap.before))
+            .collect(),
     })
 }
 
@@ -192,6 +207,15 @@ impl StartupPort {
     }
 }
 
+impl Drop for StartupPort {
+    /// A start-up that failed part way stops answering too (the stop is sent at once).
+    fn drop(&mut self) {
+        if let Some(responder) = self.responder.take() {
+            drop(responder.stop(false));
+        }
+    }
+}
+
 /// Answers a peer's start-up question from the disk; any other heartbeat is refused, so that
 /// membership does not count this region up before it serves.
 async fn answer(
@@ -203,7 +227,10 @@ async fn answer(
         return starting().await;
     }
     match crate::api::internal::check_peer(&config, req.headers()) {
-        Ok(()) => HttpResponse::Ok().json(&**beat),
+        // Marked: the asker counts the answer, but not this region as up yet.
+        Ok(()) => HttpResponse::Ok()
+            .insert_header((STARTING_HEADER, "true"))
+            .json(&**beat),
         Err(error) => error.error_response(),
     }
 }

@@ -109,19 +109,11 @@ async fn exchange_forever(region: Arc<Region>, peer: Arc<Peer>) {
         };
         let complete = report.complete;
         // Entries dropped (or a gap accepted) during the exchange may have missed it: the
-        // flag and the gaps then stay.
-        if complete && peer.drops.load(Ordering::Acquire) == drops {
-            if peer.ae_needed() {
-                tracing::info!(peer = %peer.name, "priority anti-entropy done; flag cleared");
-                peer.set_ae_needed(false);
-                let _ = region.storage.submit_ae_flag(peer.name.as_str(), false);
-            }
-            if peer.clear_gaps() {
-                tracing::info!(peer = %peer.name, "anti-entropy filled the gaps in its log");
-                let _ = region
-                    .storage
-                    .submit_log_gaps(peer.name.as_str(), &Default::default());
-            }
+        // flag then stays.
+        if complete && peer.ae_needed() && peer.drops.load(Ordering::Acquire) == drops {
+            tracing::info!(peer = %peer.name, "priority anti-entropy done; flag cleared");
+            peer.set_ae_needed(false);
+            let _ = region.storage.submit_ae_flag(peer.name.as_str(), false);
         }
         peer.set_last_exchange(report);
         if complete && region.caught_up() && region.metrics.caught_up.get() == 0 {
@@ -254,6 +246,9 @@ impl Exchange<'_> {
         }
         self.adopt_buckets(std::mem::take(&mut top.buckets)).await?;
         let in_sync = self.walk(top.branches.take()).await?;
+        self.region
+            .fill_gaps(&top.applied)
+            .map_err(|e| format!("log gaps: {e}"))?;
         self.adopt_applied(top.applied, epoch).await?;
         Ok(if in_sync {
             Outcome::InSync

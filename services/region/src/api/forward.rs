@@ -1,10 +1,11 @@
 //! Forwarding a request to the key's home region.
 //!
 //! Failover is allowed only when the forward certainly did not apply: the home is marked down,
-//! the connection could not be made, or the home answered that it is still starting. When the request may have reached the home (a timeout
-//! after sending, a broken answer) the client gets 503: applying it here too could count a
-//! counter increment twice. Its Idempotency-Key stays in doubt (see `in_doubt`) until the home
-//! answers for it, so that a retry does not fail over either.
+//! the connection could not be made, or the home answered that it is still starting. When the
+//! request may have reached the home (a timeout after sending, a broken answer) the client gets
+//! 503: applying it here too could count a counter increment twice. Its Idempotency-Key stays
+//! in doubt (see `in_doubt`) until the home answers for it, or says that this attempt applied
+//! nothing, so that a retry does not fail over either.
 
 use super::error::ApiError;
 use super::extract::{

@@ -4,7 +4,7 @@
 use super::error::ApiError;
 use crate::config::Config;
 use crate::region::Region;
-use crate::storage::IdempotencyRecord;
+use crate::storage::{IdempotencyRecord, LogGap};
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::HeaderMap;
@@ -142,13 +142,18 @@ async fn apply_batch(
         );
         return Ok(applied);
     }
-    if first > applied + 1 {
-        region.accept_log_gap(origin, incarnation, applied);
-    }
     // Merges are queued first and the applied mark right after them, so one group commit
     // usually carries the whole batch. The failure epoch makes the mark fail if any commit
-    // failed after this point: `applied` never covers a merge that did not become durable.
+    // failed after this point: `applied` never covers a merge (or gap) that did not become
+    // durable.
     let epoch = region.storage.failure_epoch();
+    if first > applied + 1 {
+        let gap = LogGap {
+            before: applied,
+            upto: last,
+        };
+        region.accept_log_gap(origin, incarnation, gap)?;
+    }
     let mut states = Vec::new();
     let mut answers = Vec::new();
     for (seq, bytes) in batch.records {

@@ -207,7 +207,18 @@ pub struct PeerProgress {
     /// Peer name → highest commit counter it reported.
     pub commits: BTreeMap<String, u64>,
     /// Peer name → gaps accepted in its log (see [`Storage::submit_log_gaps`]).
-    pub gaps: BTreeMap<String, BTreeMap<Actor, u64>>,
+    pub gaps: BTreeMap<String, BTreeMap<Actor, LogGap>>,
+}
+
+/// Entries of an origin's log that this region accepted to skip (the origin had dropped them
+/// as hints): its applied mark jumped from `before` to `upto` without them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogGap {
+    /// Applied before the first gap.
+    pub before: u64,
+    /// Highest mark a gap jumped to: once a peer that holds this much of the origin has been
+    /// exchanged with completely, nothing is missing any more.
+    pub upto: u64,
 }
 
 /// One page of stored states of a bucket, in key order.
@@ -496,12 +507,11 @@ impl Storage {
         self.writer.submit_meta(key, vec![needed as u8])
     }
 
-    /// Persists the gaps accepted in a peer's log: per incarnation, what was applied of it
-    /// before the first gap (empty: none left).
+    /// Persists the gaps accepted in a peer's log, per incarnation (empty: none left).
     pub fn submit_log_gaps(
         &self,
         peer: &str,
-        gaps: &BTreeMap<Actor, u64>,
+        gaps: &BTreeMap<Actor, LogGap>,
     ) -> Result<(), StorageError> {
         let key = format!("{}{peer}", meta::LOG_GAP_PREFIX);
         let value =
