@@ -98,6 +98,8 @@ pub struct Metrics {
     pub ae_bytes: IntCounterVec,
     /// Keys a quorum or all read wrote back to a stale region (this one included).
     pub read_repairs: IntCounter,
+    /// Write-backs to peers a quorum or all read left to anti-entropy (too many in flight).
+    pub read_repairs_skipped: IntCounter,
     /// 1 once this region has completed an exchange with every peer since it started empty.
     pub caught_up: IntGauge,
     /// Causally stable tombstones removed.
@@ -360,6 +362,10 @@ impl Metrics {
             "read_repairs_total",
             "Keys a quorum or all read wrote back to a stale region",
         )?;
+        let read_repairs_skipped = IntCounter::new(
+            "read_repairs_skipped_total",
+            "Write-backs to peers a quorum or all read left to anti-entropy (too many in flight)",
+        )?;
         let caught_up = IntGauge::new(
             "caught_up",
             "1 once the region has completed an anti-entropy exchange with every peer",
@@ -375,6 +381,7 @@ impl Metrics {
         registry.register(Box::new(ae_keys_repaired.clone()))?;
         registry.register(Box::new(ae_bytes.clone()))?;
         registry.register(Box::new(read_repairs.clone()))?;
+        registry.register(Box::new(read_repairs_skipped.clone()))?;
         registry.register(Box::new(caught_up.clone()))?;
         registry.register(Box::new(replication_batch_entries.clone()))?;
         registry.register(Box::new(peer_up.clone()))?;
@@ -466,6 +473,7 @@ impl Metrics {
             ae_keys_repaired,
             ae_bytes,
             read_repairs,
+            read_repairs_skipped,
             caught_up,
             tombstones_removed,
         })
