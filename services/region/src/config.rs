@@ -272,7 +272,15 @@ impl Config {
                 figment = figment.merge(Serialized::default(field, value));
             }
         }
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        // A table from the environment replaces the file's, as any other field does: merged,
+        // it could add peers or tokens but never drop one.
+        if Env::var("MERIDIAN_PEERS").is_some() {
+            config.peers = env_table("peers")?;
+        }
+        if Env::var("MERIDIAN_SECURITY").is_some() {
+            config.security = env_table("security")?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -405,6 +413,13 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
+/// The table `MERIDIAN_<FIELD>` holds, on its own.
+fn env_table<T: serde::de::DeserializeOwned>(field: &str) -> Result<T, ConfigError> {
+    Figment::from(Env::prefixed("MERIDIAN_").only(&[field]))
+        .extract_inner(field)
+        .map_err(|e| ConfigError::Load(Box::new(e)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,6 +459,27 @@ mod tests {
             fields,
             Ok(("7".into(), "2024".into(), PathBuf::from("123"), 8)),
             "numeric-looking text stays text; numbers are still numbers"
+        );
+        // A table from the environment replaces the file's.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("r.toml");
+        let toml = "region = \"a\"\ndata_dir = \"/d\"\n[peers]\nb = \"http://b:1\"\n\
+                    c = \"http://c:1\"\n[security]\nclient_tokens = [\"t\"]\n";
+        std::fs::write(&file, toml).expect("write config");
+        std::env::set_var("MERIDIAN_PEERS", "{c=\"http://c:2\"}");
+        std::env::set_var("MERIDIAN_SECURITY", "{peer_token=\"p\"}");
+        let config = Config::load(Some(&file));
+        std::env::remove_var("MERIDIAN_PEERS");
+        std::env::remove_var("MERIDIAN_SECURITY");
+        let config = config.map_err(|e| e.to_string());
+        let tables = config.map(|c| {
+            let peers: Vec<_> = c.peers.iter().map(|(n, u)| format!("{n}={u}")).collect();
+            (peers, c.security.client_tokens, c.security.peer_token)
+        });
+        assert_eq!(
+            tables,
+            Ok((vec!["c=http://c:2".to_string()], vec![], Some("p".into()))),
+            "b dropped, c replaced, the file's client token gone"
         );
         // Without the variables (and no file), there is nothing to load; a directory is no file.
         let none = Config::load(None).map_err(|e| e.to_string());
