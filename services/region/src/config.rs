@@ -100,8 +100,8 @@ pub struct Config {
     /// Consecutive missed heartbeats after which a peer is down.
     #[serde(default = "default_down_after_missed")]
     pub down_after_missed: u32,
-    /// How long a region reopening a data directory that holds writes waits for every peer
-    /// to say how much of it they have seen (0: asks once).
+    /// How long a starting region waits for every peer to say how much of it they have seen
+    /// (0: asks once).
     #[serde(default = "default_startup_peer_wait_ms")]
     pub startup_peer_wait_ms: u64,
     /// Time limit of a write forwarded to its home region.

@@ -59,6 +59,16 @@ pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> 
             port,
         })
         .collect();
+    // Before any file is touched: a demo already running on these ports keeps its logs, and
+    // its regions are not taken for ours.
+    for region in &regions {
+        std::net::TcpListener::bind(("127.0.0.1", region.port)).with_context(|| {
+            format!(
+                "port {} for {} is in use (is a demo already running?)",
+                region.port, region.name
+            )
+        })?;
+    }
     let workers = workers_per_region(count);
     for region in &regions {
         fs::write(
@@ -230,6 +240,20 @@ fn print_banner(regions: &[DemoRegion], data_dir: &Path) {
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn a_port_in_use_is_refused_before_any_file_is_written() {
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = busy.local_addr().expect("addr").port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let refused = run(1, port, dir.path()).map_err(|e| format!("{e:#}"));
+        assert!(
+            refused.as_ref().is_err_and(|e| e.contains("in use")),
+            "{refused:?}"
+        );
+        let written = fs::read_dir(dir.path()).expect("read dir").count();
+        assert_eq!(written, 0, "no config or log written");
+    }
 
     #[test]
     fn ports_that_do_not_fit_are_refused() {

@@ -60,9 +60,10 @@ pub struct Region {
     retyped: mpsc::UnboundedSender<String>,
     /// The sweep's end of `retyped`, until it starts.
     retyped_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<String>>>,
-    /// This data directory started empty, or without states it once held (a new
-    /// incarnation): until anti-entropy has caught it up, it may lack what a session saw
-    /// elsewhere, and session tokens leave out what every region had applied.
+    /// This data directory started empty (in a cluster that already held data, or whose
+    /// peers did not all answer), or without states it once held (a new incarnation): until
+    /// anti-entropy has caught it up, it may lack what a session saw elsewhere, and session
+    /// tokens leave out what every region had applied.
     started_without_history: bool,
     /// Bounds the read repairs pushed to peers at once (see `repair::read_merged`).
     pub write_backs: Arc<tokio::sync::Semaphore>,
@@ -74,8 +75,8 @@ impl Region {
     /// Before accepting writes it asks the peers how much of its incarnation they have seen:
     /// if they have seen more than this data directory holds (a restored or copied disk), it
     /// starts a new incarnation so no sequence number or dot is ever reused.
-    /// A directory that already holds writes asks for up to `startup_peer_wait_ms`, while
-    /// `port` answers the same question for peers that are starting too.
+    /// It asks for up to `startup_peer_wait_ms`, while `port` answers the same question for
+    /// peers that are starting too.
     pub async fn open(config: Config, port: &mut StartupPort) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new(config.region.as_str())?);
         let mut opened = OpenedDb::open(
@@ -85,10 +86,10 @@ impl Region {
             config.storage_cache_bytes,
             Duration::from_millis(config.checkpoint_interval_ms),
         )?;
-        let mut without_history = opened.commits() == 0 && opened.last_seq() == 0;
-        // A directory without writes has nothing to reuse: one round of questions, only to
-        // count the peers that answer up at once.
-        let wait = if without_history || config.peers.is_empty() {
+        let fresh = opened.commits() == 0 && opened.last_seq() == 0;
+        // Peers starting at the same moment answer each other meanwhile. An empty directory
+        // asks too: it lacks nothing only in a new cluster (every peer answers, all empty).
+        let wait = if config.peers.is_empty() {
             Duration::ZERO
         } else {
             port.answer_peers(&config, startup::heartbeat_from_disk(&config, &opened)?)
@@ -96,6 +97,7 @@ impl Region {
             Duration::from_millis(config.startup_peer_wait_ms)
         };
         let seen = startup::peers_have_seen(&config, opened.identity().incarnation, wait).await;
+        let mut without_history = fresh && !seen.all_empty;
         if seen.commits > opened.commits() {
             tracing::warn!(
                 seen = seen.commits,

@@ -35,6 +35,9 @@ pub struct Seen {
     /// The peers that answered as themselves and already serve: they start up, not waiting
     /// for a heartbeat.
     pub serving: Vec<RegionName>,
+    /// Every peer answered, and none holds anything yet: a new cluster, in which a region
+    /// starting on an empty disk lacks nothing.
+    pub all_empty: bool,
 }
 
 /// Asks every peer what it has seen of `incarnation`, again until each has answered or `wait`
@@ -46,30 +49,44 @@ pub async fn peers_have_seen(config: &Config, incarnation: Actor, wait: Duration
         let client = &client;
         async move {
             loop {
-                let answer = ask(client, config, name, url, incarnation).await;
-                if answer.is_some() || Instant::now() + ASK_AGAIN >= deadline {
-                    return answer;
+                // The last question ends with the wait (a hung peer costs no more).
+                let left = deadline.saturating_duration_since(Instant::now());
+                let timeout = if wait.is_zero() {
+                    ASK_TIMEOUT
+                } else {
+                    ASK_TIMEOUT.min(left.max(ASK_AGAIN))
+                };
+                let answer = ask(client, config, name, url, incarnation, timeout).await;
+                if answer.is_ok() || Instant::now() + ASK_AGAIN >= deadline {
+                    return (name, answer);
                 }
                 tokio::time::sleep(ASK_AGAIN).await;
             }
         }
     });
-    let answers: Vec<Answer> = futures_util::future::join_all(asks)
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
-    let mut seen = Seen::default();
-    for answer in &answers {
-        seen.seq = seen.seq.max(answer.seq);
-        seen.commits = seen.commits.max(answer.commits);
-        seen.serving.extend(answer.serving.clone());
+    let mut seen = Seen {
+        all_empty: true,
+        ..Seen::default()
+    };
+    let mut silent = Vec::new();
+    for (name, answer) in futures_util::future::join_all(asks).await {
+        match answer {
+            Ok(answer) => {
+                seen.seq = seen.seq.max(answer.seq);
+                seen.commits = seen.commits.max(answer.commits);
+                seen.serving.extend(answer.serving);
+                seen.all_empty &= answer.empty;
+            }
+            Err(why) => {
+                seen.all_empty = false;
+                silent.push(format!("{name}: {why}"));
+            }
+        }
     }
-    if !wait.is_zero() && answers.len() < config.peers.len() {
+    if !wait.is_zero() && !silent.is_empty() {
         tracing::warn!(
-            answered = answers.len(),
-            peers = config.peers.len(),
             wait_ms = wait.as_millis() as u64,
+            unanswered = %silent.join("; "),
             "not every peer answered the start-up question: if this data directory is a \
              restored copy, peers that did not answer cannot say so"
         );
@@ -77,29 +94,41 @@ pub async fn peers_have_seen(config: &Config, incarnation: Actor, wait: Duration
     seen
 }
 
-/// One question to one peer; `None` when it does not answer as itself.
+/// One question to one peer; why not when it does not answer as itself.
 async fn ask(
     client: &reqwest::Client,
     config: &Config,
     name: &RegionName,
     url: &str,
     incarnation: Actor,
-) -> Option<Answer> {
+    timeout: Duration,
+) -> Result<Answer, String> {
     let url = format!("{}/internal/v1/heartbeat", url.trim_end_matches('/'));
     let request = peer_request(client.get(url), config)
         .header(STARTUP_QUESTION_HEADER, "1")
-        .timeout(ASK_TIMEOUT);
-    let response = request.send().await.ok()?;
+        .timeout(timeout);
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("HTTP {status}"));
+    }
     let serving = !response.headers().contains_key(STARTING_HEADER);
-    let beat: Heartbeat = response.json().await.ok()?;
+    let beat: Heartbeat = response.json().await.map_err(|e| e.to_string())?;
     // Only the peer itself counts (membership refuses a URL that answers as another).
-    let itself = beat.region == *name
-        && beat.cluster_id == config.cluster_id
-        && beat.version == PROTOCOL_VERSION;
-    itself.then(|| Answer {
+    if beat.region != *name
+        || beat.cluster_id != config.cluster_id
+        || beat.version != PROTOCOL_VERSION
+    {
+        return Err(format!(
+            "answers as {} of cluster {:?}, protocol {}",
+            beat.region, beat.cluster_id, beat.version
+        ));
+    }
+    Ok(Answer {
         serving: serving.then(|| name.clone()),
         seq: beat.applied.get(&incarnation).copied().unwrap_or(0),
         commits: beat.seen_commits.get(&config.region).copied().unwrap_or(0),
+        empty: beat.last_seq == 0 && beat.commits == 0 && beat.applied.values().all(|s| *s == 0),
     })
 }
 
@@ -111,6 +140,8 @@ struct Answer {
     seq: u64,
     /// The highest commit counter it has seen from us.
     commits: u64,
+    /// It holds nothing at all.
+    empty: bool,
 }
 
 /// What this region answers to the start-up question before its storage runs: its disk's

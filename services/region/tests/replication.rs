@@ -779,3 +779,37 @@ async fn a_region_serves_no_session_read_past_a_gap_in_a_peers_log_until_it_is_f
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_new_cluster_serves_session_reads_with_anti_entropy_off() {
+    // Every region starts on an empty disk at the same moment and hears from every peer that
+    // nothing exists yet: none lacks anything, though no exchange will ever run. (Before:
+    // each took itself for a wiped region and refused every session read, home included.)
+    let config = "anti_entropy_interval_ms = 0\nsession_wait_ms = 300\n";
+    let cluster = Cluster::start(&REGIONS, config).await;
+    cluster
+        .create_buckets("us-east", &[("fresh", "register")], None)
+        .await;
+    let path = kv("fresh", "k");
+    let write = cluster.region("us-east").put(&path, &json!("v1")).await;
+    write.expect(200);
+    let token = write
+        .header("x-meridian-session")
+        .expect("session token")
+        .to_string();
+    let session_read = format!("{path}?consistency=session");
+    for region in &cluster.regions {
+        support::eventually(
+            CONVERGE,
+            &format!("{} serves it", region.name()),
+            || async {
+                let read = region
+                    .get_with(&session_read, &[("x-meridian-session", &token)])
+                    .await;
+                assert_not_back_in_time(&read, &json!(["v1"]));
+                read.status == 200
+            },
+        )
+        .await;
+    }
+}

@@ -85,6 +85,13 @@ impl Region {
     /// Like [`Region::start_with`], with extra environment variables for the process (they
     /// survive restarts), e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub async fn start_with_env(name: &str, extra: &str, env: &[(&str, &str)]) -> Region {
+        let mut region = Region::launch(name, extra, env);
+        region.wait_ready().await;
+        region
+    }
+
+    /// Starts the process without waiting for it to be ready (see [`Region::wait_ready`]).
+    pub fn launch(name: &str, extra: &str, env: &[(&str, &str)]) -> Region {
         // The prefix leaves the region name out of every path, so a log line that names the
         // region means it.
         let dir = tempfile::Builder::new()
@@ -115,7 +122,6 @@ impl Region {
                 .collect(),
         };
         region.spawn();
-        region.wait_ready().await;
         region
     }
 

@@ -45,7 +45,7 @@ impl Cluster {
                 let link = &links[&(name.to_string(), peer.to_string())];
                 config.push_str(&format!("{peer} = \"{}\"\n", link.url()));
             }
-            regions.push(Region::start_with_env(name, &config, env).await);
+            regions.push(Region::launch(name, &config, env));
         }
         for ((_, to), link) in &links {
             let target = regions
@@ -53,6 +53,10 @@ impl Cluster {
                 .find(|r| r.name() == to)
                 .expect("target region");
             link.set_target(port_of(&target.url()));
+        }
+        // All at once, as a new cluster starts: they answer each other's start-up questions.
+        for region in regions.iter_mut() {
+            region.wait_ready().await;
         }
         let cluster = Cluster { regions, links };
         cluster.wait_all_up().await;
