@@ -76,6 +76,11 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
+    /// Whether it holds nothing at all: no write of its own, none applied from elsewhere.
+    pub fn holds_nothing(&self) -> bool {
+        self.last_seq == 0 && self.commits == 0 && self.applied.values().all(|s| *s == 0)
+    }
+
     /// What it is known to hold of every origin: `applied`, below any gap.
     pub fn held(&self) -> BTreeMap<Actor, u64> {
         let mut held = self.applied.clone();

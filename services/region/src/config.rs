@@ -273,13 +273,11 @@ impl Config {
             }
         }
         let mut config: Config = figment.extract().map_err(Box::new)?;
-        // A table from the environment replaces the file's, as any other field does: merged,
-        // it could add peers or tokens but never drop one.
+        // The peers table from the environment replaces the file's: merged, it could add
+        // peers but never drop one. `security` merges field by field instead, so setting only
+        // a peer token there never silently drops the file's client tokens (opening the API).
         if Env::var("MERIDIAN_PEERS").is_some() {
             config.peers = env_table("peers")?;
-        }
-        if Env::var("MERIDIAN_SECURITY").is_some() {
-            config.security = env_table("security")?;
         }
         config.validate()?;
         Ok(config)
@@ -440,7 +438,7 @@ mod tests {
     }
 
     #[test]
-    fn text_fields_from_the_environment_are_taken_as_written() {
+    fn environment_overrides_take_text_as_written_and_replace_the_peers_table() {
         // The only test of this binary that reads the environment.
         std::env::set_var("MERIDIAN_REGION", "7");
         std::env::set_var("MERIDIAN_CLUSTER_ID", "2024");
@@ -460,7 +458,7 @@ mod tests {
             Ok(("7".into(), "2024".into(), PathBuf::from("123"), 8)),
             "numeric-looking text stays text; numbers are still numbers"
         );
-        // A table from the environment replaces the file's.
+        // The peers table from the environment replaces the file's; security merges by field.
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("r.toml");
         let toml = "region = \"a\"\ndata_dir = \"/d\"\n[peers]\nb = \"http://b:1\"\n\
@@ -478,8 +476,12 @@ mod tests {
         });
         assert_eq!(
             tables,
-            Ok((vec!["c=http://c:2".to_string()], vec![], Some("p".into()))),
-            "b dropped, c replaced, the file's client token gone"
+            Ok((
+                vec!["c=http://c:2".to_string()],
+                vec!["t".into()],
+                Some("p".into())
+            )),
+            "b dropped, c replaced, the file's client token kept"
         );
         // Without the variables (and no file), there is nothing to load; a directory is no file.
         let none = Config::load(None).map_err(|e| e.to_string());

@@ -183,7 +183,8 @@ impl Peer {
     }
 
     /// Records that its log of `incarnation` is accepted past a gap, from `before` to `upto`;
-    /// `persist` queues the new set under the same lock, so the disk sees changes in order.
+    /// `persist` queues the new set under the same lock, so the disk sees changes in order,
+    /// and memory changes only once it is queued.
     pub fn add_gap<E>(
         &self,
         incarnation: Actor,
@@ -198,10 +199,7 @@ impl Peer {
             },
             None => gap,
         };
-        if gaps.get(&incarnation) == Some(&merged) {
-            return Ok(());
-        }
-        // Kept in memory only once queued: a retry of the batch must find it missing.
+        // Queued even when unchanged: a retried batch may follow a failed commit of it.
         let mut next = gaps.clone();
         next.insert(incarnation, merged);
         persist(&next)?;

@@ -1,6 +1,7 @@
-//! Start-up identity check (DESIGN.md, "Identity"): before a data directory that already holds
-//! writes accepts more, the region asks its peers how much of it they have seen, so a restored
-//! old copy starts a new incarnation instead of reusing sequence numbers they applied.
+//! Start-up identity check (DESIGN.md, "Identity"): before a region accepts writes it asks its
+//! peers how much of it they have seen, so a restored old copy starts a new incarnation
+//! instead of reusing sequence numbers they applied, and an empty directory learns whether it
+//! joins a cluster that holds data (which it lacks) or a new one.
 //!
 //! Peers may be starting at the same moment (a whole cluster restarted): while a region asks,
 //! its port answers the same question for them from its disk ([`StartupPort::answer_peers`])
@@ -128,7 +129,7 @@ async fn ask(
         serving: serving.then(|| name.clone()),
         seq: beat.applied.get(&incarnation).copied().unwrap_or(0),
         commits: beat.seen_commits.get(&config.region).copied().unwrap_or(0),
-        empty: beat.last_seq == 0 && beat.commits == 0 && beat.applied.values().all(|s| *s == 0),
+        empty: beat.holds_nothing(),
     })
 }
 

@@ -887,10 +887,13 @@ async fn new_empty_region_catches_up() {
     let (a, b, c) = ("us-east", "eu-west", "ap-south");
     let links = mesh(&[a, b, c]);
     let link = |from: &str, to: &str| links[&(from.to_string(), to.to_string())].clone();
-    let mut east = Region::start_with(a, &config_with_peers(&links, a, &[b])).await;
-    let mut west = Region::start_with(b, &config_with_peers(&links, b, &[a])).await;
+    // Started together, as a new cluster does: each answers the other's start-up question.
+    let mut east = Region::launch(a, &config_with_peers(&links, a, &[b]), &[]);
+    let mut west = Region::launch(b, &config_with_peers(&links, b, &[a]), &[]);
     link(a, b).set_target(port_of(&west.url()));
     link(b, a).set_target(port_of(&east.url()));
+    east.wait_ready().await;
+    west.wait_ready().await;
     eventually(
         Duration::from_secs(20),
         "us-east and eu-west see each other",

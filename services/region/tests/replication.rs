@@ -785,7 +785,10 @@ async fn a_new_cluster_serves_session_reads_with_anti_entropy_off() {
     // Every region starts on an empty disk at the same moment and hears from every peer that
     // nothing exists yet: none lacks anything, though no exchange will ever run. (Before:
     // each took itself for a wiped region and refused every session read, home included.)
-    let config = "anti_entropy_interval_ms = 0\nsession_wait_ms = 300\n";
+    // A long wait costs nothing when every region answers; it keeps a loaded machine from
+    // turning a slow start into a region that took itself for a wiped one.
+    let config =
+        "anti_entropy_interval_ms = 0\nsession_wait_ms = 300\nstartup_peer_wait_ms = 20000\n";
     let cluster = Cluster::start(&REGIONS, config).await;
     cluster
         .create_buckets("us-east", &[("fresh", "register")], None)
