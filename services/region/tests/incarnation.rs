@@ -68,6 +68,49 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A cluster whose eu-west wrote 3 increments and "a", was copied while stopped, then wrote 4
+/// more and "b" that every peer holds: the cluster, the copy, and eu-west's incarnation.
+async fn cluster_with_an_old_copy(extra: &str) -> (Cluster, tempfile::TempDir, String) {
+    let mut cluster = Cluster::start(&REGIONS, extra).await;
+    cluster
+        .create_buckets(
+            "eu-west",
+            &[("cnt", "counter"), ("set", "set")],
+            Some("eu-west"),
+        )
+        .await;
+    write(&cluster, "eu-west", 3, &["a"]).await;
+    peers_hold(&cluster, &["us-east", "ap-south"], 3, &["a"]).await;
+    // Take a copy while stopped, then keep writing so peers see more than the copy holds.
+    let snapshot = tempfile::tempdir().expect("snapshot dir");
+    let region = cluster.region_mut("eu-west");
+    region.stop();
+    copy_dir(&region.data_dir(), snapshot.path());
+    region.restart().await;
+    let before = incarnation(&cluster, "eu-west").await;
+    write(&cluster, "eu-west", 4, &["b"]).await;
+    peers_hold(&cluster, &["us-east", "ap-south"], 7, &["a", "b"]).await;
+    (cluster, snapshot, before)
+}
+
+/// Replaces a (stopped) region's data directory with the copy.
+fn put_back(data: &Path, snapshot: &Path) {
+    std::fs::remove_dir_all(data).expect("remove data");
+    copy_dir(snapshot, data);
+}
+
+/// The restored eu-west runs as a new incarnation, and its new writes are not mistaken for
+/// the ones peers already applied.
+async fn new_writes_reach_every_peer(cluster: &Cluster, before: &str) {
+    assert_ne!(
+        incarnation(cluster, "eu-west").await,
+        before,
+        "restored copy must re-incarnate"
+    );
+    write(cluster, "eu-west", 5, &["c"]).await;
+    peers_hold(cluster, &["us-east", "ap-south"], 12, &["a", "b", "c"]).await;
+}
+
 #[tokio::test]
 async fn a_region_restarted_on_an_empty_disk_writes_as_a_new_incarnation() {
     let mut cluster = Cluster::start(&REGIONS, "").await;
@@ -112,89 +155,35 @@ async fn a_region_restarted_on_an_empty_disk_writes_as_a_new_incarnation() {
 
 #[tokio::test]
 async fn a_region_restored_from_an_old_copy_of_its_disk_does_not_reuse_sequence_numbers() {
-    let mut cluster = Cluster::start(&REGIONS, "").await;
-    cluster
-        .create_buckets(
-            "eu-west",
-            &[("cnt", "counter"), ("set", "set")],
-            Some("eu-west"),
-        )
-        .await;
-    write(&cluster, "eu-west", 3, &["a"]).await;
-    peers_hold(&cluster, &["us-east", "ap-south"], 3, &["a"]).await;
-
-    // Take a copy while stopped, then keep writing so peers see more than the copy holds.
-    let snapshot = tempfile::tempdir().expect("snapshot dir");
-    let region = cluster.region_mut("eu-west");
-    region.stop();
-    copy_dir(&region.data_dir(), snapshot.path());
-    region.restart().await;
-    let before = incarnation(&cluster, "eu-west").await;
-    write(&cluster, "eu-west", 4, &["b"]).await;
-    peers_hold(&cluster, &["us-east", "ap-south"], 7, &["a", "b"]).await;
+    let (mut cluster, snapshot, before) = cluster_with_an_old_copy("").await;
 
     // Restore the old copy.
     let region = cluster.region_mut("eu-west");
     region.stop();
-    let data = region.data_dir();
-    std::fs::remove_dir_all(&data).expect("remove data");
-    copy_dir(snapshot.path(), &data);
+    put_back(&region.data_dir(), snapshot.path());
     region.restart().await;
-    assert_ne!(
-        incarnation(&cluster, "eu-west").await,
-        before,
-        "restored copy must re-incarnate"
-    );
-
-    // Its new writes must not be mistaken for the ones peers already applied.
-    write(&cluster, "eu-west", 5, &["c"]).await;
-    peers_hold(&cluster, &["us-east", "ap-south"], 12, &["a", "b", "c"]).await;
+    new_writes_reach_every_peer(&cluster, &before).await;
 }
 
 #[tokio::test]
 async fn a_restored_copy_started_with_the_whole_cluster_does_not_reuse_sequence_numbers() {
     // Every region starts at the same moment (compose up after a restore): none listens yet
     // when the others ask who they are, so each answers from its disk while it asks.
-    let mut cluster = Cluster::start(&REGIONS, "startup_peer_wait_ms = 1500\n").await;
-    cluster
-        .create_buckets(
-            "eu-west",
-            &[("cnt", "counter"), ("set", "set")],
-            Some("eu-west"),
-        )
-        .await;
-    write(&cluster, "eu-west", 3, &["a"]).await;
-    peers_hold(&cluster, &["us-east", "ap-south"], 3, &["a"]).await;
-    let snapshot = tempfile::tempdir().expect("snapshot dir");
-    let region = cluster.region_mut("eu-west");
-    region.stop();
-    copy_dir(&region.data_dir(), snapshot.path());
-    region.restart().await;
-    let before = incarnation(&cluster, "eu-west").await;
-    write(&cluster, "eu-west", 4, &["b"]).await;
-    peers_hold(&cluster, &["us-east", "ap-south"], 7, &["a", "b"]).await;
-
+    let (mut cluster, snapshot, before) =
+        cluster_with_an_old_copy("startup_peer_wait_ms = 1500\n").await;
     for region in cluster.regions.iter_mut() {
         region.stop();
     }
-    let data = cluster.region("eu-west").data_dir();
-    std::fs::remove_dir_all(&data).expect("remove data");
-    copy_dir(snapshot.path(), &data);
+    put_back(&cluster.region("eu-west").data_dir(), snapshot.path());
     for region in cluster.regions.iter_mut() {
         region.relaunch();
     }
     for region in cluster.regions.iter_mut() {
         region.wait_ready().await;
     }
-    // Before: nobody answered its one question at start, and it kept the old incarnation.
-    assert_ne!(
-        incarnation(&cluster, "eu-west").await,
-        before,
-        "restored copy must re-incarnate"
-    );
     cluster.wait_all_up().await;
-    write(&cluster, "eu-west", 5, &["c"]).await;
-    peers_hold(&cluster, &["us-east", "ap-south"], 12, &["a", "b", "c"]).await;
+    // Before: nobody answered its one question at start, and it kept the old incarnation.
+    new_writes_reach_every_peer(&cluster, &before).await;
 
     // With no peer to answer, a reopened region waits a bounded time, then serves.
     for name in ["us-east", "ap-south"] {
