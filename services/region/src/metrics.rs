@@ -98,7 +98,7 @@ pub struct Metrics {
     pub ae_bytes: IntCounterVec,
     /// Keys a quorum or all read wrote back to a stale region (this one included).
     pub read_repairs: IntCounter,
-    /// Write-backs to peers a quorum or all read left to anti-entropy (too many in flight).
+    /// Write-backs a quorum or all read left to anti-entropy (too many in flight to that peer).
     pub read_repairs_skipped: IntCounter,
     /// 1 once this region has completed an exchange with every peer since it started empty.
     pub caught_up: IntGauge,
@@ -364,7 +364,7 @@ impl Metrics {
         )?;
         let read_repairs_skipped = IntCounter::new(
             "read_repairs_skipped_total",
-            "Write-backs to peers a quorum or all read left to anti-entropy (too many in flight)",
+            "Write-backs a quorum or all read left to anti-entropy (too many in flight to that peer)",
         )?;
         let caught_up = IntGauge::new(
             "caught_up",

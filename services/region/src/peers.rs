@@ -43,7 +43,13 @@ pub struct Peer {
     /// Gaps accepted in its log (its hints for us were dropped), per incarnation. Until an
     /// exchange fills them, our applied vector claims entries we may lack.
     gaps: std::sync::Mutex<BTreeMap<Actor, LogGap>>,
+    /// Bounds the read repairs pushed to it at once (see `repair::read_merged`), so a slow
+    /// peer holds up no write-back to the others.
+    pub write_backs: Arc<tokio::sync::Semaphore>,
 }
+
+/// Read repairs pushed to one peer at once, at most.
+const MAX_WRITE_BACKS: usize = 32;
 
 /// What one anti-entropy exchange with a peer did (shown in `/v1/cluster`).
 #[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
@@ -276,6 +282,7 @@ impl Peers {
                     gaps: std::sync::Mutex::new(
                         gaps.get(name.as_str()).cloned().unwrap_or_default(),
                     ),
+                    write_backs: Arc::new(tokio::sync::Semaphore::new(MAX_WRITE_BACKS)),
                 })
             })
             .collect();

@@ -34,9 +34,6 @@ pub enum StartError {
     Port(std::io::Error),
 }
 
-/// Read repairs pushed to peers at once, at most.
-const MAX_WRITE_BACKS: usize = 64;
-
 /// Everything a request handler needs.
 pub struct Region {
     /// Loaded configuration.
@@ -65,8 +62,6 @@ pub struct Region {
     /// anti-entropy has caught it up, it may lack what a session saw elsewhere, and session
     /// tokens leave out what every region had applied.
     started_without_history: bool,
-    /// Bounds the read repairs pushed to peers at once (see `repair::read_merged`).
-    pub write_backs: Arc<tokio::sync::Semaphore>,
 }
 
 impl Region {
@@ -153,7 +148,6 @@ impl Region {
             retyped,
             retyped_rx: std::sync::Mutex::new(Some(retyped_rx)),
             started_without_history: without_history,
-            write_backs: Arc::new(tokio::sync::Semaphore::new(MAX_WRITE_BACKS)),
         })
     }
 

@@ -213,13 +213,13 @@ pub async fn read_merged(
     let (region, client) = (region.clone(), client.clone());
     actix_web::rt::spawn(async move {
         // Each write-back runs on its own, so a slow one never delays reading the next answer.
-        // Past a bound in flight they are left to anti-entropy: a burst of quorum reads of
-        // keys a lagging peer lacks must not turn into a burst of pushes to it.
+        // Past a bound in flight to a peer they are left to anti-entropy: a burst of quorum
+        // reads of keys a lagging peer lacks must not turn into a burst of pushes to it.
         let repair = |peer: Arc<Peer>, state: Option<Vec<u8>>| {
             if state.as_ref() == Some(&encoded) {
                 return;
             }
-            let Ok(permit) = region.write_backs.clone().try_acquire_owned() else {
+            let Ok(permit) = peer.write_backs.clone().try_acquire_owned() else {
                 region.metrics.read_repairs_skipped.inc();
                 return;
             };
