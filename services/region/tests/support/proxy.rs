@@ -33,6 +33,8 @@ struct Shared {
     target: AtomicU16,
     mode: AtomicU8,
     delay_ms: AtomicU64,
+    /// Whether the proxy's listening socket is open (a cut closes it).
+    listening: std::sync::atomic::AtomicBool,
     /// Bumped to sever every connection open at the time.
     generation: watch::Sender<u64>,
 }
@@ -56,6 +58,7 @@ impl Link {
             target: AtomicU16::new(0),
             mode: AtomicU8::new(OPEN),
             delay_ms: AtomicU64::new(0),
+            listening: std::sync::atomic::AtomicBool::new(true),
             generation,
         });
         let accept = shared.clone();
@@ -76,10 +79,17 @@ impl Link {
         self.shared.target.store(port, Ordering::Release);
     }
 
-    /// Severs open connections and refuses new ones (the peer looks down, certainly).
+    /// Severs open connections and refuses new ones (the peer looks down, certainly). Returns
+    /// once the listening socket is closed: a connection made after the cut is refused, not
+    /// accepted by a proxy that has not noticed it yet.
     pub fn cut(&self) {
         self.shared.mode.store(CUT, Ordering::Release);
         self.sever();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while self.shared.listening.load(Ordering::Acquire) && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Severs open connections; new ones connect but nothing ever passes (a silent partition).
@@ -111,17 +121,21 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         if shared.mode.load(Ordering::Acquire) == CUT {
             // Closing the listening socket makes connects fail with "connection refused".
             listener = None;
+            shared.listening.store(false, Ordering::Release);
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
         let Some(active) = listener.as_ref() else {
             match bind(shared.port).await {
-                Some(rebound) => listener = Some(rebound),
+                Some(rebound) => {
+                    listener = Some(rebound);
+                    shared.listening.store(true, Ordering::Release);
+                }
                 None => tokio::time::sleep(Duration::from_millis(20)).await,
             }
             continue;
         };
-        let accepted = tokio::time::timeout(Duration::from_millis(50), active.accept()).await;
+        let accepted = tokio::time::timeout(Duration::from_millis(10), active.accept()).await;
         let Ok(Ok((client, _))) = accepted else {
             continue;
         };
@@ -141,10 +155,15 @@ async fn bind(port: u16) -> Option<TcpListener> {
 async fn serve(client: TcpStream, shared: Arc<Shared>) {
     let mut generation = shared.generation.subscribe();
     generation.borrow_and_update();
-    if shared.mode.load(Ordering::Acquire) != OPEN {
+    match shared.mode.load(Ordering::Acquire) {
+        // Accepted just as the link was cut: closed at once, as the cut link refuses.
+        CUT => return,
         // Blackhole: hold the connection, pass nothing, until the link changes.
-        let _ = generation.changed().await;
-        return;
+        BLACKHOLE => {
+            let _ = generation.changed().await;
+            return;
+        }
+        _ => {}
     }
     let target = shared.target.load(Ordering::Acquire);
     let Ok(upstream) = TcpStream::connect(("127.0.0.1", target)).await else {
