@@ -68,10 +68,9 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// A cluster whose eu-west wrote 3 increments and "a", was copied while stopped, then wrote 4
-/// more and "b" that every peer holds: the cluster, the copy, and eu-west's incarnation.
-async fn cluster_with_an_old_copy(extra: &str) -> (Cluster, tempfile::TempDir, String) {
-    let mut cluster = Cluster::start(&REGIONS, extra).await;
+/// A cluster with the counter and set buckets every test writes, homed at eu-west.
+async fn cluster_with_buckets_at_eu_west(extra: &str) -> Cluster {
+    let cluster = Cluster::start(&REGIONS, extra).await;
     cluster
         .create_buckets(
             "eu-west",
@@ -79,6 +78,13 @@ async fn cluster_with_an_old_copy(extra: &str) -> (Cluster, tempfile::TempDir, S
             Some("eu-west"),
         )
         .await;
+    cluster
+}
+
+/// A cluster whose eu-west wrote 3 increments and "a", was copied while stopped, then wrote 4
+/// more and "b" that every peer holds: the cluster, the copy, and eu-west's incarnation.
+async fn cluster_with_an_old_copy(extra: &str) -> (Cluster, tempfile::TempDir, String) {
+    let mut cluster = cluster_with_buckets_at_eu_west(extra).await;
     write(&cluster, "eu-west", 3, &["a"]).await;
     peers_hold(&cluster, &["us-east", "ap-south"], 3, &["a"]).await;
     // Take a copy while stopped, then keep writing so peers see more than the copy holds.
@@ -113,14 +119,7 @@ async fn new_writes_reach_every_peer(cluster: &Cluster, before: &str) {
 
 #[tokio::test]
 async fn a_region_restarted_on_an_empty_disk_writes_as_a_new_incarnation() {
-    let mut cluster = Cluster::start(&REGIONS, "").await;
-    cluster
-        .create_buckets(
-            "eu-west",
-            &[("cnt", "counter"), ("set", "set")],
-            Some("eu-west"),
-        )
-        .await;
+    let mut cluster = cluster_with_buckets_at_eu_west("").await;
     write(&cluster, "eu-west", 5, &["a", "b"]).await;
     peers_hold(&cluster, &["us-east", "ap-south"], 5, &["a", "b"]).await;
     let before = incarnation(&cluster, "eu-west").await;
