@@ -128,7 +128,8 @@ impl Region {
             hlc: Arc::new(Hlc::new()),
             metrics: metrics.clone(),
         });
-        let partitions = PartitionRouter::start(config.partitions, config.worker_threads(), shared);
+        let partitions =
+            PartitionRouter::start(config.partitions, config.partition_threads(), shared);
         let regions = config.regions();
         let (retyped, retyped_rx) = mpsc::unbounded_channel();
         let in_doubt = InDoubt::new(
