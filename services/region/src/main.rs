@@ -11,6 +11,18 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e` of the bundled v3 header;
+/// the Rust declarations name only some options).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Keeps freed memory instead of returning it to the OS a second later: a busy region frees
+/// and reallocates the same megabytes all the time, and every return cost a fresh huge page
+/// zeroed by the kernel (3-5% of a write's CPU). The heap stays at its high-water mark.
+fn keep_freed_memory() {
+    // SAFETY: sets a plain integer option; mimalloc reads options at each purge decision.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
+
 #[derive(Parser)]
 #[command(
     name = "meridian",
@@ -48,6 +60,7 @@ enum Command {
 const LOG_FILTER: &str = "info,actix_server=warn";
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => Config::load(config.as_deref())
