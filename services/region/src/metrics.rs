@@ -24,6 +24,8 @@ pub struct Metrics {
     pub writes_committed: IntCounter,
     /// Bytes appended to the write-ahead journal.
     pub journal_bytes: IntCounter,
+    /// Bytes of journal file zero-filled, by who: its filler thread, or appends themselves.
+    pub journal_zero_fill: IntCounterVec,
     /// Time to make the state database durable and cut the journal.
     pub checkpoint_duration: Histogram,
     /// Checkpoints that failed (the journal keeps everything until one succeeds).
@@ -174,6 +176,13 @@ impl Metrics {
         let journal_bytes = IntCounter::new(
             "storage_journal_bytes_total",
             "Bytes appended to the write-ahead journal",
+        )?;
+        let journal_zero_fill = IntCounterVec::new(
+            Opts::new(
+                "storage_journal_zero_fill_bytes_total",
+                "Bytes of journal file zero-filled ahead of appends, by filler thread or append",
+            ),
+            &["by"],
         )?;
         let checkpoint_duration = Histogram::with_opts(
             HistogramOpts::new(
@@ -409,6 +418,7 @@ impl Metrics {
         registry.register(Box::new(commit_gather_wait.clone()))?;
         registry.register(Box::new(writes_committed.clone()))?;
         registry.register(Box::new(journal_bytes.clone()))?;
+        registry.register(Box::new(journal_zero_fill.clone()))?;
         registry.register(Box::new(checkpoint_duration.clone()))?;
         registry.register(Box::new(checkpoint_failures.clone()))?;
         registry.register(Box::new(commit_queue_depth.clone()))?;
@@ -437,6 +447,7 @@ impl Metrics {
             commit_gather_wait,
             writes_committed,
             journal_bytes,
+            journal_zero_fill,
             checkpoint_duration,
             checkpoint_failures,
             commit_queue_depth,

@@ -38,6 +38,7 @@ async fn metrics_are_present_and_follow_traffic_and_partitions() {
         "meridian_storage_commit_batch_size_bucket",
         "meridian_storage_commit_duration_seconds_bucket",
         "meridian_storage_commit_queue_depth",
+        "meridian_storage_journal_zero_fill_bytes_total",
         "meridian_storage_size_bytes",
         "meridian_partition_mailbox_depth",
         "meridian_partition_pending_writes",

@@ -175,6 +175,11 @@ pub(super) fn spawn(
     let failures = Arc::new(AtomicU64::new(0));
     let durable_times = DurableTimes::default();
     let commits = Arc::new(AtomicU64::new(start.commits));
+    let mut journal = start.journal;
+    journal.fill_ahead(
+        metrics.journal_zero_fill.with_label_values(&["filler"]),
+        metrics.journal_zero_fill.with_label_values(&["append"]),
+    )?;
     let handle = WriterHandle {
         commits: commits.clone(),
         tx,
@@ -203,7 +208,7 @@ pub(super) fn spawn(
         durable_times,
         tree: start.tree,
         commits,
-        journal: start.journal,
+        journal,
         snapshots: start.snapshots,
         overlay: start.overlay,
         drain_from: Bound::Unbounded,
