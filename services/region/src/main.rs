@@ -11,16 +11,23 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e` of the bundled v3 header;
-/// the Rust declarations name only some options).
+/// mimalloc's `mi_option_purge_delay` (its position in `mi_option_e` of the bundled v3 header,
+/// hence the exact version pin; the Rust declarations name only some options).
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+/// That option's default, in milliseconds.
+const DEFAULT_PURGE_DELAY_MS: std::ffi::c_long = 1000;
 
 /// Keeps freed memory instead of returning it to the OS a second later: a busy region frees
 /// and reallocates the same megabytes all the time, and every return cost a fresh huge page
-/// zeroed by the kernel (3-5% of a write's CPU). The heap stays at its high-water mark.
+/// zeroed by the kernel (3-5% of a write's CPU). The heap stays at its high-water mark. Left
+/// alone if the option is not at its default (`MIMALLOC_PURGE_DELAY` set, or another layout).
 fn keep_freed_memory() {
-    // SAFETY: sets a plain integer option; mimalloc reads options at each purge decision.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+    // SAFETY: reads and sets a plain integer option; mimalloc reads options at each purge.
+    unsafe {
+        if libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == DEFAULT_PURGE_DELAY_MS {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+        }
+    }
 }
 
 #[derive(Parser)]

@@ -180,7 +180,7 @@ impl Metrics {
         let journal_zero_fill = IntCounterVec::new(
             Opts::new(
                 "storage_journal_zero_fill_bytes_total",
-                "Bytes of journal file zero-filled ahead of appends, by filler thread or append",
+                "Bytes of journal file zero-filled, by the filler thread or by appends",
             ),
             &["by"],
         )?;

@@ -27,7 +27,8 @@ use redb::{Database, Durability};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, ErrorKind, Read};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -49,15 +50,15 @@ const HEADER_BYTES: usize = 28;
 /// The journal file and its position relative to the state database.
 pub struct Journal {
     file: File,
+    path: PathBuf,
     /// Number of the last record appended.
     last: u64,
     /// Where the next record goes.
     offset: u64,
     /// The round records are written in now.
     round: u64,
-    /// Bytes of the file known to exist (zero-filled or written). Appends write only below
-    /// it; the filler holds the lock while it writes zeros past it.
-    allocated: Arc<Mutex<u64>>,
+    /// How much of the file exists, shared with the filler.
+    extent: Arc<Extent>,
     /// The thread zero-filling ahead of the appends, once started.
     filler: Option<Filler>,
     /// Bytes zero-filled by appends themselves, because the filler had not got that far.
@@ -90,10 +91,14 @@ impl Journal {
         let replayed = replay(&file, allocated, state, upto)?;
         let mut journal = Self {
             file,
+            path: path.to_path_buf(),
             last: upto + replayed,
             offset: 0,
             round: new_round(),
-            allocated: Arc::new(Mutex::new(allocated)),
+            extent: Arc::new(Extent {
+                allocated: AtomicU64::new(allocated),
+                filling: Mutex::new(()),
+            }),
             filler: None,
             inline_fill: None,
             poisoned: None,
@@ -142,17 +147,14 @@ impl Journal {
     /// Zero-fills the file up to at least `end`, in whole steps, where the filler has not:
     /// zeros read back as "no record".
     fn ensure_allocated(&self, end: u64) -> std::io::Result<()> {
-        let mut allocated = self
-            .allocated
-            .lock()
-            .map_err(|_| std::io::Error::other("the journal filler panicked"))?;
-        if end > *allocated {
-            let target = end.div_ceil(GROWTH_BYTES) * GROWTH_BYTES;
-            write_zeros(&self.file, *allocated, target)?;
-            if let Some(counter) = &self.inline_fill {
-                counter.inc_by(target - *allocated);
-            }
-            *allocated = target;
+        if end <= self.extent.allocated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let filled = self
+            .extent
+            .fill_to(&self.file, end.div_ceil(GROWTH_BYTES) * GROWTH_BYTES)?;
+        if let Some(counter) = &self.inline_fill {
+            counter.inc_by(filled);
         }
         Ok(())
     }
@@ -162,19 +164,18 @@ impl Journal {
     /// inline cost a busy region's first round a stall every few megabytes: the append wrote
     /// a whole step of zeros, and its `fdatasync` flushed them.
     pub fn fill_ahead(&mut self, ahead: IntCounter, inline: IntCounter) -> std::io::Result<()> {
-        let file = self.file.try_clone()?;
-        let requested = *self
-            .allocated
-            .lock()
-            .map_err(|_| std::io::Error::other("the journal filler panicked"))?;
+        // An open file of its own, not a clone of the appends': the kernel reports a failed
+        // write-back to the first sync on each open file, so the appends' next `fdatasync`
+        // still fails when the filler's sync met the error first.
+        let file = OpenOptions::new().write(true).open(&self.path)?;
         let (wanted, targets) = mpsc::channel();
-        let allocated = self.allocated.clone();
+        let extent = self.extent.clone();
         let thread = std::thread::Builder::new()
             .name("journal-filler".into())
-            .spawn(move || fill(&file, &allocated, &targets, &ahead))?;
+            .spawn(move || fill(&file, &extent, &targets, &ahead))?;
         let mut filler = Filler {
             wanted: Some(wanted),
-            requested,
+            requested: self.extent.allocated.load(Ordering::Acquire),
             thread: Some(thread),
         };
         // A new file gets its first steps before the first append needs them.
@@ -182,6 +183,12 @@ impl Journal {
         self.filler = Some(filler);
         self.inline_fill = Some(inline);
         Ok(())
+    }
+
+    /// Stops the filler (waiting for the piece it is writing), before the state database's
+    /// lock goes: a journal opened next on the file must not find it still writing zeros.
+    pub fn stop_filling(&mut self) {
+        self.filler = None;
     }
 
     /// Stops all further appends and checkpoints: the last append's changes may be missing
@@ -227,6 +234,32 @@ impl Journal {
     }
 }
 
+/// How much of the journal file exists, shared by the appends and the filler.
+struct Extent {
+    /// Bytes of the file that exist (zero-filled or written); it only grows. Appends write
+    /// only below it, and read it without the lock.
+    allocated: AtomicU64,
+    /// Held by whoever writes zeros past `allocated`.
+    filling: Mutex<()>,
+}
+
+impl Extent {
+    /// Zero-fills `file` from the mark up to `upto`, if short of it; the bytes written.
+    fn fill_to(&self, file: &File, upto: u64) -> std::io::Result<u64> {
+        let _filling = self
+            .filling
+            .lock()
+            .map_err(|_| std::io::Error::other("the journal filler panicked"))?;
+        let from = self.allocated.load(Ordering::Acquire);
+        if upto <= from {
+            return Ok(0);
+        }
+        write_zeros(file, from, upto)?;
+        self.allocated.store(upto, Ordering::Release);
+        Ok(upto - from)
+    }
+}
+
 /// The zero-filling thread, as the journal sees it.
 struct Filler {
     /// Where the file should be zero-filled up to (`None` once stopping).
@@ -265,7 +298,7 @@ impl Drop for Filler {
 
 /// The filler's loop: zero-fills up to each target, a piece at a time, until the journal is
 /// dropped. A failed write ends it (the appends then fill, and meet the failure themselves).
-fn fill(file: &File, allocated: &Mutex<u64>, targets: &mpsc::Receiver<u64>, ahead: &IntCounter) {
+fn fill(file: &File, extent: &Extent, targets: &mpsc::Receiver<u64>, ahead: &IntCounter) {
     while let Ok(mut target) = targets.recv() {
         let _span = tracing::debug_span!("journal_zero_fill", upto = target).entered();
         loop {
@@ -274,23 +307,19 @@ fn fill(file: &File, allocated: &Mutex<u64>, targets: &mpsc::Receiver<u64>, ahea
                 Err(mpsc::TryRecvError::Empty) => {}
                 Err(mpsc::TryRecvError::Disconnected) => return,
             }
-            let filled = {
-                let Ok(mut allocated) = allocated.lock() else {
-                    return;
-                };
-                if *allocated >= target {
-                    break;
-                }
-                let upto = (*allocated + FILL_PIECE_BYTES).min(target);
-                if let Err(error) = write_zeros(file, *allocated, upto) {
+            let from = extent.allocated.load(Ordering::Acquire);
+            if from >= target {
+                break;
+            }
+            match extent.fill_to(file, (from + FILL_PIECE_BYTES).min(target)) {
+                // The appends got past the piece meanwhile: nothing written, nothing to sync.
+                Ok(0) => continue,
+                Ok(filled) => ahead.inc_by(filled),
+                Err(error) => {
                     tracing::warn!(%error, "journal zero-fill failed; appends grow the file");
                     return;
                 }
-                let filled = upto - *allocated;
-                *allocated = upto;
-                filled
-            };
-            ahead.inc_by(filled);
+            }
             if let Err(error) = file.sync_data() {
                 tracing::warn!(%error, "journal zero-fill sync failed; appends grow the file");
                 return;
@@ -634,6 +663,14 @@ mod tests {
         (counter("filler"), counter("appends"))
     }
 
+    /// Waits (up to 10 s) until the file exists up to `upto`.
+    fn await_allocated(journal: &Journal, upto: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while journal.extent.allocated.load(Ordering::Acquire) < upto && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     #[test]
     fn the_filler_grows_the_file_before_appends_need_it() {
         let f = fixture(0, &[]);
@@ -642,25 +679,63 @@ mod tests {
         journal
             .fill_ahead(filler.clone(), appends.clone())
             .expect("filler");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while filler.get() < 2 * GROWTH_BYTES && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        await_allocated(&journal, 2 * GROWTH_BYTES);
         assert_eq!(
             filler.get(),
             2 * GROWTH_BYTES,
             "two steps ahead of a new file"
         );
-        let big = vec![3u8; 64 * 1024];
-        for n in 1..=40 {
+        // Four steps' worth of appends, each given time to be filled ahead of.
+        let state = vec![3u8; 512 * 1024];
+        let count = 32;
+        for n in 1..=count {
             journal
-                .append(&[put(&format!("k{n:02}"), &big)], n % 8 == 0)
+                .append(&[put(&format!("k{n:02}"), &state)], n % 8 == 0)
                 .expect("append");
+            await_allocated(&journal, journal.offset + GROWTH_BYTES);
         }
         assert_eq!(appends.get(), 0, "no append waited for zeros of its own");
+        assert!(
+            filler.get() >= journal.offset + GROWTH_BYTES,
+            "kept at least a step ahead: filled {} for {} appended",
+            filler.get(),
+            journal.offset
+        );
         drop(journal);
         open(&f).expect("replayed");
-        assert_eq!(applied(&f.state).len(), 40);
+        assert_eq!(applied(&f.state).len(), count);
+    }
+
+    #[test]
+    fn a_dropped_journal_stops_its_filler_at_once() {
+        let f = fixture(0, &[]);
+        let mut journal = open(&f).expect("opened");
+        let (filler, appends) = fill_counters();
+        journal.fill_ahead(filler, appends).expect("filler");
+        if let Some(filler) = &mut journal.filler {
+            filler.keep_ahead_of(1000 * GROWTH_BYTES); // 4 GiB: far more than it gets to
+        }
+        let started = Instant::now();
+        drop(journal);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "drop waited {:?}",
+            started.elapsed()
+        );
+        let size = std::fs::metadata(&f.path).expect("size").len();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            std::fs::metadata(&f.path).expect("size").len(),
+            size,
+            "nothing written after the drop"
+        );
+        assert!(size < 1000 * GROWTH_BYTES);
+        // A journal opened next on the file appends safely.
+        let mut journal = open(&f).expect("reopened");
+        journal.append(&[put("k1", b"1")], true).expect("append");
+        drop(journal);
+        open(&f).expect("replayed");
+        assert_eq!(applied(&f.state), ["k1"]);
     }
 
     #[test]

@@ -320,6 +320,7 @@ impl Writer {
             self.group_commit(&mut batch);
         }
         self.checkpoint(true);
+        self.journal.stop_filling();
         self.alive.store(false, Ordering::Release);
     }
 
