@@ -123,6 +123,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn freed_memory_is_kept_unless_the_purge_delay_is_configured() {
+        keep_freed_memory();
+        // SAFETY: reads a plain integer option.
+        let delay = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+            assert_eq!(delay, -1, "option 15 is the purge delay, and it was set");
+        }
+    }
+
+    #[test]
     fn causes_already_in_a_message_are_not_repeated() {
         let inner = std::io::Error::other("disk gone");
         let error = anyhow::Error::new(inner)
