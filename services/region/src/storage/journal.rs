@@ -657,10 +657,16 @@ mod tests {
         assert_eq!(journal.last, 5);
     }
 
-    /// Counters for [`Journal::fill_ahead`]: (filler, appends).
-    fn fill_counters() -> (IntCounter, IntCounter) {
+    /// The fixture's journal with its filler started, and the bytes zero-filled by the filler
+    /// and by appends.
+    fn filling(f: &Fixture) -> (Journal, IntCounter, IntCounter) {
+        let mut journal = open(f).expect("opened");
         let counter = |name| IntCounter::new(name, "bytes").expect("counter");
-        (counter("filler"), counter("appends"))
+        let (filler, appends) = (counter("filler"), counter("appends"));
+        journal
+            .fill_ahead(filler.clone(), appends.clone())
+            .expect("filler");
+        (journal, filler, appends)
     }
 
     /// Waits (up to 10 s) until the file exists up to `upto`.
@@ -674,11 +680,7 @@ mod tests {
     #[test]
     fn the_filler_grows_the_file_before_appends_need_it() {
         let f = fixture(0, &[]);
-        let mut journal = open(&f).expect("opened");
-        let (filler, appends) = fill_counters();
-        journal
-            .fill_ahead(filler.clone(), appends.clone())
-            .expect("filler");
+        let (mut journal, filler, appends) = filling(&f);
         await_allocated(&journal, 2 * GROWTH_BYTES);
         assert_eq!(
             filler.get(),
@@ -709,9 +711,7 @@ mod tests {
     #[test]
     fn a_dropped_journal_stops_its_filler_at_once() {
         let f = fixture(0, &[]);
-        let mut journal = open(&f).expect("opened");
-        let (filler, appends) = fill_counters();
-        journal.fill_ahead(filler, appends).expect("filler");
+        let (mut journal, _, _) = filling(&f);
         if let Some(filler) = &mut journal.filler {
             filler.keep_ahead_of(1000 * GROWTH_BYTES); // 4 GiB: far more than it gets to
         }
@@ -741,11 +741,7 @@ mod tests {
     #[test]
     fn appends_racing_the_filler_keep_every_record() {
         let f = fixture(0, &[]);
-        let mut journal = open(&f).expect("opened");
-        let (filler, appends) = fill_counters();
-        journal
-            .fill_ahead(filler.clone(), appends.clone())
-            .expect("filler");
+        let (mut journal, filler, appends) = filling(&f);
         // The filler is sent far ahead, piece by synced piece, while records of over two steps
         // each are appended: wherever one reaches past the filler, the append fills a step of
         // its own while the filler is still at work below (how often depends on the disk).
