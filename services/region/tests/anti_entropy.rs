@@ -820,6 +820,79 @@ async fn quorum_read_repairs_a_stale_region() {
     assert_error(&reply, 503, "unavailable");
 }
 
+#[tokio::test]
+async fn quorum_read_write_backs_to_a_slow_peer_are_bounded() {
+    // Heartbeats every 500 ms (timing out after 1 s) stay within a link slowed to 300 ms a
+    // chunk each way, so the slow peer stays up and is asked.
+    let cluster = Cluster::start_with_env(
+        &REGIONS,
+        "anti_entropy_interval_ms = 0\nhint_max_bytes = 0\n",
+        &[
+            ("MERIDIAN_HEARTBEAT_INTERVAL_MS", "500"),
+            ("MERIDIAN_FORWARD_TIMEOUT_MS", "5000"),
+        ],
+    )
+    .await;
+    let (a, c) = ("us-east", "ap-south");
+    cluster
+        .create_buckets(a, &[("reg", "register")], Some(a))
+        .await;
+    cluster.cut_off(c);
+    cluster.wait_status(a, c, "down").await;
+    cluster.wait_status("eu-west", c, "down").await;
+    let keys: Vec<String> = (0..60).map(|i| kv("reg", &format!("k{i}"))).collect();
+    for key in &keys {
+        cluster
+            .region(a)
+            .put(key, &json!("fresh"))
+            .await
+            .expect(200);
+    }
+    wait_dropped_and_flagged(&cluster, a, c).await;
+    cluster.heal_all();
+    cluster.wait_all_up().await;
+
+    // 60 quorum reads at once at us-east: eu-west answers each at once; ap-south's answers,
+    // each lacking its key, come in together later, and each write-back to it takes 600 ms.
+    cluster.link(a, c).slow(300);
+    let east = cluster.region(a);
+    let skipped = || async {
+        sample(
+            &scrape(east).await,
+            "meridian_read_repairs_skipped_total",
+            &[],
+        )
+    };
+    let reads = keys
+        .iter()
+        .map(|key| async move { east.get(&format!("{key}?consistency=quorum")).await });
+    for reply in futures_util::future::join_all(reads).await {
+        assert_eq!(reply.body["values"], json!(["fresh"]), "{reply:?}");
+    }
+    let stale = cluster.region(c);
+    let repaired = || async {
+        let mut present = 0;
+        for key in &keys {
+            if stale.get(&format!("{key}?consistency=local")).await.status == 200 {
+                present += 1;
+            }
+        }
+        present
+    };
+    eventually(
+        Duration::from_secs(20),
+        "every write-back to ap-south sent or skipped",
+        || async { repaired().await + skipped().await as usize == keys.len() },
+    )
+    .await;
+    let (sent, skipped) = (repaired().await, skipped().await as usize);
+    assert!(
+        sent >= 32 && skipped > 0,
+        "at most 32 write-backs in flight to one peer, the rest left to anti-entropy: \
+         {sent} sent, {skipped} skipped"
+    );
+}
+
 /// One directed proxy link per ordered pair of `names`.
 fn mesh(names: &[&str]) -> BTreeMap<(String, String), Link> {
     let mut links = BTreeMap::new();
