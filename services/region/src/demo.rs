@@ -106,9 +106,9 @@ pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> 
     outcome
 }
 
-/// HTTP workers for each of `count` regions sharing this machine: its
-/// share of the cores. Threads beyond the cores only add hand-offs; three regions on 2 cores
-/// replicated faster with one worker each than with two.
+/// HTTP workers for each of `count` regions sharing this machine: its share of the cores.
+/// Threads beyond the cores only add hand-offs; three regions on 2 cores replicated faster
+/// with one worker each than with two.
 fn workers_per_region(count: usize) -> usize {
     (crate::config::cores() / count.max(1)).max(1)
 }
