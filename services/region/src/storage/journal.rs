@@ -61,8 +61,6 @@ pub struct Journal {
     extent: Arc<Extent>,
     /// The thread zero-filling ahead of the appends, once started.
     filler: Option<Filler>,
-    /// Bytes zero-filled by appends themselves, because the filler had not got that far.
-    inline_fill: Option<IntCounter>,
     /// Set by the first failed write or sync, after which nothing is appended or checkpointed:
     /// the kernel may have dropped the pages that failed, so a later successful `fdatasync`
     /// would not prove that the records before it are on disk.
@@ -100,7 +98,6 @@ impl Journal {
                 filling: Mutex::new(()),
             }),
             filler: None,
-            inline_fill: None,
             poisoned: None,
             last_checkpoint: Instant::now(),
             interval,
@@ -153,8 +150,8 @@ impl Journal {
         let filled = self
             .extent
             .fill_to(&self.file, end.div_ceil(GROWTH_BYTES) * GROWTH_BYTES)?;
-        if let Some(counter) = &self.inline_fill {
-            counter.inc_by(filled);
+        if let Some(filler) = &self.filler {
+            filler.inline.inc_by(filled);
         }
         Ok(())
     }
@@ -176,12 +173,12 @@ impl Journal {
         let mut filler = Filler {
             wanted: Some(wanted),
             requested: self.extent.allocated.load(Ordering::Acquire),
+            inline,
             thread: Some(thread),
         };
         // A new file gets its first steps before the first append needs them.
         filler.keep_ahead_of(self.offset);
         self.filler = Some(filler);
-        self.inline_fill = Some(inline);
         Ok(())
     }
 
@@ -266,6 +263,8 @@ struct Filler {
     wanted: Option<mpsc::Sender<u64>>,
     /// The highest target sent.
     requested: u64,
+    /// Bytes zero-filled by appends themselves, because the filler had not got that far.
+    inline: IntCounter,
     thread: Option<JoinHandle<()>>,
 }
 
