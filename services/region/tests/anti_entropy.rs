@@ -92,6 +92,24 @@ async fn wait_dropped_and_flagged(cluster: &Cluster, at: &str, peer: &str) {
     }
 }
 
+/// Writes `writes` at `at` while `stale` is cut off and its entries are dropped (hints off),
+/// then heals: only a repair brings them to `stale`.
+async fn written_while_cut_off(cluster: &Cluster, at: &str, stale: &str, writes: &[(&str, Value)]) {
+    cluster.cut_off(stale);
+    cluster.wait_status(at, stale, "down").await;
+    for name in cluster.names() {
+        if name != at && name != stale {
+            cluster.wait_status(&name, stale, "down").await;
+        }
+    }
+    for (path, value) in writes {
+        cluster.region(at).put(path, value).await.expect(200);
+    }
+    wait_dropped_and_flagged(cluster, at, stale).await;
+    cluster.heal_all();
+    cluster.wait_all_up().await;
+}
+
 /// Waits until `region` reports `caught_up: true` with a complete, error-free exchange with
 /// every peer since it started.
 async fn wait_caught_up(region: &Region, timeout: Duration) -> Value {
@@ -716,23 +734,11 @@ async fn quorum_read_repairs_a_stale_region() {
         .await;
     let key = kv("reg", "k");
     let other = kv("reg", "other");
-
-    cluster.cut_off(c);
-    cluster.wait_status(a, c, "down").await;
-    cluster.wait_status("eu-west", c, "down").await;
-    cluster
-        .region(a)
-        .put(&key, &json!("fresh"))
-        .await
-        .expect(200);
-    cluster
-        .region(a)
-        .put(&other, &json!("fresh-other"))
-        .await
-        .expect(200);
-    wait_dropped_and_flagged(&cluster, a, c).await;
-    cluster.heal_all();
-    cluster.wait_all_up().await;
+    let writes = [
+        (key.as_str(), json!("fresh")),
+        (other.as_str(), json!("fresh-other")),
+    ];
+    written_while_cut_off(&cluster, a, c, &writes).await;
 
     // Nothing repairs C on its own: no hints, no anti-entropy.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -837,20 +843,9 @@ async fn quorum_read_write_backs_to_a_slow_peer_are_bounded() {
     cluster
         .create_buckets(a, &[("reg", "register")], Some(a))
         .await;
-    cluster.cut_off(c);
-    cluster.wait_status(a, c, "down").await;
-    cluster.wait_status("eu-west", c, "down").await;
     let keys: Vec<String> = (0..60).map(|i| kv("reg", &format!("k{i}"))).collect();
-    for key in &keys {
-        cluster
-            .region(a)
-            .put(key, &json!("fresh"))
-            .await
-            .expect(200);
-    }
-    wait_dropped_and_flagged(&cluster, a, c).await;
-    cluster.heal_all();
-    cluster.wait_all_up().await;
+    let writes: Vec<(&str, Value)> = keys.iter().map(|k| (k.as_str(), json!("fresh"))).collect();
+    written_while_cut_off(&cluster, a, c, &writes).await;
 
     // 60 quorum reads at once at us-east: eu-west answers each at once; ap-south's answers,
     // each lacking its key, come in together later, and each write-back to it takes 600 ms.
