@@ -4,6 +4,7 @@
 //! Steps: resolve targets, make sure the bucket exists, preload keys for GETs, then run one
 //! worker per connection for warmup + duration and merge their histograms.
 
+pub mod conn;
 pub mod keys;
 pub mod paths;
 pub mod report;
@@ -15,11 +16,11 @@ use crate::client::{build_url, ApiClient, Call};
 use crate::commands::write_stdout;
 use crate::error::CliError;
 use bytes::Bytes;
-use hyper::header::HeaderValue;
 use keys::KeySpace;
 use meridian_shared::session::SessionToken;
 use paths::PathTable;
 use report::{BenchReport, RunShape};
+use reqwest::header::HeaderValue;
 use reqwest::{Method, Url};
 use serde_json::{json, Value};
 use stats::BenchStats;
@@ -58,14 +59,20 @@ pub async fn run(
         Workload::Put => None,
         Workload::Get | Workload::Mixed => Some(args.keys.min(PRELOAD_LIMIT)),
     };
-    let targets =
-        resolve_targets(&urls, &args.bucket, args.keys, preload_count.unwrap_or(0)).await?;
+    let auth = bearer(token.as_deref())?;
+    let targets = resolve_targets(
+        &urls,
+        &args.bucket,
+        args.keys,
+        preload_count.unwrap_or(0),
+        auth.as_ref(),
+    )
+    .await?;
     let requests = Arc::new(Requests {
         workload: args.workload,
         put_keys: key_space(args.keys, args.hot),
         get_keys: key_space(preload_count.unwrap_or(1), args.hot),
-        value: json_string_value(args.value_size as usize),
-        auth: bearer(token.as_deref())?,
+        put_tail: put_tail(&json_string_value(args.value_size as usize)),
     });
 
     if args.fill {
@@ -202,6 +209,17 @@ pub fn json_string_value(size: usize) -> Bytes {
     Bytes::from(value)
 }
 
+/// A PUT's content headers, the blank line and the body.
+fn put_tail(value: &[u8]) -> Bytes {
+    let mut tail = format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        value.len()
+    )
+    .into_bytes();
+    tail.extend_from_slice(value);
+    Bytes::from(tail)
+}
+
 fn bearer(token: Option<&str>) -> Result<Option<HeaderValue>, CliError> {
     token
         .map(|t| {
@@ -235,12 +253,14 @@ async fn ensure_bucket(client: &ApiClient, bucket: &str) -> Result<(), CliError>
     }
 }
 
-/// Resolves each URL once and pre-builds its paths; URLs with the same path share tables.
+/// Resolves each URL once and pre-builds its paths and header lines; URLs with the same path
+/// share tables.
 async fn resolve_targets(
     urls: &[Url],
     bucket: &str,
     keys: u64,
     preload_count: u64,
+    auth: Option<&HeaderValue>,
 ) -> Result<Vec<Arc<Target>>, CliError> {
     let mut tables: Vec<(String, Arc<PathTable>, Arc<PathTable>)> = Vec::new();
     let mut targets = Vec::with_capacity(urls.len());
@@ -258,8 +278,14 @@ async fn resolve_targets(
             Some(port) => format!("{host}:{port}"),
             None => host.to_owned(),
         };
-        let host_header = HeaderValue::from_str(&authority)
+        HeaderValue::from_str(&authority)
             .map_err(|_| CliError::Usage(format!("{url}: host is not a valid header value")))?;
+        let mut headers = format!("Host: {authority}\r\n").into_bytes();
+        if let Some(auth) = auth {
+            headers.extend_from_slice(b"Authorization: ");
+            headers.extend_from_slice(auth.as_bytes());
+            headers.extend_from_slice(b"\r\n");
+        }
 
         let segments = ["v1", "kv", bucket].map(str::to_owned);
         // The key is appended after this slash.
@@ -278,7 +304,7 @@ async fn resolve_targets(
         targets.push(Arc::new(Target {
             url: url.to_string(),
             addr,
-            host: host_header,
+            headers,
             put_paths,
             get_paths,
         }));
@@ -360,6 +386,15 @@ mod tests {
             let parsed: Value = serde_json::from_slice(&value).expect("valid JSON");
             assert!(parsed.is_string());
         }
+    }
+
+    #[test]
+    fn put_tail_announces_the_body_it_carries() {
+        let tail = put_tail(b"\"abc\"");
+        assert_eq!(
+            &tail[..],
+            &b"Content-Type: application/json\r\nContent-Length: 5\r\n\r\n\"abc\""[..]
+        );
     }
 
     #[test]

@@ -1,27 +1,20 @@
 //! One bench worker: one HTTP/1.1 connection, one request in flight, until the deadline.
 //!
-//! Everything a request needs is built before the run (paths, body bytes, header values), so
-//! the loop costs a key pick, a `Request` assembly and hyper's own work.
+//! Everything a request needs is built before the run (paths, header lines, body bytes), so
+//! the loop costs a key pick, one buffer assembly and the connection's own work (see `conn`).
 
+use super::conn::{Answer, Connection, Keep};
 use super::keys::{KeySpace, XorShift64};
 use super::paths::PathTable;
 use super::stats::BenchStats;
 use crate::args::Workload;
 use crate::error::describe;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use meridian_shared::session::SessionToken;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 
-/// Longest wait for one TCP connect.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// A worker that fails to connect this many times in a row stops early.
 const MAX_CONSECUTIVE_CONNECT_FAILURES: u32 = 20;
 /// Ceiling of the pause between reconnect attempts.
@@ -36,8 +29,8 @@ pub struct Target {
     pub url: String,
     /// Resolved once up front so reconnects do no DNS.
     pub addr: SocketAddr,
-    /// `Host` header value (`host:port`).
-    pub host: HeaderValue,
+    /// Header lines every request to it carries (`Host`, `Authorization`), CRLF-terminated.
+    pub headers: Vec<u8>,
     /// PUT paths for every key of the key space.
     pub put_paths: Arc<PathTable>,
     /// GET paths for the preloaded keys.
@@ -53,10 +46,9 @@ pub struct Requests {
     pub put_keys: KeySpace,
     /// Keys GETs read (the preloaded range).
     pub get_keys: KeySpace,
-    /// The PUT body, shared by every request.
-    pub value: Bytes,
-    /// `Authorization` header value, when a token was given.
-    pub auth: Option<HeaderValue>,
+    /// What follows a PUT's common header lines: its content headers, the blank line and the
+    /// body, the same for every request.
+    pub put_tail: Bytes,
 }
 
 /// When the run measures and when it stops.
@@ -90,22 +82,6 @@ enum Op {
     Get,
 }
 
-/// How an exchange ended when the connection survived it.
-enum Answer {
-    /// 2xx, with the session token that covers it.
-    Success(Option<HeaderValue>),
-    Failure {
-        status: StatusCode,
-        body: Bytes,
-    },
-}
-
-/// The response header carrying the session token.
-const SESSION_HEADER: &str = "x-meridian-session";
-
-type Sender = SendRequest<Full<Bytes>>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 /// Runs worker `id` against `target` until `timing.end` and returns what it counted.
 pub async fn run_worker(
     id: u64,
@@ -136,31 +112,31 @@ async fn drive(
     in_flight: &mut bool,
 ) {
     let mut rng = XorShift64::seeded(id);
-    let mut sender: Option<Sender> = None;
+    let mut connection: Option<Connection> = None;
     let mut connect_failures = 0u32;
     loop {
         if Instant::now() >= timing.end {
             return;
         }
         // A server may close an idle or `Connection: close` connection; that is no error.
-        if sender.as_ref().is_some_and(Sender::is_closed) {
-            sender = None;
+        if connection.as_ref().is_some_and(Connection::is_closed) {
+            connection = None;
         }
-        let connection = match sender.as_mut() {
-            Some(connection) => connection,
+        let open = match connection.as_mut() {
+            Some(open) => open,
             None => {
                 *in_flight = true;
-                let connected = connect(target).await;
+                let connected = Connection::open(target.addr).await;
                 *in_flight = false;
                 match connected {
-                    Ok(connection) => {
+                    Ok(open) => {
                         connect_failures = 0;
-                        sender.insert(connection)
+                        connection.insert(open)
                     }
                     Err(e) => {
                         if Instant::now() >= timing.measure_start {
                             stats.record_connection_error(|| {
-                                format!("connect to {}: {}", target.url, describe(e.as_ref()))
+                                format!("connect to {}: {}", target.url, describe(&e))
                             });
                         }
                         connect_failures += 1;
@@ -183,7 +159,11 @@ async fn drive(
             Workload::Mixed if rng.coin() => Op::Put,
             Workload::Mixed => Op::Get,
         };
-        let Some(request) = build_request(target, requests, op, &mut rng) else {
+        let (paths, keys) = match op {
+            Op::Put => (&target.put_paths, &requests.put_keys),
+            Op::Get => (&target.get_paths, &requests.get_keys),
+        };
+        let Some(path) = paths.path(keys.pick(&mut rng)) else {
             // Paths were validated when built, so this means a bug, not a server problem.
             stats.record_connection_error(|| "request path out of range".to_owned());
             return;
@@ -191,20 +171,20 @@ async fn drive(
 
         let start = Instant::now();
         *in_flight = true;
-        let result = exchange(connection, request, false).await;
+        let result = send(open, target, requests, op, path, Keep::STATUS).await;
         *in_flight = false;
         let done = Instant::now();
         let measured = start >= timing.measure_start;
         match result {
-            Ok(Answer::Success(_)) if measured => stats.record_ok(done - start, done),
-            Ok(Answer::Failure { status, body }) if measured => {
-                stats.record_http_error(status.as_u16(), done, || {
-                    describe_failure(&target.url, status, &body)
+            Ok(answer) if measured && is_success(&answer) => stats.record_ok(done - start, done),
+            Ok(answer) if measured => {
+                stats.record_http_error(answer.status, done, || {
+                    describe_failure(&target.url, &answer)
                 });
             }
             Ok(_) => {}
             Err(e) => {
-                sender = None;
+                connection = None;
                 if measured {
                     stats.record_connection_error(|| {
                         format!("request to {}: {}", target.url, describe(&e))
@@ -222,37 +202,42 @@ pub async fn preload(
     requests: Arc<Requests>,
     keys: Vec<u64>,
 ) -> Result<SessionToken, String> {
-    let mut sender: Option<Sender> = None;
+    let mut connection: Option<Connection> = None;
     let mut reconnects = 0u32;
     let mut covers = SessionToken::default();
+    let keep = Keep {
+        session: true,
+        body: false,
+    };
     for key in keys {
+        let path = target
+            .put_paths
+            .path(key)
+            .ok_or_else(|| format!("no request path for key k{key}"))?;
         loop {
-            let connection =
-                match sender.as_mut().filter(|s| !s.is_closed()) {
-                    Some(connection) => connection,
-                    None => sender.insert(connect(&target).await.map_err(|e| {
-                        format!("connect to {}: {}", target.url, describe(e.as_ref()))
-                    })?),
-                };
-            let request = put_request(&target, &requests, key)
-                .ok_or_else(|| format!("no request path for key k{key}"))?;
-            match exchange(connection, request, true).await {
-                Ok(Answer::Success(session)) => {
-                    let token = session
-                        .as_ref()
-                        .and_then(|v| v.to_str().ok())
+            let open = match connection.as_mut().filter(|c| !c.is_closed()) {
+                Some(open) => open,
+                None => connection.insert(
+                    Connection::open(target.addr)
+                        .await
+                        .map_err(|e| format!("connect to {}: {}", target.url, describe(&e)))?,
+                ),
+            };
+            match send(open, &target, &requests, Op::Put, path, keep).await {
+                Ok(answer) if is_success(&answer) => {
+                    let token = answer
+                        .session
+                        .as_deref()
                         .and_then(|v| SessionToken::decode(v).ok());
                     if let Some(token) = token {
                         covers.merge(&token);
                     }
                     break;
                 }
-                Ok(Answer::Failure { status, body }) => {
-                    return Err(describe_failure(&target.url, status, &body))
-                }
+                Ok(answer) => return Err(describe_failure(&target.url, &answer)),
                 Err(e) if reconnects < PRELOAD_RECONNECTS => {
                     reconnects += 1;
-                    sender = None;
+                    connection = None;
                     eprintln!(
                         "warning: preload to {}: {}; reconnecting",
                         target.url,
@@ -266,87 +251,35 @@ pub async fn preload(
     Ok(covers)
 }
 
-/// Opens one HTTP/1.1 connection and drives it on its own task.
-async fn connect(target: &Target) -> Result<Sender, BoxError> {
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target.addr))
-        .await
-        .map_err(|_| format!("no connection within {CONNECT_TIMEOUT:?}"))??;
-    // Requests are small and sequential: waiting for Nagle would add latency to every one.
-    stream.set_nodelay(true)?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        // Its errors surface on the sender as failed requests, where they are counted.
-        let _ = connection.await;
-    });
-    Ok(sender)
-}
-
-/// Sends one request and reads the whole answer so the connection can carry the next; keeps
-/// the session token if `want_session` (the measured loop does not pay for the lookup).
-async fn exchange(
-    sender: &mut Sender,
-    request: Request<Full<Bytes>>,
-    want_session: bool,
-) -> Result<Answer, hyper::Error> {
-    sender.ready().await?;
-    let response = sender.send_request(request).await?;
-    let status = response.status();
-    let session = want_session
-        .then(|| response.headers().get(SESSION_HEADER).cloned())
-        .flatten();
-    let mut body = response.into_body();
-    if status.is_success() {
-        // Drain without collecting: success bodies are not needed.
-        while let Some(frame) = body.frame().await {
-            frame?;
-        }
-        Ok(Answer::Success(session))
-    } else {
-        let body = body.collect().await?.to_bytes();
-        Ok(Answer::Failure { status, body })
-    }
-}
-
-fn build_request(
+/// Sends one request of kind `op` for `path` and reads its whole answer.
+async fn send(
+    connection: &mut Connection,
     target: &Target,
     requests: &Requests,
     op: Op,
-    rng: &mut XorShift64,
-) -> Option<Request<Full<Bytes>>> {
+    path: &[u8],
+    keep: Keep,
+) -> std::io::Result<Answer> {
     match op {
-        Op::Put => put_request(target, requests, requests.put_keys.pick(rng)),
+        Op::Put => {
+            let rest: [&[u8]; 2] = [&target.headers, &requests.put_tail];
+            connection.exchange("PUT", path, &rest, keep).await
+        }
         Op::Get => {
-            let uri = target.get_paths.uri(requests.get_keys.pick(rng))?;
-            let mut request = Request::new(Full::new(Bytes::new()));
-            *request.uri_mut() = uri;
-            add_common_headers(&mut request, target, requests);
-            Some(request)
+            let rest: [&[u8]; 2] = [&target.headers, b"\r\n"];
+            connection.exchange("GET", path, &rest, keep).await
         }
     }
 }
 
-fn put_request(target: &Target, requests: &Requests, key: u64) -> Option<Request<Full<Bytes>>> {
-    let uri = target.put_paths.uri(key)?;
-    let mut request = Request::new(Full::new(requests.value.clone()));
-    *request.method_mut() = Method::PUT;
-    *request.uri_mut() = uri;
-    request
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    add_common_headers(&mut request, target, requests);
-    Some(request)
-}
-
-fn add_common_headers(request: &mut Request<Full<Bytes>>, target: &Target, requests: &Requests) {
-    let headers = request.headers_mut();
-    // hyper's low-level client does not add Host; HTTP/1.1 requires it.
-    headers.insert(HOST, target.host.clone());
-    if let Some(auth) = &requests.auth {
-        headers.insert(AUTHORIZATION, auth.clone());
-    }
+fn is_success(answer: &Answer) -> bool {
+    (200..300).contains(&answer.status)
 }
 
 /// `http://...: unavailable: overloaded (HTTP 503)`, from the contract's error body if any.
-fn describe_failure(url: &str, status: StatusCode, body: &[u8]) -> String {
-    format!("{url}: {}", crate::client::api_error(status, body))
+fn describe_failure(url: &str, answer: &Answer) -> String {
+    match reqwest::StatusCode::from_u16(answer.status) {
+        Ok(status) => format!("{url}: {}", crate::client::api_error(status, &answer.body)),
+        Err(_) => format!("{url}: answered with status {}", answer.status),
+    }
 }

@@ -1,0 +1,183 @@
+//! `meridianctl bench` against a real `meridian` region on loopback: what the bench writes is
+//! what the region stores, and the region's refusals reach the report.
+//!
+//! The region binary is the one `cargo test --workspace` builds beside `meridianctl`.
+
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a region may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const TOKEN: &str = "bench-test-token";
+
+/// A region process, killed when dropped.
+struct Region {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Region {
+    fn start(extra: &str) -> Region {
+        let ctl = PathBuf::from(env!("CARGO_BIN_EXE_meridianctl"));
+        let binary = ctl.with_file_name("meridian");
+        assert!(
+            binary.exists(),
+            "{} is not built: run `cargo test --workspace` (or `cargo build -p meridian-region`)",
+            binary.display()
+        );
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let config = dir.path().join("region.toml");
+        let data = dir.path().join("data");
+        std::fs::write(
+            &config,
+            format!(
+                "region = \"us-east\"\nlisten = \"127.0.0.1:{port}\"\ndata_dir = {data:?}\n{extra}\n"
+            ),
+        )
+        .expect("write config");
+        let log = std::fs::File::create(dir.path().join("log")).expect("log file");
+        let mut command = Command::new(binary);
+        command
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("MERIDIAN_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command.spawn().expect("spawn meridian");
+        let region = Region {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !region.ready() {
+            assert!(Instant::now() < deadline, "region not ready in time");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        region
+    }
+
+    /// `GET /readyz` answered 200 (a plain request: no client runtime needed for a probe).
+    fn ready(&self) -> bool {
+        use std::io::{Read, Write};
+        let authority = self.url.trim_start_matches("http://");
+        let Ok(mut stream) = std::net::TcpStream::connect(authority) else {
+            return false;
+        };
+        let request =
+            format!("GET /readyz HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        let mut answer = String::new();
+        stream.write_all(request.as_bytes()).is_ok()
+            && stream.read_to_string(&mut answer).is_ok()
+            && answer.starts_with("HTTP/1.1 200")
+    }
+
+    /// Runs `meridianctl --url <region> --token <TOKEN> <args>`.
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_meridianctl"))
+            .args(["--url", &self.url, "--token", TOKEN])
+            .args(args)
+            .output()
+            .expect("run meridianctl")
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn report(output: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}); stdout: {stdout}; stderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+#[test]
+fn bench_writes_and_reads_what_the_region_stores() {
+    let region = Region::start(&format!("[security]\nclient_tokens = [\"{TOKEN}\"]"));
+    let output = region.ctl(&[
+        "bench",
+        "--workload",
+        "mixed",
+        "--keys",
+        "40",
+        "--concurrency",
+        "4",
+        "--duration",
+        "1s",
+        "--warmup",
+        "0s",
+        "--value-size",
+        "64",
+        "--json",
+    ]);
+    let report = report(&output);
+    assert!(output.status.success(), "bench failed: {report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["preloaded_keys"], 40, "{report}");
+    assert!(
+        report["ops"].as_u64().is_some_and(|ops| ops > 100),
+        "{report}"
+    );
+
+    // Every key was preloaded with the bench's value: a 64-byte JSON string.
+    let get = region.ctl(&["get", "bench", "k39"]);
+    let text = String::from_utf8_lossy(&get.stdout);
+    assert!(get.status.success(), "get failed: {text}");
+    let expected: String = (0..62).map(|i| char::from(b'a' + i % 26)).collect();
+    assert!(text.contains(&expected), "k39 holds {text}");
+}
+
+#[test]
+fn bench_reports_the_regions_refusals() {
+    let region = Region::start(&format!(
+        "max_body_bytes = 1024\n[security]\nclient_tokens = [\"{TOKEN}\"]"
+    ));
+    let output = region.ctl(&[
+        "bench",
+        "--workload",
+        "put",
+        "--concurrency",
+        "2",
+        "--duration",
+        "500ms",
+        "--warmup",
+        "0s",
+        "--value-size",
+        "2048",
+        "--json",
+    ]);
+    let report = report(&output);
+    assert!(
+        !output.status.success(),
+        "a run with no success must fail: {report}"
+    );
+    assert_eq!(report["ops"], 0, "{report}");
+    assert!(
+        report["http_errors"]["413"]
+            .as_u64()
+            .is_some_and(|n| n > 10),
+        "{report}"
+    );
+    let first = report["first_error"].as_str().unwrap_or_default();
+    assert!(first.contains("payload_too_large"), "{report}");
+}
