@@ -368,13 +368,33 @@ impl Region {
         match level {
             ReadConsistency::Local | ReadConsistency::Home => Ok(()),
             ReadConsistency::Session if self.covers(session) => Ok(()),
-            ReadConsistency::Session => Err(ApiError::new(
-                actix_web::http::StatusCode::GATEWAY_TIMEOUT,
-                "consistency_timeout",
-                "this region has not yet applied everything the session token has seen",
-            )),
+            ReadConsistency::Session => match self.session_ahead(session) {
+                Some((claimed, written)) => Err(ApiError::new(
+                    actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+                    "session_ahead_of_region",
+                    format!(
+                        "the session token claims write {claimed} of this region, which has \
+                         made only {written}: the token did not come from this region's \
+                         history; start a new session"
+                    ),
+                )),
+                None => Err(ApiError::new(
+                    actix_web::http::StatusCode::GATEWAY_TIMEOUT,
+                    "consistency_timeout",
+                    "this region has not yet applied everything the session token has seen",
+                )),
+            },
             ReadConsistency::Quorum | ReadConsistency::All => Ok(()),
         }
+    }
+
+    /// `(claimed, written)` when `session` claims more of this region's own log than it has
+    /// written: no wait can cover that (a forged token, or one issued by a copy of this
+    /// region's data that has since been lost; the home may still hold those writes).
+    fn session_ahead(&self, session: &SessionToken) -> Option<(u64, u64)> {
+        let written = self.storage.last_seq();
+        let claimed = *session.seen.get(&self.storage.identity().incarnation)?;
+        (claimed > written).then_some((claimed, written))
     }
 
     /// Whether this region holds everything `session` has seen. Not before a region that
@@ -445,6 +465,10 @@ impl Region {
     pub async fn await_session(&self, session: &SessionToken) -> bool {
         if self.covers(session) {
             return true;
+        }
+        if self.session_ahead(session).is_some() {
+            // No wait covers it; the home may hold what the token claims.
+            return false;
         }
         if !self.holds_history() {
             // Refilling takes an anti-entropy exchange: the home answers meanwhile.

@@ -7,9 +7,11 @@
 mod common;
 
 use common::{assert_error, bucket_path, kv, Region};
+use meridian_shared::session::SessionToken;
 use reqwest::Method;
 use serde_json::json;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 const REG: &str = "bi-reg";
 const CNT: &str = "bi-cnt";
@@ -351,6 +353,32 @@ mod rows {
         }
     }
 
+    pub async fn session_ahead_of_region(region: &Region) {
+        let path = format!("{}?consistency=session", kv(REG, TARGET));
+        let read = region.get(&path).await;
+        read.expect(200);
+        let issued = read.header("x-meridian-session").expect("a session token");
+        let mut token = SessionToken::decode(issued).expect("the region's own token");
+        assert!(
+            !token.seen.is_empty(),
+            "the token covers the fixture's writes"
+        );
+        for seq in token.seen.values_mut() {
+            *seq += 1_000_000;
+        }
+        let started = Instant::now();
+        let reply = region
+            .get_with(&path, &[("X-Meridian-Session", &token.encode())])
+            .await;
+        assert_error(&reply, 422, "session_ahead_of_region");
+        // Refused at once, not after the bounded wait for replication (1 s).
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
     pub async fn invalid_parameter(region: &Region) {
         let key = kv(REG, TARGET);
         for query in ["consistency=bogus", "consistency=strong"] {
@@ -489,6 +517,7 @@ bad_input_tests!(
     payload_too_large,
     invalid_context,
     invalid_session,
+    session_ahead_of_region,
     invalid_parameter,
     invalid_idempotency_key,
     unknown_route,
