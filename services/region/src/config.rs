@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 const TEXT_FIELDS: [&str; 4] = ["region", "listen", "data_dir", "cluster_id"];
 
 /// Top-level fields that `MERIDIAN_<FIELD>` may override.
-const ENV_FIELDS: [&str; 29] = [
+const ENV_FIELDS: [&str; 30] = [
     "region",
     "listen",
     "data_dir",
@@ -28,6 +28,7 @@ const ENV_FIELDS: [&str; 29] = [
     "state_cache_bytes",
     "storage_cache_bytes",
     "workers",
+    "pin_workers",
     "idempotency_ttl_secs",
     "heartbeat_interval_ms",
     "down_after_missed",
@@ -91,6 +92,10 @@ pub struct Config {
     /// HTTP worker threads; 0 = one per CPU.
     #[serde(default)]
     pub workers: usize,
+    /// Pin each HTTP worker to a CPU of its own when there are as many workers as CPUs this
+    /// process may use (see `affinity`).
+    #[serde(default = "default_pin_workers")]
+    pub pin_workers: bool,
     /// How long an `Idempotency-Key` answer is kept.
     #[serde(default = "default_idempotency_ttl_secs")]
     pub idempotency_ttl_secs: u64,
@@ -174,6 +179,9 @@ fn default_state_cache_bytes() -> usize {
 }
 fn default_commit_max_batch() -> usize {
     4096
+}
+fn default_pin_workers() -> bool {
+    true
 }
 fn default_checkpoint_interval_ms() -> u64 {
     10_000

@@ -106,16 +106,16 @@ pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> 
     outcome
 }
 
-/// HTTP workers for each of `count` regions sharing this machine: its share of the cores.
-/// Threads beyond the cores only add hand-offs; three regions on 2 cores replicated faster
-/// with one worker each than with two.
+/// HTTP workers for each of `count` regions sharing this machine: its share of the cores (not
+/// pinned: the regions would pin onto the same ones). Threads beyond the cores only add
+/// hand-offs; three regions on 2 cores replicated faster with one worker each than with two.
 fn workers_per_region(count: usize) -> usize {
     (crate::config::cores() / count.max(1)).max(1)
 }
 
 fn config_for(region: &DemoRegion, all: &[DemoRegion], data_dir: &Path, workers: usize) -> String {
     let mut config = format!(
-        "region = \"{}\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ncluster_id = \"demo\"\nworkers = {workers}\n\n[peers]\n",
+        "region = \"{}\"\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\ncluster_id = \"demo\"\nworkers = {workers}\npin_workers = false\n\n[peers]\n",
         region.name,
         region.port,
         data_dir.join(&region.name).display()
@@ -283,6 +283,7 @@ mod tests {
             .expect("a valid config");
         assert_eq!(config.region.as_str(), "eu-west");
         assert_eq!(config.worker_threads(), workers);
+        assert!(!config.pin_workers);
         assert_eq!(config.peers.len(), 2);
         assert_eq!(config.cluster_id, "demo");
     }

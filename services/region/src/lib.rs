@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod actors;
+pub mod affinity;
 pub mod api;
 pub mod clock;
 pub mod config;

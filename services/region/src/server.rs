@@ -1,5 +1,6 @@
 //! `meridian serve`: open the region and serve HTTP until SIGTERM/SIGINT.
 
+use crate::affinity;
 use crate::api;
 use crate::config::Config;
 use crate::region::Region;
@@ -7,6 +8,7 @@ use crate::startup::StartupPort;
 use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing_actix_web::TracingLogger;
@@ -51,7 +53,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let openapi = Arc::new(api::openapi::document());
     let app_region = region.clone();
     let max_batch_bytes = region.config.max_peer_body_bytes();
+    let pins = affinity::worker_cpus(region.config.pin_workers, workers);
+    if let Some(cpus) = &pins {
+        let cpus: Vec<usize> = cpus.iter().map(|c| c.id).collect();
+        tracing::info!(?cpus, "HTTP workers pinned one per CPU");
+    }
+    let started_workers = Arc::new(AtomicUsize::new(0));
     let server = HttpServer::new(move || {
+        // Runs on each worker's own thread as it starts (again if one restarts).
+        if let Some(cpus) = &pins {
+            let cpu = cpus[started_workers.fetch_add(1, Ordering::Relaxed) % cpus.len()];
+            if !affinity::pin_current_thread(cpu) {
+                tracing::warn!(cpu = cpu.id, "could not pin an HTTP worker to its CPU");
+            }
+        }
         let openapi = openapi.clone();
         App::new()
             .app_data(app_region.clone())

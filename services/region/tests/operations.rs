@@ -5,6 +5,65 @@ mod common;
 use common::{assert_error, kv, Region, CLUSTER_ID};
 use serde_json::{json, Value};
 
+/// Per thread of process `pid`, the CPUs it may run on (`Cpus_allowed_list`).
+fn thread_cpus(pid: u32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list threads");
+    tasks
+        .filter_map(|task| {
+            let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+            let line = status
+                .lines()
+                .find(|l| l.starts_with("Cpus_allowed_list:"))?;
+            Some(
+                line.trim_start_matches("Cpus_allowed_list:")
+                    .trim()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn http_workers_are_pinned_one_per_cpu_only_when_they_match_the_cpus() {
+    let cpus: Vec<String> = core_affinity::get_core_ids()
+        .expect("allowed CPUs")
+        .iter()
+        .map(|c| c.id.to_string())
+        .collect();
+    let n = cpus.len();
+    // The threads that may run on one CPU only (on a one-CPU machine, every thread may).
+    let pinned = |region: &Region| {
+        let said = region.log().contains("HTTP workers pinned one per CPU");
+        let mut pinned: Vec<String> = thread_cpus(region.pid())
+            .into_iter()
+            .filter(|list| n >= 2 && cpus.contains(list))
+            .collect();
+        pinned.sort_by_key(|c| c.parse::<usize>().unwrap_or(usize::MAX));
+        assert_eq!(said, !pinned.is_empty(), "the log says what was pinned");
+        pinned
+    };
+    // As many workers as CPUs: one worker on each CPU (a single CPU is no reason to pin).
+    let region = Region::start_with("ops-pin", &format!("workers = {n}")).await;
+    let expected = if n >= 2 { cpus.clone() } else { Vec::new() };
+    // Each worker pins itself as it starts; give the last one a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pinned(&region) != expected && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(pinned(&region), expected);
+    drop(region);
+    // One more worker than CPUs, or pinning switched off: no thread is pinned.
+    let region = Region::start_with("ops-pin-more", &format!("workers = {}", n + 1)).await;
+    assert_eq!(pinned(&region), Vec::<String>::new());
+    drop(region);
+    let region = Region::start_with(
+        "ops-pin-off",
+        &format!("workers = {n}\npin_workers = false"),
+    )
+    .await;
+    assert_eq!(pinned(&region), Vec::<String>::new());
+}
+
 #[tokio::test]
 async fn healthz_and_readyz_are_200() {
     let region = Region::start("ops-health").await;

@@ -125,6 +125,11 @@ impl Region {
         region
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("region process running").id()
+    }
+
     /// The region name.
     pub fn name(&self) -> &str {
         &self.name
