@@ -20,9 +20,10 @@ use error::CliError;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    // No transparent huge pages (unless mimalloc is told otherwise): the first touch of a fresh
-    // 2 MiB page stalls the touching thread for milliseconds on a VM, and the bench's one
-    // thread would add that to every request in flight.
+    // No transparent huge pages (unless `MIMALLOC_ALLOW_THP` is set, which mimalloc reads
+    // itself): the first touch of a fresh 2 MiB page stalls the touching thread for
+    // milliseconds on a VM, and the bench's one thread would add that to every request in
+    // flight.
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
         // SAFETY: prctl with plain integer arguments; an older kernel refuses it, which is fine.
         unsafe {

@@ -17,7 +17,7 @@ const TOKEN: &str = "bench-test-token";
 struct Region {
     child: Child,
     url: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Region {
@@ -50,20 +50,26 @@ impl Region {
             .arg(&config)
             .stdout(Stdio::null())
             .stderr(log);
+        // The config file is the whole truth, whatever the environment the tests run in.
         for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("MERIDIAN_") {
+            let name = key.to_string_lossy();
+            if name.starts_with("MERIDIAN_") || name.starts_with("OTEL_") || name == "RUST_LOG" {
                 command.env_remove(key);
             }
         }
         let child = command.spawn().expect("spawn meridian");
-        let region = Region {
+        let mut region = Region {
             child,
             url: format!("http://127.0.0.1:{port}"),
-            _dir: dir,
+            dir,
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         while !region.ready() {
-            assert!(Instant::now() < deadline, "region not ready in time");
+            let exited = region.child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() >= deadline {
+                let log = std::fs::read_to_string(region.dir.path().join("log"));
+                panic!("region not ready ({exited:?}); its log: {log:?}");
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         region

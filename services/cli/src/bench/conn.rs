@@ -21,6 +21,8 @@ const MAX_HEADERS: usize = 64;
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Largest answer body accepted (the server's bodies are far smaller).
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Most bytes one answer may occupy in the buffer, framing included (chunk sizes, trailers).
+const MAX_ANSWER_BYTES: usize = 2 * MAX_BODY_BYTES;
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 * 1024;
 /// The response header carrying the session token.
@@ -35,6 +37,24 @@ pub struct Answer {
     pub session: Option<String>,
     /// The body, when asked for (or when the status is not a success).
     pub body: Vec<u8>,
+}
+
+/// The methods the bench sends (neither expects an answer without a body, as HEAD would).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// `GET`.
+    Get,
+    /// `PUT`.
+    Put,
+}
+
+impl Method {
+    fn as_bytes(self) -> &'static [u8] {
+        match self {
+            Method::Get => b"GET",
+            Method::Put => b"PUT",
+        }
+    }
 }
 
 /// What of an answer the caller keeps beyond its status.
@@ -111,10 +131,25 @@ impl Connection {
     }
 
     /// Sends `{method} {path} HTTP/1.1`, then `rest` (pre-rendered header lines, the blank
-    /// line and any body), and reads the whole answer.
+    /// line and any body), and reads the whole answer. After an error the connection is closed.
     pub async fn exchange(
         &mut self,
-        method: &str,
+        method: Method,
+        path: &[u8],
+        rest: &[&[u8]],
+        keep: Keep,
+    ) -> std::io::Result<Answer> {
+        let answer = self.try_exchange(method, path, rest, keep).await;
+        if answer.is_err() {
+            // Whatever is left of the answer would be read as the next one's.
+            self.closed = true;
+        }
+        answer
+    }
+
+    async fn try_exchange(
+        &mut self,
+        method: Method,
         path: &[u8],
         rest: &[&[u8]],
         keep: Keep,
@@ -254,6 +289,9 @@ impl Connection {
     }
 
     async fn read_some(&mut self) -> std::io::Result<usize> {
+        if self.buf.len() >= MAX_ANSWER_BYTES {
+            return Err(invalid("answer larger than 32 MiB"));
+        }
         self.buf.reserve(READ_CHUNK);
         self.stream.read_buf(&mut self.buf).await
     }
@@ -287,11 +325,12 @@ fn parse_head(buf: &[u8], want_session: bool) -> std::io::Result<Option<Head>> {
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = last_token(header.value).eq_ignore_ascii_case(b"chunked");
         } else if name.eq_ignore_ascii_case("connection") {
-            let value = header.value;
-            if value.eq_ignore_ascii_case(b"close") {
-                close = true;
-            } else if value.eq_ignore_ascii_case(b"keep-alive") {
-                close = false;
+            for token in header.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    close = false;
+                }
             }
         } else if want_session && name.eq_ignore_ascii_case(SESSION_HEADER) {
             session = std::str::from_utf8(header.value).ok().map(str::to_owned);
@@ -348,14 +387,7 @@ mod tests {
             let (mut socket, _) = listener.accept().await.expect("accept");
             let mut requests = Vec::new();
             for answer in answers {
-                let mut request = Vec::new();
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let mut chunk = [0u8; 4096];
-                    let n = socket.read(&mut chunk).await.expect("read");
-                    assert!(n > 0, "client closed early");
-                    request.extend_from_slice(&chunk[..n]);
-                }
-                requests.push(request);
+                requests.push(read_request(&mut socket).await);
                 for part in answer.chunks(piece) {
                     socket.write_all(part).await.expect("write");
                     socket.flush().await.expect("flush");
@@ -365,6 +397,30 @@ mod tests {
             requests
         });
         (addr, task)
+    }
+
+    /// Reads one request: its head, then as many body bytes as its Content-Length says.
+    async fn read_request(socket: &mut tokio::net::TcpStream) -> Vec<u8> {
+        let mut request = Vec::new();
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut parsed = httparse::Request::new(&mut headers);
+            if let Ok(Status::Complete(head)) = parsed.parse(&request) {
+                let length = parsed
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse::<usize>().ok())
+                    .unwrap_or(0);
+                if request.len() >= head + length {
+                    return request;
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = socket.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "client closed early");
+            request.extend_from_slice(&chunk[..n]);
+        }
     }
 
     const KEEP_ALL: Keep = Keep {
@@ -386,7 +442,7 @@ mod tests {
             let mut conn = Connection::open(addr).await.expect("connect");
             let put = conn
                 .exchange(
-                    "PUT",
+                    Method::Put,
                     b"/v1/kv/b/k1",
                     &[b"Host: h\r\nContent-Length: 2\r\n\r\n", b"{}"],
                     KEEP_ALL,
@@ -396,7 +452,7 @@ mod tests {
             assert_eq!((put.status, put.body.as_slice()), (200, &b"hello"[..]));
             assert_eq!(put.session.as_deref(), Some("tok"));
             let chunked = conn
-                .exchange("GET", b"/a", &[b"Host: h\r\n\r\n"], KEEP_ALL)
+                .exchange(Method::Get, b"/a", &[b"Host: h\r\n\r\n"], KEEP_ALL)
                 .await
                 .expect("chunked answer");
             assert_eq!(
@@ -405,12 +461,12 @@ mod tests {
             );
             assert_eq!(chunked.session, None);
             let empty = conn
-                .exchange("GET", b"/b", &[b"Host: h\r\n\r\n"], KEEP_ALL)
+                .exchange(Method::Get, b"/b", &[b"Host: h\r\n\r\n"], KEEP_ALL)
                 .await
                 .expect("empty answer");
             assert_eq!((empty.status, empty.body.len()), (204, 0));
             let failure = conn
-                .exchange("GET", b"/c", &[b"Host: h\r\n\r\n"], Keep::STATUS)
+                .exchange(Method::Get, b"/c", &[b"Host: h\r\n\r\n"], Keep::STATUS)
                 .await
                 .expect("failure answer");
             assert_eq!(
@@ -419,7 +475,7 @@ mod tests {
             );
             assert!(!conn.is_closed());
             let last = conn
-                .exchange("GET", b"/d", &[b"Host: h\r\n\r\n"], KEEP_ALL)
+                .exchange(Method::Get, b"/d", &[b"Host: h\r\n\r\n"], KEEP_ALL)
                 .await
                 .expect("answer ended by close");
             assert_eq!(last.body, b"until close");
@@ -442,7 +498,7 @@ mod tests {
         .await;
         let mut conn = Connection::open(addr).await.expect("connect");
         let answer = conn
-            .exchange("GET", b"/", &[b"\r\n"], Keep::STATUS)
+            .exchange(Method::Get, b"/", &[b"\r\n"], Keep::STATUS)
             .await
             .expect("answer");
         assert_eq!((answer.status, answer.body.len()), (200, 0));
@@ -469,7 +525,7 @@ mod tests {
             let mut conn = Connection::open(addr).await.expect("connect");
             let result = tokio::time::timeout(
                 Duration::from_secs(5),
-                conn.exchange("GET", b"/", &[b"\r\n"], KEEP_ALL),
+                conn.exchange(Method::Get, b"/", &[b"\r\n"], KEEP_ALL),
             )
             .await
             .expect("no hang");
@@ -479,5 +535,33 @@ mod tests {
                 String::from_utf8_lossy(answer)
             );
         }
+    }
+
+    #[tokio::test]
+    async fn close_among_connection_tokens_and_any_error_end_the_connection() {
+        let (addr, _server) = server(
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close, x-other\r\n\r\n"],
+            4096,
+        )
+        .await;
+        let mut conn = Connection::open(addr).await.expect("connect");
+        let answer = conn
+            .exchange(Method::Get, b"/", &[b"\r\n"], Keep::STATUS)
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, 200);
+        assert!(conn.is_closed(), "`close` among other tokens");
+
+        let (addr, _server) =
+            server(vec![b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"], 4096).await;
+        let mut conn = Connection::open(addr).await.expect("connect");
+        let failed = conn
+            .exchange(Method::Get, b"/", &[b"\r\n"], Keep::STATUS)
+            .await;
+        assert!(failed.is_err());
+        assert!(
+            conn.is_closed(),
+            "a failed exchange leaves nothing to reuse"
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! Everything a request needs is built before the run (paths, header lines, body bytes), so
 //! the loop costs a key pick, one buffer assembly and the connection's own work (see `conn`).
 
-use super::conn::{Answer, Connection, Keep};
+use super::conn::{Answer, Connection, Keep, Method};
 use super::keys::{KeySpace, XorShift64};
 use super::paths::PathTable;
 use super::stats::BenchStats;
@@ -73,13 +73,6 @@ impl Timing {
             hard_deadline: end + grace,
         }
     }
-}
-
-/// The kind of one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Put,
-    Get,
 }
 
 /// Runs worker `id` against `target` until `timing.end` and returns what it counted.
@@ -154,14 +147,14 @@ async fn drive(
         };
 
         let op = match requests.workload {
-            Workload::Put => Op::Put,
-            Workload::Get => Op::Get,
-            Workload::Mixed if rng.coin() => Op::Put,
-            Workload::Mixed => Op::Get,
+            Workload::Put => Method::Put,
+            Workload::Get => Method::Get,
+            Workload::Mixed if rng.coin() => Method::Put,
+            Workload::Mixed => Method::Get,
         };
         let (paths, keys) = match op {
-            Op::Put => (&target.put_paths, &requests.put_keys),
-            Op::Get => (&target.get_paths, &requests.get_keys),
+            Method::Put => (&target.put_paths, &requests.put_keys),
+            Method::Get => (&target.get_paths, &requests.get_keys),
         };
         let Some(path) = paths.path(keys.pick(&mut rng)) else {
             // Paths were validated when built, so this means a bug, not a server problem.
@@ -223,7 +216,7 @@ pub async fn preload(
                         .map_err(|e| format!("connect to {}: {}", target.url, describe(&e)))?,
                 ),
             };
-            match send(open, &target, &requests, Op::Put, path, keep).await {
+            match send(open, &target, &requests, Method::Put, path, keep).await {
                 Ok(answer) if is_success(&answer) => {
                     let token = answer
                         .session
@@ -251,25 +244,22 @@ pub async fn preload(
     Ok(covers)
 }
 
-/// Sends one request of kind `op` for `path` and reads its whole answer.
+/// Sends one `method` request for `path` and reads its whole answer.
 async fn send(
     connection: &mut Connection,
     target: &Target,
     requests: &Requests,
-    op: Op,
+    method: Method,
     path: &[u8],
     keep: Keep,
 ) -> std::io::Result<Answer> {
-    match op {
-        Op::Put => {
-            let rest: [&[u8]; 2] = [&target.headers, &requests.put_tail];
-            connection.exchange("PUT", path, &rest, keep).await
-        }
-        Op::Get => {
-            let rest: [&[u8]; 2] = [&target.headers, b"\r\n"];
-            connection.exchange("GET", path, &rest, keep).await
-        }
-    }
+    let tail: &[u8] = match method {
+        Method::Put => &requests.put_tail,
+        Method::Get => b"\r\n",
+    };
+    connection
+        .exchange(method, path, &[&target.headers, tail], keep)
+        .await
 }
 
 fn is_success(answer: &Answer) -> bool {
