@@ -121,7 +121,9 @@ async fn digests(region: web::Data<Region>, bytes: web::Bytes) -> Result<HttpRes
     let max_digests = request.max_digests.clamp(1, DIGESTS_PAGE) as usize;
     let max_scan = request.max_scan.clamp(1, SCAN_PAGE) as usize;
     let (digests, scanned_to) = web::block(move || {
-        storage.digests(&filter, request.after.as_ref(), None, max_digests, max_scan)
+        crate::affinity::unpinned(|| {
+            storage.digests(&filter, request.after.as_ref(), None, max_digests, max_scan)
+        })
     })
     .await
     .map_err(|e| ApiError::unavailable(format!("digest scan: {e}")))??;
