@@ -30,7 +30,8 @@ fn keep_freed_memory() {
     }
 }
 
-/// Turns transparent huge pages off for this process, unless `MIMALLOC_ALLOW_THP` is set. The
+/// Turns transparent huge pages off for this process, unless `MIMALLOC_ALLOW_THP` is set
+/// (mimalloc reads that itself: 0 keeps its memory off huge pages, 1 allows them). The
 /// first touch of a fresh 2 MiB page cost its thread about 7 ms of CPU on the development VM
 /// (zeroing it, and the host backing it); while a region's heap grew, one such stall landed
 /// in a group commit every 50-70 ms and held up every writer, which made the p99 of a fresh

@@ -374,8 +374,8 @@ impl Region {
                     "session_ahead_of_region",
                     format!(
                         "the session token claims write {claimed} of this region, which has \
-                         made only {written}: the token did not come from this region's \
-                         history; start a new session"
+                         made only {written}: it is forged, or was issued before this region \
+                         lost data; start a new session"
                     ),
                 )),
                 None => Err(ApiError::new(

@@ -3,9 +3,9 @@
 use super::tables::{
     meta, APPLIED, BUCKETS, IDEMPOTENCY, KEYS, LOG, META, PEER_CURSORS, SCHEMA_VERSION, TOMBSTONES,
 };
-use super::StorageError;
+use super::{IdempotencyRecord, StorageError};
 use meridian_shared::{Actor, RegionName};
-use redb::{Database, ReadableDatabase};
+use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
 
 /// Who a data directory belongs to, and which incarnation of that region it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,16 +114,18 @@ fn create(
     Ok((identity, 0))
 }
 
-/// Mints a new incarnation: new id, empty log, sequence and cursors reset, in one transaction.
-/// With `forget_states` (a restored old copy) key states and the applied vector go too, and
-/// the commit counter jumps to `commits`: the region starts empty and catches up.
+/// Mints a new incarnation after `old`: new id, empty log, sequence and cursors reset, in one
+/// transaction. With `forget_states` (a restored old copy) key states and the applied vector
+/// go too, and the commit counter jumps to `commits`: the region starts empty and catches up.
 pub fn reincarnate(
     db: &Database,
+    old: Actor,
     forget_states: bool,
     commits: u64,
 ) -> Result<Actor, StorageError> {
     let incarnation = Actor::now_v7();
     let txn = db.begin_write()?;
+    own_answers_belong_to(&txn, old)?;
     {
         let mut meta_table = txn.open_table(META)?;
         if forget_states {
@@ -145,4 +147,73 @@ pub fn reincarnate(
     }
     txn.commit()?;
     Ok(incarnation)
+}
+
+/// Names incarnation `old` as the origin of this region's own idempotency records. They name
+/// their writes by sequence number alone, and those numbers are the old incarnation's now: a
+/// replayed answer's session token must not claim them of the new one.
+fn own_answers_belong_to(txn: &WriteTransaction, old: Actor) -> Result<(), StorageError> {
+    let mut table = txn.open_table(IDEMPOTENCY)?;
+    let mut own = Vec::new();
+    for entry in table.iter()? {
+        let (id, bytes) = entry?;
+        // A record that cannot be read is left as it is: its replay fails the same way.
+        if let Ok(mut record) = IdempotencyRecord::decode(bytes.value()) {
+            if record.origin.is_none() {
+                record.origin = Some(old);
+                own.push((id.value(), record.encode()));
+            }
+        }
+    }
+    for (id, bytes) in own {
+        table.insert(id, bytes.as_slice())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(origin: Option<Actor>, seq: u64) -> IdempotencyRecord {
+        IdempotencyRecord {
+            fingerprint: 1,
+            status: 200,
+            body: b"{}".to_vec(),
+            seq,
+            created_ms: 0,
+            origin,
+        }
+    }
+
+    #[test]
+    fn own_idempotency_answers_name_the_incarnation_that_wrote_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Database::create(dir.path().join("state.redb")).expect("create");
+        let region = RegionName::new("us-east").expect("region name");
+        let (identity, _) = stamp_or_check(&db, &region, "test").expect("stamp");
+        let peer = Actor::from_u128(7);
+        let txn = db.begin_write().expect("write");
+        {
+            let mut table = txn.open_table(IDEMPOTENCY).expect("table");
+            table
+                .insert(1, record(None, 41).encode().as_slice())
+                .expect("own");
+            table
+                .insert(2, record(Some(peer), 9).encode().as_slice())
+                .expect("peer's");
+        }
+        txn.commit().expect("commit");
+
+        let new = reincarnate(&db, identity.incarnation, false, 0).expect("reincarnate");
+        assert_ne!(new, identity.incarnation);
+        let read = db.begin_read().expect("read");
+        let table = read.open_table(IDEMPOTENCY).expect("table");
+        let get = |id: u128| {
+            let bytes = table.get(id).expect("get").expect("present");
+            IdempotencyRecord::decode(bytes.value()).expect("decode")
+        };
+        assert_eq!(get(1), record(Some(identity.incarnation), 41));
+        assert_eq!(get(2), record(Some(peer), 9));
+    }
 }

@@ -169,7 +169,8 @@ impl OpenedDb {
     /// its key states go too; anti-entropy refills them, and a stale copy cannot bring back
     /// what was deleted and collected since.
     pub fn reincarnate(&mut self, forget_states: bool, commits: u64) -> Result<(), StorageError> {
-        let incarnation = identity::reincarnate(&self.db, forget_states, commits)?;
+        let incarnation =
+            identity::reincarnate(&self.db, self.identity.incarnation, forget_states, commits)?;
         if forget_states {
             self.commits = commits;
         }
