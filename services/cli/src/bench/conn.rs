@@ -489,18 +489,20 @@ mod tests {
         }
     }
 
+    /// One status-only GET answered with `answer`: the connection after it, and the outcome.
+    async fn one_get(answer: &'static [u8]) -> (Connection, std::io::Result<Answer>) {
+        let (addr, _server) = server(vec![answer], 4096).await;
+        let mut conn = Connection::open(addr).await.expect("connect");
+        let outcome = conn
+            .exchange(Method::Get, b"/", &[b"\r\n"], Keep::STATUS)
+            .await;
+        (conn, outcome)
+    }
+
     #[tokio::test]
     async fn success_bodies_are_skipped_unless_kept() {
-        let (addr, _server) = server(
-            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"],
-            4096,
-        )
-        .await;
-        let mut conn = Connection::open(addr).await.expect("connect");
-        let answer = conn
-            .exchange(Method::Get, b"/", &[b"\r\n"], Keep::STATUS)
-            .await
-            .expect("answer");
+        let (_, answer) = one_get(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc").await;
+        let answer = answer.expect("answer");
         assert_eq!((answer.status, answer.body.len()), (200, 0));
     }
 
@@ -539,25 +541,13 @@ mod tests {
 
     #[tokio::test]
     async fn close_among_connection_tokens_and_any_error_end_the_connection() {
-        let (addr, _server) = server(
-            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close, x-other\r\n\r\n"],
-            4096,
-        )
-        .await;
-        let mut conn = Connection::open(addr).await.expect("connect");
-        let answer = conn
-            .exchange(Method::Get, b"/", &[b"\r\n"], Keep::STATUS)
-            .await
-            .expect("answer");
-        assert_eq!(answer.status, 200);
+        let (conn, answer) =
+            one_get(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close, x-other\r\n\r\n")
+                .await;
+        assert_eq!(answer.expect("answer").status, 200);
         assert!(conn.is_closed(), "`close` among other tokens");
 
-        let (addr, _server) =
-            server(vec![b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"], 4096).await;
-        let mut conn = Connection::open(addr).await.expect("connect");
-        let failed = conn
-            .exchange(Method::Get, b"/", &[b"\r\n"], Keep::STATUS)
-            .await;
+        let (conn, failed) = one_get(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").await;
         assert!(failed.is_err());
         assert!(
             conn.is_closed(),
