@@ -39,6 +39,17 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
+impl Answer {
+    /// A 2xx answer.
+    pub fn is_success(&self) -> bool {
+        is_success(self.status)
+    }
+}
+
+fn is_success(status: u16) -> bool {
+    (200..300).contains(&status)
+}
+
 /// The methods the bench sends (neither expects an answer without a body, as HEAD would).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
@@ -139,21 +150,6 @@ impl Connection {
         rest: &[&[u8]],
         keep: Keep,
     ) -> std::io::Result<Answer> {
-        let answer = self.try_exchange(method, path, rest, keep).await;
-        if answer.is_err() {
-            // Whatever is left of the answer would be read as the next one's.
-            self.closed = true;
-        }
-        answer
-    }
-
-    async fn try_exchange(
-        &mut self,
-        method: Method,
-        path: &[u8],
-        rest: &[&[u8]],
-        keep: Keep,
-    ) -> std::io::Result<Answer> {
         self.out.clear();
         self.out.extend_from_slice(method.as_bytes());
         self.out.push(b' ');
@@ -162,8 +158,17 @@ impl Connection {
         for part in rest {
             self.out.extend_from_slice(part);
         }
-        self.stream.write_all(&self.out).await?;
+        let answer = match self.stream.write_all(&self.out).await {
+            Ok(()) => self.read_answer(keep).await,
+            Err(error) => Err(error),
+        };
+        // Whatever is left of a broken answer would be read as the next one's.
+        self.closed |= answer.is_err();
+        answer
+    }
 
+    /// Reads the answer to the request just sent.
+    async fn read_answer(&mut self, keep: Keep) -> std::io::Result<Answer> {
         let head = loop {
             if let Some(head) = parse_head(&self.buf, keep.session)? {
                 // An interim answer (1xx) is followed by the real one.
@@ -179,7 +184,7 @@ impl Connection {
             self.fill().await?;
         };
         self.closed |= head.close;
-        let keep_body = keep.body || !(200..300).contains(&head.status);
+        let keep_body = keep.body || !is_success(head.status);
         let body = self.body(&head, keep_body).await?;
         Ok(Answer {
             status: head.status,

@@ -169,7 +169,7 @@ async fn drive(
         let done = Instant::now();
         let measured = start >= timing.measure_start;
         match result {
-            Ok(answer) if measured && is_success(&answer) => stats.record_ok(done - start, done),
+            Ok(answer) if measured && answer.is_success() => stats.record_ok(done - start, done),
             Ok(answer) if measured => {
                 stats.record_http_error(answer.status, done, || {
                     describe_failure(&target.url, &answer)
@@ -217,7 +217,7 @@ pub async fn preload(
                 ),
             };
             match send(open, &target, &requests, Method::Put, path, keep).await {
-                Ok(answer) if is_success(&answer) => {
+                Ok(answer) if answer.is_success() => {
                     let token = answer
                         .session
                         .as_deref()
@@ -260,10 +260,6 @@ async fn send(
     connection
         .exchange(method, path, &[&target.headers, tail], keep)
         .await
-}
-
-fn is_success(answer: &Answer) -> bool {
-    (200..300).contains(&answer.status)
 }
 
 /// `http://...: unavailable: overloaded (HTTP 503)`, from the contract's error body if any.
