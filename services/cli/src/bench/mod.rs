@@ -1,11 +1,12 @@
-//! `bench`: a closed-loop load generator built to spend little CPU per request, since it
-//! shares the machine with the server it measures.
+//! `bench`: a load generator built to spend little CPU per request, since it shares the
+//! machine with the server it measures. Closed loop by default; open loop with `--rate`.
 //!
 //! Steps: resolve targets, make sure the bucket exists, preload keys for GETs, then run one
 //! worker per connection for warmup + duration and merge their histograms.
 
 pub mod conn;
 pub mod keys;
+pub mod pace;
 pub mod paths;
 pub mod report;
 pub mod stats;
@@ -18,6 +19,7 @@ use crate::error::CliError;
 use bytes::Bytes;
 use keys::KeySpace;
 use meridian_shared::session::SessionToken;
+use pace::Pace;
 use paths::PathTable;
 use report::{BenchReport, RunShape};
 use reqwest::header::HeaderValue;
@@ -104,10 +106,14 @@ pub async fn run(
         wait_until_applied(&clients, &written).await?;
     }
 
+    let schedule = match args.rate {
+        Some(rate) => format!(" at {rate} requests/s"),
+        None => String::new(),
+    };
     note(
         &args,
         format!(
-            "running {} for {:.3} s after {:.3} s warmup with {} connections",
+            "running {}{schedule} for {:.3} s after {:.3} s warmup with {} connections",
             args.workload.as_str(),
             args.duration.as_secs_f64(),
             args.warmup.as_secs_f64(),
@@ -119,11 +125,16 @@ pub async fn run(
         .map(|id| {
             // Round-robin by worker spreads connections evenly over the regions.
             let target = Arc::clone(&targets[(id % targets.len() as u64) as usize]);
+            let workers = u64::from(args.concurrency);
+            let pace = args
+                .rate
+                .map(|rate| Pace::for_worker(rate, workers, id, timing.start));
             tokio::spawn(worker::run_worker(
                 id,
                 target,
                 Arc::clone(&requests),
                 timing,
+                pace,
             ))
         })
         .collect();
@@ -149,6 +160,7 @@ pub async fn run(
         preloaded_keys: preload_count,
         warmup: args.warmup,
         duration: args.duration,
+        rate: args.rate,
     };
     let report = BenchReport::new(&shape, &total, measured);
     let text = if args.json {
@@ -173,6 +185,15 @@ pub async fn run(
             report.duration_s,
             args.duration.as_secs_f64()
         )));
+    }
+    if let Some(rate) = args.rate {
+        // Too few connections, or a server that cannot keep up: the schedule slipped.
+        if report.ops_per_sec < rate as f64 * 0.95 {
+            eprintln!(
+                "warning: {:.0} of the scheduled {rate} requests/s were answered; the region or --concurrency could not keep up",
+                report.ops_per_sec
+            );
+        }
     }
     if report.errors > 0 {
         eprintln!(

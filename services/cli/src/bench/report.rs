@@ -28,6 +28,8 @@ pub struct BenchReport {
     pub warmup_s: f64,
     /// Measured time, in seconds: from the end of warmup to the last counted answer.
     pub duration_s: f64,
+    /// Requests per second sent on a fixed schedule (`--rate`); null for a closed loop.
+    pub rate_per_sec: Option<u64>,
     /// Successful (2xx) operations in the measured time.
     pub ops: u64,
     /// Successful operations per second.
@@ -79,6 +81,8 @@ pub struct RunShape {
     pub warmup: Duration,
     /// Configured measured duration, used when no operation finished.
     pub duration: Duration,
+    /// `--rate`.
+    pub rate: Option<u64>,
 }
 
 impl BenchReport {
@@ -113,6 +117,7 @@ impl BenchReport {
             preloaded_keys: shape.preloaded_keys,
             warmup_s: round(shape.warmup.as_secs_f64(), 3),
             duration_s: round(elapsed, 3),
+            rate_per_sec: shape.rate,
             ops,
             ops_per_sec: if elapsed > 0.0 {
                 round(ops as f64 / elapsed, 1)
@@ -166,6 +171,11 @@ impl BenchReport {
             "duration:     {:.3} s measured after {:.3} s warmup\n",
             self.duration_s, self.warmup_s
         ));
+        if let Some(rate) = self.rate_per_sec {
+            out.push_str(&format!(
+                "schedule:     {rate} requests/s, open loop (latency from when each was due)\n"
+            ));
+        }
         out.push_str(&format!("total ops:    {}\n", self.ops));
         out.push_str(&format!("throughput:   {:.1} ops/s\n", self.ops_per_sec));
         out.push_str(&format!("errors:       {}", self.errors));
@@ -218,6 +228,7 @@ mod tests {
             preloaded_keys: Some(10_000),
             warmup: Duration::from_secs(1),
             duration: Duration::from_secs(2),
+            rate: None,
         }
     }
 
@@ -256,6 +267,27 @@ mod tests {
         ] {
             assert!(json.get(field).is_some_and(|v| v.is_number()), "{field}");
         }
+    }
+
+    #[test]
+    fn a_paced_run_says_so() {
+        let closed = BenchReport::new(&shape(), &BenchStats::new(), None);
+        assert!(!closed.render_text().contains("schedule:"));
+        let json = serde_json::to_value(&closed).expect("serializes");
+        assert!(json["rate_per_sec"].is_null());
+
+        let paced = RunShape {
+            rate: Some(500),
+            ..shape()
+        };
+        let report = BenchReport::new(&paced, &BenchStats::new(), None);
+        let text = report.render_text();
+        assert!(
+            text.contains("schedule:     500 requests/s, open loop"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&report).expect("serializes");
+        assert_eq!(json["rate_per_sec"], 500);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use super::conn::{Answer, Connection, Keep, Method};
 use super::keys::{KeySpace, XorShift64};
+use super::pace::Pace;
 use super::paths::PathTable;
 use super::stats::BenchStats;
 use crate::args::Workload;
@@ -54,6 +55,8 @@ pub struct Requests {
 /// When the run measures and when it stops.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
+    /// When the warmup starts.
+    pub start: Instant,
     /// Operations started before this are warmup and not counted.
     pub measure_start: Instant,
     /// No operation starts after this.
@@ -65,9 +68,11 @@ pub struct Timing {
 impl Timing {
     /// Warmup from now, then `duration` measured, then `grace` for the last answers.
     pub fn starting_now(warmup: Duration, duration: Duration, grace: Duration) -> Self {
-        let measure_start = Instant::now() + warmup;
+        let start = Instant::now();
+        let measure_start = start + warmup;
         let end = measure_start + duration;
         Timing {
+            start,
             measure_start,
             end,
             hard_deadline: end + grace,
@@ -75,16 +80,26 @@ impl Timing {
     }
 }
 
-/// Runs worker `id` against `target` until `timing.end` and returns what it counted.
+/// Runs worker `id` against `target` until `timing.end` and returns what it counted: as fast
+/// as answers come, or on the schedule of `pace`.
 pub async fn run_worker(
     id: u64,
     target: Arc<Target>,
     requests: Arc<Requests>,
     timing: Timing,
+    pace: Option<Pace>,
 ) -> BenchStats {
     let mut stats = BenchStats::new();
     let mut in_flight = false;
-    let drive = drive(id, &target, &requests, timing, &mut stats, &mut in_flight);
+    let drive = drive(
+        id,
+        &target,
+        &requests,
+        timing,
+        pace,
+        &mut stats,
+        &mut in_flight,
+    );
     // The hard deadline bounds a server that stops answering; the loop bounds everything else.
     let finished = tokio::time::timeout_at(timing.hard_deadline.into(), drive).await;
     if finished.is_err() && in_flight {
@@ -101,6 +116,7 @@ async fn drive(
     target: &Target,
     requests: &Requests,
     timing: Timing,
+    mut pace: Option<Pace>,
     stats: &mut BenchStats,
     in_flight: &mut bool,
 ) {
@@ -162,7 +178,24 @@ async fn drive(
             return;
         };
 
-        let start = Instant::now();
+        let start = match pace.as_mut() {
+            Some(pace) => {
+                let due = pace.next_due();
+                if due >= timing.end {
+                    return;
+                }
+                if Instant::now() < due {
+                    // Idle when due: lateness from here on is the timer's (it ticks in whole
+                    // milliseconds), not the server's, so it is not counted.
+                    tokio::time::sleep_until(due.into()).await;
+                    Instant::now()
+                } else {
+                    // Late because earlier answers were: the server owes the wait.
+                    due
+                }
+            }
+            None => Instant::now(),
+        };
         *in_flight = true;
         let result = send(open, target, requests, op, path, Keep::STATUS).await;
         *in_flight = false;
