@@ -270,9 +270,9 @@ pub struct BenchArgs {
     /// How long to measure, after the warmup (e.g. 500ms, 10s, 2m).
     #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
     pub duration: Duration,
-    /// Send this many requests per second in all, on a fixed schedule (open loop), and count
-    /// each latency from when its request was due; without it, each worker sends as soon as
-    /// its last answer arrives.
+    /// Send this many requests per second in all, on a fixed schedule (open loop); a request
+    /// held back by slow answers counts its latency from when it was due. Without it, each
+    /// worker sends as soon as its last answer arrives.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub rate: Option<u64>,
     /// Size in bytes of each PUT body (a JSON string, quotes included).

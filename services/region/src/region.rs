@@ -157,8 +157,9 @@ impl Region {
         use actix::Actor;
         crate::actors::membership::Membership::new(self.clone()).start();
         // One thread for every replicator: a thread each added a wakeup per commit, and on a
-        // region's share of two cores that cost more than one peer's send waiting behind
-        // another's (three regions, 64 clients: 19.6-20.1k writes/s against 18.1k).
+        // region's share of two cores that cost more than one peer's log read and encode
+        // waiting behind another's (three regions, 64 clients: 19.6-20.1k writes/s against
+        // 18.1k). A backlog's large batches are read off this thread (see `send_batch`).
         let arbiter = actix::Arbiter::new();
         for peer in self.peers.iter() {
             let (region, peer) = (self.clone(), peer.clone());

@@ -26,7 +26,8 @@ pub struct BenchReport {
     pub preloaded_keys: Option<u64>,
     /// Warmup before measuring, in seconds.
     pub warmup_s: f64,
-    /// Measured time, in seconds: from the end of warmup to the last counted answer.
+    /// Measured time, in seconds: from the end of warmup to the last counted answer (paced
+    /// runs: the configured duration).
     pub duration_s: f64,
     /// Requests per second sent on a fixed schedule (`--rate`); null for a closed loop.
     pub rate_per_sec: Option<u64>,
@@ -173,7 +174,7 @@ impl BenchReport {
         ));
         if let Some(rate) = self.rate_per_sec {
             out.push_str(&format!(
-                "schedule:     {rate} requests/s, open loop (latency from when each was due)\n"
+                "schedule:     {rate} requests/s, open loop (a held-back request's latency counts from when it was due)\n"
             ));
         }
         out.push_str(&format!("total ops:    {}\n", self.ops));

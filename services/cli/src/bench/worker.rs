@@ -20,6 +20,10 @@ use std::time::{Duration, Instant};
 const MAX_CONSECUTIVE_CONNECT_FAILURES: u32 = 20;
 /// Ceiling of the pause between reconnect attempts.
 const MAX_RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+/// A connection idle longer than this is reopened rather than reused: the region closes idle
+/// connections after 5 s (actix-web's default keep-alive), and a request sent as it does so
+/// would fail.
+const IDLE_REUSE_LIMIT: Duration = Duration::from_secs(4);
 /// Reconnects a preloading connection may need before the preload gives up.
 const PRELOAD_RECONNECTS: u32 = 3;
 
@@ -123,12 +127,40 @@ async fn drive(
     let mut rng = XorShift64::seeded(id);
     let mut connection: Option<Connection> = None;
     let mut connect_failures = 0u32;
+    let mut last_answer = Instant::now();
     loop {
         if Instant::now() >= timing.end {
             return;
         }
-        // A server may close an idle or `Connection: close` connection; that is no error.
-        if connection.as_ref().is_some_and(Connection::is_closed) {
+        // Paced, the worker waits for the due time first, and the time it was due is what
+        // decides whether the request is measured.
+        let (start, due) = match pace.as_mut() {
+            Some(pace) => {
+                let due = pace.next_due();
+                if due >= timing.end {
+                    return;
+                }
+                if Instant::now() < due {
+                    // Idle when due: lateness from here on is the timer's (it ticks in whole
+                    // milliseconds), not the server's, so it is not counted.
+                    tokio::time::sleep_until(due.into()).await;
+                    (Instant::now(), due)
+                } else {
+                    // Late because earlier answers were: the server owes the wait.
+                    (due, due)
+                }
+            }
+            None => {
+                let now = Instant::now();
+                (now, now)
+            }
+        };
+        // A server may close a `Connection: close` connection, or one idle past its keep-alive
+        // (only a slow schedule leaves one idle that long); neither is an error.
+        if connection
+            .as_ref()
+            .is_some_and(|c| c.is_closed() || last_answer.elapsed() > IDLE_REUSE_LIMIT)
+        {
             connection = None;
         }
         let open = match connection.as_mut() {
@@ -178,29 +210,12 @@ async fn drive(
             return;
         };
 
-        let start = match pace.as_mut() {
-            Some(pace) => {
-                let due = pace.next_due();
-                if due >= timing.end {
-                    return;
-                }
-                if Instant::now() < due {
-                    // Idle when due: lateness from here on is the timer's (it ticks in whole
-                    // milliseconds), not the server's, so it is not counted.
-                    tokio::time::sleep_until(due.into()).await;
-                    Instant::now()
-                } else {
-                    // Late because earlier answers were: the server owes the wait.
-                    due
-                }
-            }
-            None => Instant::now(),
-        };
         *in_flight = true;
         let result = send(open, target, requests, op, path, Keep::STATUS).await;
         *in_flight = false;
         let done = Instant::now();
-        let measured = start >= timing.measure_start;
+        last_answer = done;
+        let measured = due >= timing.measure_start;
         match result {
             Ok(answer) if measured && answer.is_success() => stats.record_ok(done - start, done),
             Ok(answer) if measured => {

@@ -96,7 +96,7 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
         } else {
             tracing::Span::none()
         };
-        match send_batch(&region, &client, &peer, cursor)
+        match send_batch(&region, &client, &peer, cursor, draining)
             .instrument(drain_span)
             .await
         {
@@ -125,13 +125,22 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
     }
 }
 
-/// Sends the entries after `cursor`; returns how many the peer newly acknowledged.
-async fn send_batch(
-    region: &Region,
-    client: &reqwest::Client,
-    peer: &Peer,
-    cursor: u64,
-) -> Result<u64, SendError> {
+/// A batch read from the log and encoded, ready to send.
+struct Prepared {
+    /// Whether the peer must accept a gap (what it misses was truncated).
+    resync: bool,
+    /// Entries carried.
+    count: usize,
+    /// Sequence number of the last entry.
+    last: u64,
+    /// The encoded [`ReplicateBatch`].
+    body: Vec<u8>,
+    /// The span of the send.
+    span: tracing::Span,
+}
+
+/// Reads the entries after `cursor` and encodes them; `None` when there are none.
+fn prepare(region: &Region, peer: &Peer, cursor: u64) -> Result<Option<Prepared>, SendError> {
     let config = &region.config;
     let records = region
         .storage
@@ -142,22 +151,58 @@ async fn send_batch(
         )
         .map_err(|e| SendError::Other(e.to_string()))?;
     let (Some(&(first, _)), Some(&(last, _))) = (records.first(), records.last()) else {
-        return Ok(0);
+        return Ok(None);
     };
     let span = send_span(peer, cursor, &records);
-    // Entries the peer needs were truncated (its hints overflowed): it must accept the gap.
-    let resync = first > cursor + 1;
-    if resync {
-        region.flag_for_anti_entropy(peer, "log no longer holds what the peer is missing");
-    }
     let count = records.len();
-    let last_sent = records.last().map_or(0, |(seq, _)| *seq);
     let batch = ReplicateBatch {
         version: PROTOCOL_VERSION,
         incarnation: region.storage.identity().incarnation,
-        resync,
+        resync: first > cursor + 1,
         records,
     };
+    Ok(Some(Prepared {
+        resync: batch.resync,
+        count,
+        last,
+        body: batch.encode(),
+        span,
+    }))
+}
+
+/// Sends the entries after `cursor`; returns how many the peer newly acknowledged.
+async fn send_batch(
+    region: &Arc<Region>,
+    client: &reqwest::Client,
+    peer: &Arc<Peer>,
+    cursor: u64,
+    draining: bool,
+) -> Result<u64, SendError> {
+    let config = &region.config;
+    // A backlog's batches are large and may read cold pages: off the thread that every
+    // replicator shares, so that a healthy peer's batches do not wait behind them.
+    let prepared = if draining {
+        let (region, peer) = (Arc::clone(region), Arc::clone(peer));
+        let drain = tracing::Span::current();
+        tokio::task::spawn_blocking(move || drain.in_scope(|| prepare(&region, &peer, cursor)))
+            .await
+            .map_err(|e| SendError::Other(format!("reading the log failed: {e}")))??
+    } else {
+        prepare(region, peer, cursor)?
+    };
+    let Some(Prepared {
+        resync,
+        count,
+        last,
+        body,
+        span,
+    }) = prepared
+    else {
+        return Ok(0);
+    };
+    if resync {
+        region.flag_for_anti_entropy(peer, "log no longer holds what the peer is missing");
+    }
     let mut headers = reqwest::header::HeaderMap::new();
     meridian_observability::propagation::inject(&span, &mut headers);
     let url = format!("{}/internal/v1/replicate", peer.url);
@@ -165,7 +210,7 @@ async fn send_batch(
         .header("content-type", "application/octet-stream")
         .headers(headers)
         .timeout(Duration::from_secs(10))
-        .body(batch.encode());
+        .body(body);
     let exchange = async {
         let response = request.send().await.map_err(|e| {
             if e.is_connect() {
@@ -193,7 +238,7 @@ async fn send_batch(
     peer.heard_from();
     // Against what this batch carried too: a commit is readable from the log a moment
     // before `last_seq` says so.
-    if ack.applied > region.storage.last_seq().max(last_sent) {
+    if ack.applied > region.storage.last_seq().max(last) {
         tracing::error!(peer = %peer.name, applied = ack.applied,
             "peer has applied more of this incarnation than it holds; restart to re-incarnate");
     }
