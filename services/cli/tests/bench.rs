@@ -107,6 +107,27 @@ impl Drop for Region {
     }
 }
 
+/// Runs `meridianctl bench <args> --warmup 0s --json` against `region` (`args` split at
+/// spaces); its exit and report.
+fn bench(region: &Region, args: &str) -> (Output, Value) {
+    let mut all = vec!["bench"];
+    all.extend(args.split_whitespace());
+    all.extend_from_slice(&["--warmup", "0s", "--json"]);
+    let output = region.ctl(&all);
+    let report = report(&output);
+    (output, report)
+}
+
+/// Starts a region that requires the client token and runs a bench against it that must
+/// succeed without an error; the region and the report.
+fn clean_bench(args: &str) -> (Region, Value) {
+    let region = Region::start(&format!("[security]\nclient_tokens = [\"{TOKEN}\"]"));
+    let (output, report) = bench(&region, args);
+    assert!(output.status.success(), "bench failed: {report}");
+    assert_eq!(report["errors"], 0, "{report}");
+    (region, report)
+}
+
 fn report(output: &Output) -> Value {
     let stdout = String::from_utf8_lossy(&output.stdout);
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
@@ -119,26 +140,8 @@ fn report(output: &Output) -> Value {
 
 #[test]
 fn bench_writes_and_reads_what_the_region_stores() {
-    let region = Region::start(&format!("[security]\nclient_tokens = [\"{TOKEN}\"]"));
-    let output = region.ctl(&[
-        "bench",
-        "--workload",
-        "mixed",
-        "--keys",
-        "40",
-        "--concurrency",
-        "4",
-        "--duration",
-        "1s",
-        "--warmup",
-        "0s",
-        "--value-size",
-        "64",
-        "--json",
-    ]);
-    let report = report(&output);
-    assert!(output.status.success(), "bench failed: {report}");
-    assert_eq!(report["errors"], 0, "{report}");
+    let (region, report) =
+        clean_bench("--workload mixed --keys 40 --concurrency 4 --duration 1s --value-size 64");
     assert_eq!(report["preloaded_keys"], 40, "{report}");
     assert!(
         report["ops"].as_u64().is_some_and(|ops| ops > 100),
@@ -158,21 +161,10 @@ fn bench_reports_the_regions_refusals() {
     let region = Region::start(&format!(
         "max_body_bytes = 1024\n[security]\nclient_tokens = [\"{TOKEN}\"]"
     ));
-    let output = region.ctl(&[
-        "bench",
-        "--workload",
-        "put",
-        "--concurrency",
-        "2",
-        "--duration",
-        "500ms",
-        "--warmup",
-        "0s",
-        "--value-size",
-        "2048",
-        "--json",
-    ]);
-    let report = report(&output);
+    let (output, report) = bench(
+        &region,
+        "--workload put --concurrency 2 --duration 500ms --value-size 2048",
+    );
     assert!(
         !output.status.success(),
         "a run with no success must fail: {report}"
@@ -190,24 +182,7 @@ fn bench_reports_the_regions_refusals() {
 
 #[test]
 fn a_paced_bench_sends_on_schedule_not_as_fast_as_it_can() {
-    let region = Region::start(&format!("[security]\nclient_tokens = [\"{TOKEN}\"]"));
-    let output = region.ctl(&[
-        "bench",
-        "--workload",
-        "put",
-        "--concurrency",
-        "4",
-        "--rate",
-        "200",
-        "--duration",
-        "2s",
-        "--warmup",
-        "0s",
-        "--json",
-    ]);
-    let report = report(&output);
-    assert!(output.status.success(), "bench failed: {report}");
-    assert_eq!(report["errors"], 0, "{report}");
+    let (_region, report) = clean_bench("--workload put --concurrency 4 --rate 200 --duration 2s");
     assert_eq!(report["rate_per_sec"], 200, "{report}");
     // 200/s for 2 s is 400 requests at most, however fast the region answers (a closed loop
     // of 4 sends thousands). A worker still behind at the end (a stall on a loaded machine)
