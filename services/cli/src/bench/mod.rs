@@ -145,14 +145,14 @@ pub async fn run(
             .map_err(|e| CliError::Failed(format!("a bench worker failed: {e}")))?;
         total.merge(&stats);
     }
+    let last_answer = total
+        .last_done
+        .map(|last| last.saturating_duration_since(timing.measure_start));
     // Paced, the run lasts as scheduled: the last request is due up to one interval before
-    // the end, so the last answer would understate it (a stalled server shows as a shortfall
-    // against the schedule instead).
+    // the end, so the last answer would understate it.
     let measured = match args.rate {
         Some(_) => Some(args.duration),
-        None => total
-            .last_done
-            .map(|last| last.saturating_duration_since(timing.measure_start)),
+        None => last_answer,
     };
 
     let shape = RunShape {
@@ -183,12 +183,14 @@ pub async fn run(
             "no operation succeeded during the measured time".to_owned(),
         ));
     }
-    // The measured window ends at the last answer: far short of --duration, the target
-    // stopped answering and the figures describe only the start of the run.
-    if report.duration_s < args.duration.as_secs_f64() * 0.9 {
+    // A last answer far short of --duration means the target stopped answering and the
+    // figures describe only the start of the run. A paced run's last request may be due one
+    // interval of the schedule before the end.
+    let slack = args.rate.map_or(0.0, |rate| 1.0 / rate as f64);
+    let answered_until = last_answer.unwrap_or_default().as_secs_f64();
+    if answered_until < args.duration.as_secs_f64() * 0.9 - slack {
         return Err(CliError::Failed(format!(
-            "the run ended early: no answer after {:.1} s of the {:.1} s measured",
-            report.duration_s,
+            "the run ended early: no answer after {answered_until:.1} s of the {:.1} s measured",
             args.duration.as_secs_f64()
         )));
     }

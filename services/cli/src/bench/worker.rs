@@ -129,32 +129,24 @@ async fn drive(
     let mut connect_failures = 0u32;
     let mut last_answer = Instant::now();
     loop {
-        if Instant::now() >= timing.end {
-            return;
-        }
-        // Paced, the worker waits for the due time first, and the time it was due is what
-        // decides whether the request is measured.
-        let (start, due) = match pace.as_mut() {
+        // Paced, the worker waits for the due time first; it stops only once the schedule
+        // does, so requests due before the end are sent however late (the hard deadline
+        // bounds that), and the due time decides whether a request is measured. The start
+        // of its latency: see `latency_start`.
+        let paced = match pace.as_mut() {
             Some(pace) => {
                 let due = pace.next_due();
                 if due >= timing.end {
                     return;
                 }
-                if Instant::now() < due {
-                    // Idle when due: lateness from here on is the timer's (it ticks in whole
-                    // milliseconds), not the server's, so it is not counted.
-                    tokio::time::sleep_until(due.into()).await;
-                    (Instant::now(), due)
-                } else {
-                    // Late because earlier answers were: the server owes the wait.
-                    (due, due)
-                }
+                let late = Instant::now() >= due;
+                tokio::time::sleep_until(due.into()).await;
+                Some((due, late))
             }
-            None => {
-                let now = Instant::now();
-                (now, now)
-            }
+            None if Instant::now() >= timing.end => return,
+            None => None,
         };
+        let counted_from = paced.map_or_else(Instant::now, |(due, _)| due);
         // A server may close a `Connection: close` connection, or one idle past its keep-alive
         // (only a slow schedule leaves one idle that long); neither is an error.
         if connection
@@ -175,7 +167,7 @@ async fn drive(
                         connection.insert(open)
                     }
                     Err(e) => {
-                        if Instant::now() >= timing.measure_start {
+                        if counted_from >= timing.measure_start {
                             stats.record_connection_error(|| {
                                 format!("connect to {}: {}", target.url, describe(&e))
                             });
@@ -210,12 +202,13 @@ async fn drive(
             return;
         };
 
+        let start = latency_start(paced);
         *in_flight = true;
         let result = send(open, target, requests, op, path, Keep::STATUS).await;
         *in_flight = false;
         let done = Instant::now();
         last_answer = done;
-        let measured = due >= timing.measure_start;
+        let measured = counted_from >= timing.measure_start;
         match result {
             Ok(answer) if measured && answer.is_success() => stats.record_ok(done - start, done),
             Ok(answer) if measured => {
@@ -233,6 +226,17 @@ async fn drive(
                 }
             }
         }
+    }
+}
+
+/// Where a request's latency starts: when it is sent, unless it was sent late on its
+/// schedule because earlier answers were late, when the server owes the wait since it was
+/// due. A worker idle when its request was due woke by a timer that ticks in whole
+/// milliseconds: that lateness is the timer's, not the server's.
+fn latency_start(paced: Option<(Instant, bool)>) -> Instant {
+    match paced {
+        Some((due, true)) => due,
+        _ => Instant::now(),
     }
 }
 

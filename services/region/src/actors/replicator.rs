@@ -133,6 +133,8 @@ struct Prepared {
     count: usize,
     /// Sequence number of the last entry.
     last: u64,
+    /// When the last entry became durable here (µs), for the lag once the peer has it.
+    durable_us: Option<u64>,
     /// The encoded [`ReplicateBatch`].
     body: Vec<u8>,
     /// The span of the send.
@@ -165,6 +167,8 @@ fn prepare(region: &Region, peer: &Peer, cursor: u64) -> Result<Option<Prepared>
         resync: batch.resync,
         count,
         last,
+        // Read here: a backlog's last entry is old, so this may read the log from disk.
+        durable_us: region.storage.durable_at(last),
         body: batch.encode(),
         span,
     }))
@@ -179,8 +183,8 @@ async fn send_batch(
     draining: bool,
 ) -> Result<u64, SendError> {
     let config = &region.config;
-    // A backlog's batches are large and may read cold pages: off the thread that every
-    // replicator shares, so that a healthy peer's batches do not wait behind them.
+    // A backlog's batches are full and read old entries, maybe from disk: off the thread that
+    // every replicator shares, so that a healthy peer's batches do not wait behind them.
     let prepared = if draining {
         let (region, peer) = (Arc::clone(region), Arc::clone(peer));
         let drain = tracing::Span::current();
@@ -194,6 +198,7 @@ async fn send_batch(
         resync,
         count,
         last,
+        durable_us,
         body,
         span,
     }) = prepared
@@ -264,7 +269,7 @@ async fn send_batch(
         .observe(count as f64);
     if ack.applied >= last {
         // From the moment the write was durable (acknowledged) here to its durable apply there.
-        if let Some(durable) = region.storage.durable_at(last) {
+        if let Some(durable) = durable_us {
             let lag = now_us().saturating_sub(durable) as f64 / 1e6;
             region
                 .metrics
