@@ -40,7 +40,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )
     })?;
     let region = web::Data::new(region);
-    region.clone().into_inner().start_background();
     let identity = region.storage.identity().clone();
     tracing::info!(
         region = %identity.region,
@@ -59,6 +58,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(?cpus, "HTTP workers pinned one per CPU");
     }
     let started_workers = Arc::new(AtomicUsize::new(0));
+    let partitions_on_worker = region.config.partition_threads() == 0;
     let server = HttpServer::new(move || {
         // Runs on each worker's own thread as it starts (again if one restarts).
         if let Some(cpus) = &pins {
@@ -66,6 +66,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             if !affinity::pin_current_thread(cpu) {
                 tracing::warn!(cpu = cpu.id, "could not pin an HTTP worker to its CPU");
             }
+        }
+        if partitions_on_worker {
+            app_region.partitions.start_here();
         }
         let openapi = openapi.clone();
         App::new()
@@ -92,6 +95,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     port.retire().await;
     let server = server.run();
     let handle = server.handle();
+    // Background actors send to the partition actors: on the worker's thread, those start
+    // with it, once the server runs.
+    let background = region.clone().into_inner();
+    actix_web::rt::spawn(async move {
+        background.partitions.started().await;
+        background.start_background();
+    });
     actix_web::rt::spawn(async move {
         tokio::select! {
             _ = terminate.recv() => {}

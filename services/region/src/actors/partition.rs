@@ -24,7 +24,8 @@ use meridian_shared::hlc::Hlc;
 use meridian_shared::home::key_hash;
 use meridian_shared::{BucketType, KeyState, Op, StateError};
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 /// Builds the answer stored with an idempotency record: (HTTP status, JSON body).
@@ -468,40 +469,79 @@ impl Handler<Evict> for PartitionActor {
 /// Routes each key to its partition actor: `hash(bucket, key) mod P`.
 #[derive(Clone)]
 pub struct PartitionRouter {
-    partitions: Arc<Vec<Addr<PartitionActor>>>,
+    /// The actors, once started; replaced whole if they are started again.
+    partitions: Arc<RwLock<Arc<Vec<Addr<PartitionActor>>>>>,
+    /// Set once the actors are started.
+    started: watch::Sender<bool>,
+    count: usize,
+    shared: Arc<PartitionShared>,
     metrics: Arc<Metrics>,
 }
 
 impl PartitionRouter {
-    /// Starts `count` partition actors spread over `threads` arbiters.
+    /// `count` partition actors: spread over `threads` arbiters of their own, started now; or,
+    /// with `threads == 0`, none until [`PartitionRouter::start_here`] runs them on the one
+    /// HTTP worker's thread.
     pub fn start(count: usize, threads: usize, shared: Arc<PartitionShared>) -> Self {
-        let arbiters: Vec<Arbiter> = (0..threads.max(1)).map(|_| Arbiter::new()).collect();
-        let partitions = (0..count.max(1))
-            .map(|i| {
-                let shared = shared.clone();
-                let arbiter = &arbiters[i % arbiters.len()];
-                PartitionActor::start_in_arbiter(&arbiter.handle(), move |_| {
-                    PartitionActor::new(shared)
-                })
-            })
-            .collect();
-        Self {
-            partitions: Arc::new(partitions),
+        let router = Self {
+            partitions: Arc::default(),
+            started: watch::Sender::new(false),
+            count: count.max(1),
             metrics: shared.metrics.clone(),
+            shared,
+        };
+        if threads > 0 {
+            let arbiters: Vec<Arbiter> = (0..threads).map(|_| Arbiter::new()).collect();
+            let partitions = (0..router.count)
+                .map(|i| {
+                    let shared = router.shared.clone();
+                    let arbiter = &arbiters[i % arbiters.len()];
+                    PartitionActor::start_in_arbiter(&arbiter.handle(), move |_| {
+                        PartitionActor::new(shared)
+                    })
+                })
+                .collect();
+            router.install(partitions);
         }
+        router
     }
 
-    fn owner(&self, bucket: &str, key: &str) -> &Addr<PartitionActor> {
-        &self.partitions[self.owner_index(bucket, key)]
+    /// Starts the partition actors on the calling thread's arbiter (an HTTP worker's), in place
+    /// of any started before: those died with their worker if actix restarted it.
+    pub fn start_here(&self) {
+        let partitions = (0..self.count)
+            .map(|_| PartitionActor::new(self.shared.clone()).start())
+            .collect();
+        self.install(partitions);
+    }
+
+    fn install(&self, partitions: Vec<Addr<PartitionActor>>) {
+        if let Ok(mut current) = self.partitions.write() {
+            *current = Arc::new(partitions);
+        }
+        self.started.send_replace(true);
+    }
+
+    /// Resolves once the actors are started.
+    pub async fn started(&self) {
+        let _ = self.started.subscribe().wait_for(|started| *started).await;
+    }
+
+    fn owner(&self, bucket: &str, key: &str) -> Option<Addr<PartitionActor>> {
+        let partitions = self.partitions.read().ok()?;
+        let index = self.owner_index(bucket, key);
+        partitions.get(index).cloned()
     }
 
     fn owner_index(&self, bucket: &str, key: &str) -> usize {
-        (key_hash(bucket, key) % self.partitions.len() as u64) as usize
+        (key_hash(bucket, key) % self.count as u64) as usize
     }
 
     /// Sends a write to the actor owning its key and waits for the durable outcome.
     pub async fn write(&self, msg: Write) -> Result<WriteOutcome, WriteError> {
-        let owner = self.owner(&msg.bucket, &msg.key);
+        let owner = self
+            .owner(&msg.bucket, &msg.key)
+            .ok_or(WriteError::Stopped)?;
         self.metrics.partition_mailbox_depth.inc();
         owner.send(msg).await.unwrap_or(Err(WriteError::Stopped))
     }
@@ -513,14 +553,21 @@ impl PartitionRouter {
             let owner = self.owner_index(&bucket, &key);
             by_owner.entry(owner).or_default().push((bucket, key));
         }
+        let Ok(partitions) = self.partitions.read() else {
+            return;
+        };
         for (owner, keys) in by_owner {
-            self.partitions[owner].do_send(Evict { keys });
+            if let Some(partition) = partitions.get(owner) {
+                partition.do_send(Evict { keys });
+            }
         }
     }
 
     /// Joins a peer's state into the key's; returns once it is queued for a group commit.
     pub async fn merge(&self, msg: Merge) -> Result<Option<WriteTicket<u64>>, WriteError> {
-        let owner = self.owner(&msg.bucket, &msg.key);
+        let owner = self
+            .owner(&msg.bucket, &msg.key)
+            .ok_or(WriteError::Stopped)?;
         self.metrics.partition_mailbox_depth.inc();
         owner.send(msg).await.unwrap_or(Err(WriteError::Stopped))
     }
