@@ -375,12 +375,12 @@ impl Config {
         all
     }
 
-    /// Threads of their own for the partition actors: half as many as HTTP workers, at least
-    /// one. A partition does about a third of a write's work, so more threads only sleep and
-    /// wake more: on 2 cores, a second one cost 10% more CPU per write and no throughput.
-    /// None with a single HTTP worker: the actors then run on its thread, which spares every
-    /// write two hand-offs between threads (three regions sharing 2 cores, one worker each:
-    /// replication lag p50 at 1,000 writes/s 0.94-0.96 ms against 1.21-1.22 ms).
+    /// Threads of their own for the partition actors: half as many as HTTP workers. A
+    /// partition does about a third of a write's work, so more threads only sleep and wake
+    /// more: on 2 cores, a second one cost 10% more CPU per write and no throughput. None with
+    /// a single HTTP worker: the actors then run on its thread, which spares every write two
+    /// hand-offs between threads (three regions sharing 2 cores, one worker each: replication
+    /// lag p50 at 1,000 writes/s 0.91-0.99 ms against 1.09-1.35 ms).
     pub fn partition_threads(&self) -> usize {
         match self.worker_threads() {
             1 => 0,

@@ -14,7 +14,18 @@ const CONVERGE: Duration = Duration::from_secs(15);
 
 #[tokio::test]
 async fn every_bucket_type_replicates_to_every_region() {
-    let cluster = Cluster::start(&REGIONS, "").await;
+    every_bucket_type_replicates("").await;
+}
+
+#[tokio::test]
+async fn every_bucket_type_replicates_with_partition_actors_on_the_single_worker() {
+    every_bucket_type_replicates("workers = 1").await;
+}
+
+/// Writes every bucket type at every region of a cluster started with `extra` configuration
+/// and finds the merged values everywhere.
+async fn every_bucket_type_replicates(extra: &str) {
+    let cluster = Cluster::start(&REGIONS, extra).await;
     let first = cluster.region("us-east");
     for (bucket, kind) in [
         ("reg", "register"),

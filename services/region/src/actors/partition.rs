@@ -507,8 +507,23 @@ impl PartitionRouter {
     }
 
     /// Starts the partition actors on the calling thread's arbiter (an HTTP worker's), in place
-    /// of any started before: those died with their worker if actix restarted it.
+    /// of any started before, once those have stopped: actix restarts a worker that died, and
+    /// its arbiter stops a moment later. Two sets at once would break the per-key order, so a
+    /// set that does not stop ends the process (the journal has every acknowledged write).
     pub fn start_here(&self) {
+        let old = self
+            .partitions
+            .read()
+            .map(|p| p.clone())
+            .unwrap_or_default();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while old.iter().any(Addr::connected) {
+            if std::time::Instant::now() >= deadline {
+                tracing::error!("the partition actors of a restarted HTTP worker did not stop");
+                std::process::exit(70);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let partitions = (0..self.count)
             .map(|_| PartitionActor::new(self.shared.clone()).start())
             .collect();
