@@ -23,6 +23,7 @@ use meridian_shared::encoding::encode_state;
 use meridian_shared::hlc::Hlc;
 use meridian_shared::home::key_hash;
 use meridian_shared::{BucketType, KeyState, Op, StateError};
+use prometheus::IntGauge;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
@@ -370,7 +371,6 @@ impl Handler<Write> for PartitionActor {
     type Result = ResponseActFuture<Self, Result<WriteOutcome, WriteError>>;
 
     fn handle(&mut self, mut msg: Write, _ctx: &mut Self::Context) -> Self::Result {
-        self.shared.metrics.partition_mailbox_depth.dec();
         let span = child_span(
             &msg.span,
             || tracing::info_span!("partition_write", bucket = %msg.bucket),
@@ -407,7 +407,6 @@ impl Handler<Merge> for PartitionActor {
     type Result = Result<Option<WriteTicket<u64>>, WriteError>;
 
     fn handle(&mut self, msg: Merge, _ctx: &mut Self::Context) -> Self::Result {
-        self.shared.metrics.partition_mailbox_depth.dec();
         let span = child_span(
             &msg.span,
             || tracing::info_span!("partition_merge", bucket = %msg.bucket),
@@ -444,6 +443,63 @@ impl Handler<Merge> for PartitionActor {
         Ok(Some(ticket))
     }
 }
+
+/// A message counted in `partition_mailbox_depth` from its sending until its actor takes it,
+/// or drops it unhandled (an actor stopped with its worker), so the gauge never drifts.
+pub struct Queued<M> {
+    msg: M,
+    _depth: Depth,
+}
+
+/// One message's share of the mailbox gauge, given back when dropped.
+struct Depth(IntGauge);
+
+impl Drop for Depth {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl<M> Queued<M> {
+    fn new(msg: M, gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self {
+            msg,
+            _depth: Depth(gauge.clone()),
+        }
+    }
+}
+
+impl<M: Message> Message for Queued<M> {
+    type Result = M::Result;
+}
+
+impl<M> Queued<M> {
+    /// The message, its place in the mailbox given back.
+    fn take(self) -> M {
+        self.msg
+    }
+}
+
+/// Each counted message is handled as itself once taken out of the mailbox.
+macro_rules! handle_queued {
+    ($message:ty) => {
+        impl Handler<Queued<$message>> for PartitionActor {
+            type Result = <Self as Handler<$message>>::Result;
+
+            fn handle(
+                &mut self,
+                queued: Queued<$message>,
+                ctx: &mut Self::Context,
+            ) -> Self::Result {
+                Handler::<$message>::handle(self, queued.take(), ctx)
+            }
+        }
+    };
+}
+
+handle_queued!(Write);
+handle_queued!(Merge);
 
 /// Keys whose states storage removed (tombstone GC, the bucket sweep): a cached copy would
 /// make merges of them look like nothing new and writes build on what is gone.
@@ -557,8 +613,8 @@ impl PartitionRouter {
         let owner = self
             .owner(&msg.bucket, &msg.key)
             .ok_or(WriteError::Stopped)?;
-        self.metrics.partition_mailbox_depth.inc();
-        owner.send(msg).await.unwrap_or(Err(WriteError::Stopped))
+        let queued = Queued::new(msg, &self.metrics.partition_mailbox_depth);
+        owner.send(queued).await.unwrap_or(Err(WriteError::Stopped))
     }
 
     /// Drops the cached states of keys storage removed, each at the actor owning it.
@@ -583,7 +639,24 @@ impl PartitionRouter {
         let owner = self
             .owner(&msg.bucket, &msg.key)
             .ok_or(WriteError::Stopped)?;
-        self.metrics.partition_mailbox_depth.inc();
-        owner.send(msg).await.unwrap_or(Err(WriteError::Stopped))
+        let queued = Queued::new(msg, &self.metrics.partition_mailbox_depth);
+        owner.send(queued).await.unwrap_or(Err(WriteError::Stopped))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queued_message_leaves_the_gauge_when_taken_or_dropped_unhandled() {
+        let gauge = IntGauge::new("depth", "test").expect("gauge");
+        let taken = Queued::new(1u8, &gauge);
+        let dropped = Queued::new(2u8, &gauge);
+        assert_eq!(gauge.get(), 2);
+        assert_eq!(taken.take(), 1);
+        assert_eq!(gauge.get(), 1);
+        drop(dropped);
+        assert_eq!(gauge.get(), 0);
     }
 }
