@@ -405,6 +405,45 @@ mod rows {
             let reply = region.get(&format!("/v1/kv/{REG}?{query}")).await;
             reply.expect(200);
         }
+        // A parameter of the other kind of request is refused, not ignored.
+        let reply = region.get(&format!("{key}?ack=all")).await;
+        assert_error(&reply, 400, "invalid_parameter");
+        let reply = region
+            .put(&format!("{key}?consistency=home"), &json!("overwritten"))
+            .await;
+        assert_error(&reply, 400, "invalid_parameter");
+        let reply = region
+            .post(
+                &format!("{}?consistency=all", incr(CNT, TARGET)),
+                &json!({ "by": 1 }),
+            )
+            .await;
+        assert_error(&reply, 400, "invalid_parameter");
+        // A listing checks its consistency, and serves only what it can honour.
+        for query in [
+            "consistency=bogus",
+            "consistency=home",
+            "consistency=quorum",
+            "ack=all",
+        ] {
+            let reply = region.get(&format!("/v1/kv/{REG}?{query}")).await;
+            assert_error(&reply, 400, "invalid_parameter");
+        }
+        for query in [
+            "consistency=local",
+            "consistency=session",
+            "prefix=k&consistency=local",
+        ] {
+            let reply = region.get(&format!("/v1/kv/{REG}?{query}")).await;
+            reply.expect(200);
+        }
+        // A value that is not UTF-8 once decoded is refused, not turned into U+FFFD.
+        for query in ["after=%FF", "prefix=%C3", "consistency=%FFlocal"] {
+            let reply = region.get(&format!("/v1/kv/{REG}?{query}")).await;
+            assert_error(&reply, 400, "invalid_parameter");
+        }
+        let reply = region.get(&format!("/v1/kv/{REG}?after=%C3%A9")).await;
+        reply.expect(200);
     }
 
     pub async fn invalid_idempotency_key(region: &Region) {

@@ -250,6 +250,8 @@ async fn delete_hides_the_key_and_a_later_put_revives_it() {
 
         let get = region.get(&path).await;
         assert_error(&get, 404, "key_not_found");
+        // Still a key response: the token that covers the delete goes on with the session.
+        assert_key_headers(&get, "reg-delete");
 
         region.put(&path, &json!({ "alive": 2 })).await.expect(200);
         let get = region.get(&path).await;
@@ -259,6 +261,7 @@ async fn delete_hides_the_key_and_a_later_put_revives_it() {
     // A key that was never written is 404 key_not_found too.
     let get = region.get(&kv("dl-reg", "never")).await;
     assert_error(&get, 404, "key_not_found");
+    assert_key_headers(&get, "reg-delete");
 }
 
 #[tokio::test]

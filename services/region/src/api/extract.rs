@@ -99,9 +99,21 @@ pub fn json_value_text(body: &[u8]) -> Result<String, ApiError> {
     Ok(raw.get().to_string())
 }
 
-/// Parses the query string: anything unparseable is 400 `invalid_parameter`.
+/// Parses the query string: anything unparseable is 400 `invalid_parameter`, as is a value
+/// that is not UTF-8 once percent-decoded (the parser would quietly make it U+FFFD).
 pub fn query<T: DeserializeOwned>(req: &HttpRequest) -> Result<T, ApiError> {
-    web::Query::<T>::from_query(req.query_string())
+    let raw = req.query_string();
+    // Parameters split at ASCII bytes only, so the whole string decodes iff each value does.
+    if percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .is_err()
+    {
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "query parameters must be UTF-8 once percent-decoded",
+        ));
+    }
+    web::Query::<T>::from_query(raw)
         .map(web::Query::into_inner)
         .map_err(|e| ApiError::bad_request("invalid_parameter", e.to_string()))
 }
@@ -193,12 +205,16 @@ pub enum Ack {
     All,
 }
 
-/// Query parameters of key reads.
+/// Query parameters of key reads (and listings).
 #[derive(Debug, Default, Deserialize)]
 pub struct ReadQuery {
     /// Requested consistency.
     #[serde(default)]
     pub consistency: ReadConsistency,
+    /// A write's parameter: present, it fails the parse, since ignoring it would leave the
+    /// client believing it asked for something.
+    #[serde(default, deserialize_with = "reads_take_consistency")]
+    pub ack: (),
 }
 
 /// Query parameters of key writes.
@@ -207,4 +223,19 @@ pub struct WriteQuery {
     /// Requested acknowledgement.
     #[serde(default)]
     pub ack: Ack,
+    /// A read's parameter: present, it fails the parse, like `ack` on a read.
+    #[serde(default, deserialize_with = "writes_take_ack")]
+    pub consistency: (),
+}
+
+fn reads_take_consistency<'de, D: serde::Deserializer<'de>>(_: D) -> Result<(), D::Error> {
+    Err(serde::de::Error::custom(
+        "ack applies to writes; a read takes consistency=local|home|session|quorum|all",
+    ))
+}
+
+fn writes_take_ack<'de, D: serde::Deserializer<'de>>(_: D) -> Result<(), D::Error> {
+    Err(serde::de::Error::custom(
+        "consistency applies to reads; a write takes ack=local|quorum|all",
+    ))
 }

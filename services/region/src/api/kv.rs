@@ -90,6 +90,8 @@ pub struct ListQuery {
     prefix: String,
     after: Option<String>,
     limit: Option<usize>,
+    #[serde(flatten)]
+    read: ReadQuery,
 }
 
 fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -209,7 +211,7 @@ async fn write(
         body,
         respond,
     } = change;
-    let WriteQuery { ack } = extract::query(req)?;
+    let WriteQuery { ack, .. } = extract::query(req)?;
     let session = extract::session(req)?;
     let idempotency = extract::idempotency_key(req)?.map(|id| {
         (
@@ -483,7 +485,7 @@ pub async fn get(
     client: web::Data<PeerClient>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let ReadQuery { consistency } = extract::query(&req)?;
+    let ReadQuery { consistency, .. } = extract::query(&req)?;
     let session = extract::session(&req)?;
     // A session may have seen the bucket created elsewhere: wait for it before a 404.
     let covered = consistency != ReadConsistency::Session || region.await_session(&session).await;
@@ -530,12 +532,17 @@ pub async fn get(
     .filter(|state| state.kind() == def.kind)
     .unwrap_or_else(|| KeyState::empty(def.kind));
     let home_region = Some(home.as_str());
+    let token = region.session_after(session);
     let body = match state.view() {
         View::Absent => {
-            return Err(ApiError::not_found(
+            // A key response still: a read that found a delete must carry the token that
+            // covers it, or a session read elsewhere could show the deleted value again.
+            let missing = ApiError::not_found(
                 "key_not_found",
                 format!("key {key:?} does not exist in bucket {:?}", def.name),
-            ))
+            );
+            let answer = (missing.status.as_u16(), missing.body());
+            return Ok(key_response(&region, answer, &home, token, false));
         }
         View::Register { values, context } => {
             let raw: Vec<&RawValue> = values
@@ -554,7 +561,6 @@ pub async fn get(
             home_region,
         }),
     };
-    let token = region.session_after(session);
     Ok(key_response(&region, (200, body), &home, token, false))
 }
 
@@ -562,7 +568,9 @@ pub async fn get(
 #[utoipa::path(get, operation_id = "list_keys", path = "/v1/kv/{bucket}", tag = "keys",
     params(("bucket" = String, Path),
            ("prefix" = Option<String>, Query), ("after" = Option<String>, Query),
-           ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "default 100")),
+           ("limit" = Option<usize>, Query, minimum = 1, maximum = 1000, description = "default 100"),
+           ("consistency" = Option<String>, Query, description = "local (default) | session: a listing reads this region only"),
+           ("X-Meridian-Session" = Option<String>, Header, description = "session token for consistency=session")),
     responses((status = 200, body = KeyListBody), (status = 404, body = super::error::ErrorBody)))]
 pub async fn list(region: web::Data<Region>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let bucket = extract::name_at(&req, 3)?;
@@ -574,6 +582,20 @@ pub async fn list(region: web::Data<Region>, req: HttpRequest) -> Result<HttpRes
             "invalid_parameter",
             "limit must be between 1 and 1000",
         ));
+    }
+    match q.read.consistency {
+        ReadConsistency::Local => {}
+        ReadConsistency::Session => {
+            let session = extract::session(&req)?;
+            region.await_session(&session).await;
+            region.check_read(ReadConsistency::Session, &session)?;
+        }
+        ReadConsistency::Home | ReadConsistency::Quorum | ReadConsistency::All => {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                "a listing reads this region only: consistency=local or session",
+            ))
+        }
     }
     let page = region
         .storage
