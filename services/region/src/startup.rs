@@ -207,6 +207,7 @@ impl StartupPort {
                 .app_data(beat.clone())
                 .app_data(config.clone())
                 .route("/internal/v1/heartbeat", web::get().to(answer))
+                .route("/healthz", web::get().to(alive))
                 .default_service(web::to(starting))
         })
         .workers(1)
@@ -267,7 +268,15 @@ async fn answer(
     }
 }
 
-/// Everything but the start-up question while the region starts.
+/// Liveness while the region starts: the process runs and makes progress (a probe that
+/// failed here would restart it in the middle of asking its peers); `/readyz` still says 503.
+async fn alive() -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((STARTING_HEADER, "true"))
+        .json(serde_json::json!({"status": "starting"}))
+}
+
+/// Everything but the start-up question and liveness while the region starts.
 async fn starting() -> HttpResponse {
     let mut response = ApiError::unavailable(
         "this region is starting: it is asking its peers what they have seen of it",

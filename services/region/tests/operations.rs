@@ -71,6 +71,46 @@ async fn healthz_and_readyz_are_200() {
     assert_eq!(region.get("/readyz").await.status, 200);
 }
 
+#[tokio::test]
+async fn a_region_asking_its_peers_at_start_is_live_but_not_ready() {
+    // A peer that accepts connections and never answers: the region asks it for the whole
+    // wait before it serves.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let peer = silent.local_addr().expect("address");
+    let config = format!("startup_peer_wait_ms = 4000\n[peers]\neu-west = \"http://{peer}\"\n");
+    let mut region = Region::launch("us-east", &config, &[]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let live_not_ready = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never live:\n{}",
+            region.log()
+        );
+        let live = region
+            .client()
+            .get(format!("{}/healthz", region.url()))
+            .send()
+            .await;
+        let ready = region
+            .client()
+            .get(format!("{}/readyz", region.url()))
+            .send()
+            .await;
+        match (live, ready) {
+            (Ok(live), Ok(ready)) if live.status() == 200 => {
+                break (
+                    ready.status().as_u16(),
+                    live.headers().contains_key("x-meridian-starting"),
+                );
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    assert_eq!(live_not_ready, (503, true), "live, starting, not ready yet");
+    region.wait_ready().await;
+    assert_eq!(region.get("/healthz").await.status, 200);
+}
+
 /// One sample of the Prometheus text format: metric name, raw label text and value.
 struct Sample {
     name: String,
@@ -241,7 +281,7 @@ async fn openapi_documents_every_public_route() {
     let paths = doc["paths"]
         .as_object()
         .unwrap_or_else(|| panic!("no paths object in {}", reply.text));
-    let expected: [(&str, &[&str]); 11] = [
+    let expected: [(&str, &[&str]); 12] = [
         ("/v1/buckets", &["get"]),
         ("/v1/buckets/{bucket}", &["put", "get"]),
         ("/v1/kv/{bucket}", &["get"]),
@@ -253,6 +293,7 @@ async fn openapi_documents_every_public_route() {
         ("/healthz", &["get"]),
         ("/readyz", &["get"]),
         ("/metrics", &["get"]),
+        ("/openapi.json", &["get"]),
     ];
     let documented: Vec<&String> = paths.keys().collect();
     // Code generators name a function after each operation: they must be unique.

@@ -91,14 +91,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, openapi: Arc<String>, max_batch_b
     )
     .service(
         web::resource("/openapi.json")
-            .route(web::get().to(move || {
-                let doc = openapi.clone();
-                async move {
-                    HttpResponse::Ok()
-                        .content_type("application/json")
-                        .body(doc.as_str().to_owned())
-                }
-            }))
+            .app_data(web::Data::from(openapi))
+            .route(web::get().to(openapi::serve))
             .default_service(not_allowed("GET")),
     );
 }
