@@ -18,6 +18,8 @@ pub struct Peer {
     /// Its base URL.
     pub url: String,
     up: AtomicBool,
+    /// It refuses our heartbeats (401/403: another `peer_token` or `cluster_id`), as last heard.
+    refuses_us: AtomicBool,
     missed_heartbeats: AtomicU32,
     last_heartbeat_ms: AtomicU64,
     /// Highest of our sequence numbers it has durably applied (its cursor in our log).
@@ -82,12 +84,19 @@ impl Peer {
 
     /// Records a successful contact: the peer is up (and waiters are woken if it was down).
     pub fn heard_from(&self) {
+        self.refuses_us.store(false, Ordering::Release);
         self.missed_heartbeats.store(0, Ordering::Release);
         self.last_heartbeat_ms.store(now_ms(), Ordering::Release);
         if !self.up.swap(true, Ordering::AcqRel) {
             tracing::info!(peer = %self.name, "peer is up");
             self.came_up.notify_waiters();
         }
+    }
+
+    /// Records that the peer refused our heartbeat as from outside its cluster; returns whether
+    /// that is news (so a misconfiguration is logged once, not at every heartbeat).
+    pub fn refused_us(&self) -> bool {
+        !self.refuses_us.swap(true, Ordering::AcqRel)
     }
 
     /// Records a missed heartbeat; returns whether the peer is now down.
@@ -268,6 +277,7 @@ impl Peers {
                     name: name.clone(),
                     url: url.trim_end_matches('/').to_string(),
                     up: AtomicBool::new(false),
+                    refuses_us: AtomicBool::new(false),
                     missed_heartbeats: AtomicU32::new(0),
                     last_heartbeat_ms: AtomicU64::new(0),
                     acked,

@@ -535,6 +535,40 @@ async fn a_peer_url_that_answers_as_another_region_is_refused() {
 }
 
 #[tokio::test]
+async fn a_peer_of_another_cluster_is_reported_once_as_a_misconfiguration() {
+    let other =
+        common::Region::start_with_env("eu-west", "", &[("MERIDIAN_CLUSTER_ID", "elsewhere")])
+            .await;
+    let config = format!(
+        "heartbeat_interval_ms = 100\nstartup_peer_wait_ms = 300\n[peers]\neu-west = \"{}\"\n",
+        other.url()
+    );
+    let region = common::Region::start_with("us-east", &config).await;
+    let said = "the peer refuses this region";
+    support::eventually(CONVERGE, "the refusal is reported", || async {
+        region.log().contains(said)
+    })
+    .await;
+    // Ten more refused heartbeats say nothing new.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let log = region.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(said)).collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("ERROR") && lines[0].contains("403"),
+        "{}",
+        lines[0]
+    );
+    let view = region.get("/v1/cluster").await;
+    let peer = view.body["regions"]
+        .as_array()
+        .and_then(|all| all.iter().find(|r| r["name"] == "eu-west"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(peer["status"], json!("down"), "{view:?}");
+}
+
+#[tokio::test]
 async fn a_key_state_is_bounded_and_a_large_one_still_replicates() {
     // Batches of 64 KiB: the old peer body limit (2 × batch + 1 MiB) refused the record of a
     // 1.8 MB register state forever, and replication to that peer stopped for every key.

@@ -8,6 +8,7 @@ use crate::peers::{http_client, peer_request, Peer};
 use crate::region::Region;
 use actix::prelude::*;
 use meridian_shared::wire::{Heartbeat, PROTOCOL_VERSION};
+use reqwest::StatusCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,18 +52,19 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
         &region.config,
     )
     .timeout(timeout);
+    // A failure's status, if the peer answered, and why.
     let outcome = async {
-        let response = request.send().await.map_err(|e| e.to_string())?;
+        let response = request.send().await.map_err(|e| (None, e.to_string()))?;
         if !response.status().is_success() {
             let status = response.status();
             let body = response.text().await.unwrap_or_default();
             let excerpt: String = body.chars().take(200).collect();
-            return Err(format!("HTTP {status}: {excerpt}"));
+            return Err((Some(status), format!("HTTP {status}: {excerpt}")));
         }
         response
             .json::<Heartbeat>()
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| (None, e.to_string()))
     }
     .await;
     let labels = [peer.name.as_str()];
@@ -98,12 +100,22 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
                 "the peer's URL answers as another region, cluster or protocol version; refusing it");
             peer.mark_down("wrong region, cluster or protocol");
         }
-        Err(error) => {
+        Err((status, error)) => {
             region
                 .metrics
                 .heartbeats_failed
                 .with_label_values(&labels)
                 .inc();
+            let refused = matches!(
+                status,
+                Some(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+            );
+            // A misconfiguration, not an outage: no retry mends it, so say so loudly (once).
+            if refused && peer.refused_us() {
+                tracing::error!(peer = %peer.name, url = %peer.url, %error,
+                    "the peer refuses this region: its peer_token or cluster_id differs from \
+                     ours; it stays down until they match");
+            }
             if peer.missed(region.config.down_after_missed, &error) {
                 tracing::debug!(peer = %peer.name, %error, "heartbeat failed");
             }
