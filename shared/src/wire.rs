@@ -23,6 +23,11 @@ pub const FORWARD_TOKEN_HEADER: &str = "x-meridian-forward-token";
 pub const STARTUP_QUESTION_HEADER: &str = "x-meridian-startup-question";
 /// On a 503: the region is still starting, so it applied nothing (a forward may fail over).
 pub const STARTING_HEADER: &str = "x-meridian-starting";
+/// On a forwarded write: the time (Unix ms, the forwarder's clock) after which the home must
+/// not start applying it, as the forwarder will have stopped waiting; past it, the home
+/// refuses it with [`NOT_APPLIED_HEADER`]. So a forward that reaches a home that hung holds no
+/// surprise for a retry that failed over meanwhile.
+pub const APPLY_BY_HEADER: &str = "x-meridian-apply-by";
 /// On an error: this request applied nothing (a forwarder's retry of it need not wait for the
 /// home; a proxy's own 503 never carries it).
 pub const NOT_APPLIED_HEADER: &str = "x-meridian-not-applied";
@@ -73,6 +78,10 @@ pub struct Heartbeat {
     /// Origins whose log it accepted past a gap not yet filled: what it had applied before.
     #[serde(default)]
     pub gaps: BTreeMap<Actor, u64>,
+    /// Its wall clock as it answered (Unix ms; 0 from a version that did not say), from which
+    /// the asker estimates how far apart their clocks are.
+    #[serde(default)]
+    pub clock_ms: u64,
 }
 
 impl Heartbeat {

@@ -77,6 +77,8 @@ pub struct Metrics {
     /// Writes not failed over: an earlier attempt with their Idempotency-Key may still apply
     /// at the home.
     pub failovers_refused: IntCounter,
+    /// Forwarded writes refused unapplied at the home: they arrived after their deadline.
+    pub forwards_too_late: IntCounter,
     /// Writes refused before applying: too few peers up for their `ack`.
     pub acks_refused: IntCounter,
     /// Idempotency keys whose forward to the home has an unknown outcome.
@@ -312,6 +314,11 @@ impl Metrics {
             "Writes not failed over because an earlier attempt with their Idempotency-Key may \
              still be applied by the home",
         )?;
+        let forwards_too_late = IntCounter::new(
+            "forwards_too_late_total",
+            "Forwarded writes this home refused unapplied because they reached it after the \
+             forwarder had stopped waiting (a hung or overloaded home)",
+        )?;
         let acks_refused = IntCounter::new(
             "acks_refused_total",
             "Writes refused before applying because too few regions were up for their ack level",
@@ -406,6 +413,7 @@ impl Metrics {
         registry.register(Box::new(forwards.clone()))?;
         registry.register(Box::new(failover_writes.clone()))?;
         registry.register(Box::new(failovers_refused.clone()))?;
+        registry.register(Box::new(forwards_too_late.clone()))?;
         registry.register(Box::new(acks_refused.clone()))?;
         registry.register(Box::new(forwards_in_doubt.clone()))?;
         registry.register(Box::new(forwards_in_doubt_evicted.clone()))?;
@@ -473,6 +481,7 @@ impl Metrics {
             forwards,
             failover_writes,
             failovers_refused,
+            forwards_too_late,
             acks_refused,
             forwards_in_doubt,
             forwards_in_doubt_evicted,

@@ -6,7 +6,7 @@ use crate::storage::{LogGap, PeerProgress};
 use meridian_shared::wire::{Heartbeat, CLUSTER_HEADER, PEER_HEADER};
 use meridian_shared::{Actor, RegionName};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -18,6 +18,9 @@ pub struct Peer {
     /// Its base URL.
     pub url: String,
     up: AtomicBool,
+    /// How far its clock is ahead of ours (ms, negative when behind), from its last heartbeat;
+    /// `i64::MIN` until one said.
+    clock_offset_ms: AtomicI64,
     /// It refuses our heartbeats (401/403: another `peer_token` or `cluster_id`), as last heard.
     refuses_us: AtomicBool,
     missed_heartbeats: AtomicU32,
@@ -115,6 +118,22 @@ impl Peer {
         if self.up.swap(false, Ordering::AcqRel) {
             tracing::warn!(peer = %self.name, why, "peer is down");
         }
+    }
+
+    /// Records its clock as a heartbeat answered: `clock_ms` read between our `sent_ms` and
+    /// `received_ms`, so taken at the midpoint (off by at most half the round trip).
+    pub fn observe_clock(&self, clock_ms: u64, sent_ms: u64, received_ms: u64) {
+        if clock_ms == 0 {
+            return;
+        }
+        let midpoint = (sent_ms / 2 + received_ms / 2) as i64;
+        self.clock_offset_ms
+            .store(clock_ms as i64 - midpoint, Ordering::Release);
+    }
+
+    /// How far its clock is ahead of ours (ms), once a heartbeat said.
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        Some(self.clock_offset_ms.load(Ordering::Acquire)).filter(|o| *o != i64::MIN)
     }
 
     /// Our highest sequence number the peer has applied.
@@ -278,6 +297,7 @@ impl Peers {
                     url: url.trim_end_matches('/').to_string(),
                     up: AtomicBool::new(false),
                     refuses_us: AtomicBool::new(false),
+                    clock_offset_ms: AtomicI64::new(i64::MIN),
                     missed_heartbeats: AtomicU32::new(0),
                     last_heartbeat_ms: AtomicU64::new(0),
                     acked,
@@ -422,4 +442,32 @@ pub fn jitter() -> f64 {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(now_ms());
     (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a_peer() -> Arc<Peer> {
+        let toml = "region = \"us-east\"\ndata_dir = \"/tmp/x\"\n[peers]\neu-west = \"http://127.0.0.1:1\"";
+        let config = Config::load_from_str(toml).expect("config");
+        let peers = Peers::new(&config, &PeerProgress::default());
+        let name = RegionName::new("eu-west".to_string()).expect("name");
+        peers.get(&name).expect("peer").clone()
+    }
+
+    #[test]
+    fn a_peer_clock_is_read_at_the_heartbeats_midpoint() {
+        let peer = a_peer();
+        assert_eq!(peer.clock_offset_ms(), None, "unknown before a heartbeat");
+        // Ahead by 5 s: it read 1_005_050 while we sent at 1_000_000 and heard at 1_000_100.
+        peer.observe_clock(1_005_050, 1_000_000, 1_000_100);
+        assert_eq!(peer.clock_offset_ms(), Some(5_000));
+        // Behind by 2 s.
+        peer.observe_clock(998_050, 1_000_000, 1_000_100);
+        assert_eq!(peer.clock_offset_ms(), Some(-2_000));
+        // A version that did not say leaves the estimate as it was.
+        peer.observe_clock(0, 1_000_000, 1_000_100);
+        assert_eq!(peer.clock_offset_ms(), Some(-2_000));
+    }
 }

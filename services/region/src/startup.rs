@@ -169,6 +169,7 @@ pub fn heartbeat_from_disk(config: &Config, opened: &OpenedDb) -> Result<Heartbe
             .flatten()
             .map(|(incarnation, gap)| (incarnation, gap.before))
             .collect(),
+        clock_ms: crate::clock::now_ms(),
     })
 }
 

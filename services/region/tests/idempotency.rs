@@ -297,8 +297,9 @@ async fn a_retry_at_another_region_while_the_home_is_down_is_replayed_not_applie
 #[tokio::test]
 async fn a_retry_after_a_forward_with_an_unknown_outcome_waits_for_the_home_not_failover() {
     // The home hangs (SIGSTOP) with the forward unread in its socket: the first attempt's
-    // outcome is unknown, and the home applies it once it resumes. A retry with the same key
-    // must not fail over meanwhile, or the increment counts twice.
+    // outcome is unknown to the forwarder (the home refuses it once it resumes, too late, but
+    // it might have applied it just before it hung). A retry with the same key must not fail
+    // over meanwhile, or the increment could count twice.
     let cluster = Cluster::start(&["us-east", "eu-west", "ap-south"], "").await;
     cluster
         .create_buckets("us-east", &[("idd", "counter")], None)
@@ -346,13 +347,63 @@ async fn a_retry_after_a_forward_with_an_unknown_outcome_waits_for_the_home_not_
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    // Applied by the home, from whichever copy it read first; the other replays it.
+    // Applied by the home: the first copy came too late, the retry applied it.
     assert_eq!(answer.header("x-meridian-failover"), None, "{answer:?}");
     let value = cluster.converged(&hits, Duration::from_secs(20)).await;
     assert_eq!(
         value["value"],
         json!(111),
         "the keyed increment applied once: {value}"
+    );
+}
+
+#[tokio::test]
+async fn a_forward_that_reaches_a_hung_home_too_late_is_not_applied_after_a_failover_elsewhere() {
+    // The first attempt's forward waits unread in the hung home's socket; the retry goes to a
+    // third region, which sees the home down and fails over. When the home resumes it reads
+    // the old forward: applying it then would count the increment twice (it did: 201).
+    let cluster = Cluster::start(&["us-east", "eu-west", "ap-south"], "").await;
+    cluster
+        .create_buckets("us-east", &[("late", "counter")], None)
+        .await;
+    let home = "eu-west";
+    let hits = kv("late", &cluster.key_homed_at("late", home, "hits"));
+    let path = format!("{hits}/increment");
+    let key = uuid::Uuid::new_v4().to_string();
+    let headers = [("Idempotency-Key", key.as_str())];
+    let (east, south) = (cluster.region("us-east"), cluster.region("ap-south"));
+    east.post(&path, &json!({ "by": 1 })).await.expect(200);
+    cluster.converged(&hits, Duration::from_secs(15)).await;
+    // The deadline is set on the home's clock, which heartbeats show (one machine here).
+    let view = east.get("/v1/cluster").await;
+    let offset = view.body["regions"]
+        .as_array()
+        .and_then(|all| all.iter().find(|r| r["name"] == home))
+        .and_then(|r| r["clock_offset_ms"].as_i64());
+    assert!(offset.is_some_and(|ms| ms.abs() < 500), "{view:?}");
+
+    cluster.region(home).pause();
+    let first = east.post_with(&path, &json!({ "by": 100 }), &headers).await;
+    assert_error(&first, 503, "unavailable");
+    cluster.wait_status("ap-south", home, "down").await;
+    let retry = south
+        .post_with(&path, &json!({ "by": 100 }), &headers)
+        .await;
+    assert_eq!(retry.expect(200), &json!({ "value": 101 }));
+    assert_eq!(retry.header("x-meridian-failover"), Some("true"));
+
+    cluster.region(home).resume();
+    cluster.wait_status("us-east", home, "up").await;
+    let value = cluster.converged(&hits, Duration::from_secs(20)).await;
+    assert_eq!(
+        value["value"],
+        json!(101),
+        "the keyed increment applied once: {value}"
+    );
+    let metrics = cluster.region(home).get("/metrics").await.text;
+    assert!(
+        metrics.contains("meridian_forwards_too_late_total{region=\"eu-west\"} 1"),
+        "the home refused the late copy:\n{metrics}"
     );
 }
 

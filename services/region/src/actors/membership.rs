@@ -52,6 +52,7 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
         &region.config,
     )
     .timeout(timeout);
+    let sent_ms = crate::clock::now_ms();
     // A failure's status, if the peer answered, and why.
     let outcome = async {
         let response = request.send().await.map_err(|e| (None, e.to_string()))?;
@@ -75,6 +76,7 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
                 && beat.region == peer.name =>
         {
             peer.heard_from();
+            peer.observe_clock(beat.clock_ms, sent_ms, crate::clock::now_ms());
             let ours = region.storage.identity().incarnation;
             if let Some(&applied) = beat.applied.get(&ours) {
                 // Heartbeats only raise the cursor; the replicator's acks may also lower it.

@@ -58,6 +58,9 @@ pub struct Write {
     pub op: Op,
     /// `Idempotency-Key` and request fingerprint, with the responder that builds the answer.
     pub idempotency: Option<(u128, u64, Responder)>,
+    /// A forwarded write's deadline (Unix ms): past it, the forwarder has stopped waiting and
+    /// may let a retry fail over, so it is refused unapplied.
+    pub apply_by: Option<u64>,
     /// The request's span, carried across the mailbox.
     pub span: tracing::Span,
 }
@@ -99,6 +102,12 @@ pub enum WriteError {
     /// The partition actor is gone (shutdown).
     #[error("partition actor stopped")]
     Stopped,
+    /// A forwarded write reached its partition after its deadline.
+    #[error("the forwarded write arrived {late_ms} ms after its deadline")]
+    Late {
+        /// How late.
+        late_ms: u64,
+    },
 }
 
 impl Message for Write {
@@ -243,6 +252,17 @@ impl PartitionActor {
             }
             if let Some(record) = stored_answer(&self.shared.storage, id, fingerprint)? {
                 return Ok(Prepared::Replayed(record));
+            }
+        }
+        // The last moment before the write is queued for its commit (a replay above may still
+        // answer: it applies nothing).
+        if let Some(apply_by) = msg.apply_by {
+            let now = crate::clock::now_ms();
+            if now > apply_by {
+                self.shared.metrics.forwards_too_late.inc();
+                return Err(WriteError::Late {
+                    late_ms: now - apply_by,
+                });
             }
         }
 

@@ -171,6 +171,11 @@ impl From<WriteError> for ApiError {
                 e.to_string(),
             ),
             WriteError::Stopped => Self::unavailable("the region is shutting down"),
+            WriteError::Late { late_ms } => Self::unavailable(format!(
+                "this forwarded write reached the home {late_ms} ms after the forwarding region \
+                 stopped waiting for it; nothing was applied"
+            ))
+            .nothing_applied(),
         }
     }
 }

@@ -10,6 +10,7 @@ use crdts::VClock;
 use futures_util::StreamExt;
 use meridian_shared::context::decode_context;
 use meridian_shared::session::SessionToken;
+use meridian_shared::wire::APPLY_BY_HEADER;
 use meridian_shared::{names, Actor};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -157,6 +158,17 @@ pub fn session(req: &HttpRequest) -> Result<SessionToken, ApiError> {
             )
         }),
     }
+}
+
+/// A forwarded write's deadline to start applying (Unix ms), if the forwarder sent one.
+pub fn apply_by(req: &HttpRequest) -> Result<Option<u64>, ApiError> {
+    header(req, APPLY_BY_HEADER, "invalid_parameter")?
+        .map(|v| {
+            v.parse().map_err(|_| {
+                ApiError::bad_request("invalid_parameter", "X-Meridian-Apply-By must be Unix ms")
+            })
+        })
+        .transpose()
 }
 
 /// The `Idempotency-Key` as a u128, if sent.

@@ -16,12 +16,19 @@ use crate::region::Region;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse};
 use meridian_shared::wire::{
-    BUCKET_DEF_HEADER, FORWARDED_HEADER, FORWARD_TOKEN_HEADER, NOT_APPLIED_HEADER, STARTING_HEADER,
+    APPLY_BY_HEADER, BUCKET_DEF_HEADER, FORWARDED_HEADER, FORWARD_TOKEN_HEADER, NOT_APPLIED_HEADER,
+    STARTING_HEADER,
 };
 use meridian_shared::{BucketDef, RegionName};
 use percent_encoding::{percent_decode_str, percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use std::time::Duration;
 use tracing::Instrument;
+
+/// Share (in quarters) of `forward_timeout_ms` within which the home must start applying a
+/// forwarded write: the rest covers its commit and answer, and the error in the estimate of
+/// its clock (half a heartbeat's round trip), so that it never applies one after the
+/// forwarder gave up on it.
+const APPLY_BY_QUARTERS: u64 = 3;
 
 /// The HTTP client an actix worker uses for forwards (one per worker).
 pub struct PeerClient(pub reqwest::Client);
@@ -176,6 +183,12 @@ pub async fn forward(
     meridian_observability::propagation::inject(&span, &mut trace_headers);
     request = request.headers(trace_headers);
     let is_read = req.method() == actix_web::http::Method::GET;
+    // The deadline is on the home's clock, as its heartbeats showed it (none before one did).
+    if let Some(offset) = peer.clock_offset_ms().filter(|_| !is_read) {
+        let budget = region.config.forward_timeout_ms * APPLY_BY_QUARTERS / 4;
+        let apply_by = crate::clock::now_ms().saturating_add_signed(offset) + budget;
+        request = request.header(APPLY_BY_HEADER, apply_by.to_string());
+    }
     let unknown = |error: String| {
         outcome("unknown");
         tracing::warn!(home = %home, %error, "forward outcome unknown");

@@ -80,6 +80,7 @@ async fn heartbeat(region: web::Data<Region>) -> HttpResponse {
             .map(|p| (p.name.clone(), p.seen_commits()))
             .collect(),
         gaps: region.gaps(),
+        clock_ms: crate::clock::now_ms(),
     })
 }
 

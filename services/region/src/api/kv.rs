@@ -221,7 +221,8 @@ async fn write(
         )
     });
     let home = region.home_of(&def, &key).clone();
-    let failover = &home != region.name() && !forward::was_forwarded(region, req);
+    let forwarded = forward::was_forwarded(region, req);
+    let failover = &home != region.name() && !forwarded;
     if failover {
         // A retry of a write this region accepted as failover is answered here: forwarding
         // it to the (now reachable) home would apply it a second time.
@@ -273,6 +274,11 @@ async fn write(
             kind: def.kind,
             op,
             idempotency,
+            apply_by: if forwarded {
+                extract::apply_by(req)?
+            } else {
+                None
+            },
             span: tracing::Span::current(),
         })
         .await?;

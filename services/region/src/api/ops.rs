@@ -65,6 +65,10 @@ pub struct RegionStatus {
     pub needs_anti_entropy: bool,
     /// Milliseconds since it last answered (null if never).
     pub last_contact_ms_ago: Option<u64>,
+    /// How far its clock is ahead of this region's, in ms (negative: behind), as its last
+    /// heartbeat showed (null before one did). Forwarded writes carry a deadline on the home's
+    /// clock, and last-writer-wins buckets order by clocks.
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// The cluster as this region sees it.
@@ -104,6 +108,7 @@ pub async fn cluster(region: web::Data<Region>) -> HttpResponse {
         last_anti_entropy: None,
         needs_anti_entropy: false,
         last_contact_ms_ago: Some(0),
+        clock_offset_ms: Some(0),
     }];
     regions.extend(region.peers.iter().map(|peer| {
         let acked = peer.acked();
@@ -128,6 +133,7 @@ pub async fn cluster(region: web::Data<Region>) -> HttpResponse {
             last_anti_entropy: peer.last_exchange(),
             needs_anti_entropy: peer.ae_needed(),
             last_contact_ms_ago: peer.silent_for_ms(),
+            clock_offset_ms: peer.clock_offset_ms(),
         }
     }));
     regions.sort_by(|a, b| a.name.cmp(&b.name));
