@@ -23,9 +23,9 @@ pub const FORWARD_TOKEN_HEADER: &str = "x-meridian-forward-token";
 pub const STARTUP_QUESTION_HEADER: &str = "x-meridian-startup-question";
 /// On a 503: the region is still starting, so it applied nothing (a forward may fail over).
 pub const STARTING_HEADER: &str = "x-meridian-starting";
-/// On a forwarded write: the time (Unix ms, the forwarder's clock) after which the home must
-/// not start applying it, as the forwarder will have stopped waiting; past it, the home
-/// refuses it with [`NOT_APPLIED_HEADER`]. So a forward that reaches a home that hung holds no
+/// On a forwarded write: the time (Unix ms on the home's clock, as the forwarder estimates it
+/// from heartbeats) after which the home must not start applying it, as the forwarder will
+/// soon stop waiting; past it, the home refuses it with [`NOT_APPLIED_HEADER`]. So a forward that reaches a home that hung holds no
 /// surprise for a retry that failed over meanwhile.
 pub const APPLY_BY_HEADER: &str = "x-meridian-apply-by";
 /// On an error: this request applied nothing (a forwarder's retry of it need not wait for the

@@ -337,6 +337,10 @@ impl Config {
         if self.anti_entropy_scan_rate == 0 {
             return invalid("anti_entropy_scan_rate must be positive".into());
         }
+        // A forward's deadline is reckoned from it: in range, the sums cannot overflow.
+        if !(1..=600_000).contains(&self.forward_timeout_ms) {
+            return invalid("forward_timeout_ms must be between 1 and 600000".into());
+        }
         if self.checkpoint_interval_ms == 0 {
             return invalid("checkpoint_interval_ms must be positive".into());
         }

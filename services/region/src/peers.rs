@@ -6,7 +6,7 @@ use crate::storage::{LogGap, PeerProgress};
 use meridian_shared::wire::{Heartbeat, CLUSTER_HEADER, PEER_HEADER};
 use meridian_shared::{Actor, RegionName};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -18,9 +18,8 @@ pub struct Peer {
     /// Its base URL.
     pub url: String,
     up: AtomicBool,
-    /// How far its clock is ahead of ours (ms, negative when behind), from its last heartbeat;
-    /// `i64::MIN` until one said.
-    clock_offset_ms: AtomicI64,
+    /// Where its clock stands against ours, as the best recent heartbeat showed it.
+    clock: std::sync::Mutex<Option<(ClockEstimate, std::time::Instant)>>,
     /// It refuses our heartbeats (401/403: another `peer_token` or `cluster_id`), as last heard.
     refuses_us: AtomicBool,
     missed_heartbeats: AtomicU32,
@@ -51,6 +50,34 @@ pub struct Peer {
     /// Bounds the read repairs pushed to it at once (see `repair::read_merged`), so a slow
     /// peer holds up no write-back to the others.
     pub write_backs: Arc<tokio::sync::Semaphore>,
+}
+
+/// How long a clock estimate stands against estimates from slower heartbeats.
+const CLOCK_SAMPLE_KEPT: Duration = Duration::from_secs(10);
+
+/// How far a peer's clock is from ours, as one heartbeat showed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockEstimate {
+    /// Its clock minus ours, in ms (negative: behind).
+    pub offset_ms: i64,
+    /// The most the offset can be wrong by: half the heartbeat's round trip.
+    pub error_ms: u64,
+}
+
+impl ClockEstimate {
+    /// From a heartbeat answer: the peer read `clock_ms` (0: it did not say) somewhere
+    /// between our `sent_ms` and `received_ms`, taken as the midpoint.
+    fn from_heartbeat(clock_ms: u64, sent_ms: u64, received_ms: u64) -> Option<Self> {
+        if clock_ms == 0 || received_ms < sent_ms {
+            return None;
+        }
+        let error_ms = (received_ms - sent_ms).div_ceil(2);
+        let midpoint = sent_ms + (received_ms - sent_ms) / 2;
+        Some(Self {
+            offset_ms: clock_ms as i64 - midpoint as i64,
+            error_ms,
+        })
+    }
 }
 
 /// Read repairs pushed to one peer at once, at most.
@@ -120,20 +147,31 @@ impl Peer {
         }
     }
 
-    /// Records its clock as a heartbeat answered: `clock_ms` read between our `sent_ms` and
-    /// `received_ms`, so taken at the midpoint (off by at most half the round trip).
+    /// Records its clock as a heartbeat answered: `clock_ms` was read between our `sent_ms`
+    /// and `received_ms`. A slower answer (a larger error) replaces a recent estimate only
+    /// once that is [`CLOCK_SAMPLE_KEPT`] old: heartbeats run concurrently, and a slow one
+    /// must not spoil a good estimate.
     pub fn observe_clock(&self, clock_ms: u64, sent_ms: u64, received_ms: u64) {
-        if clock_ms == 0 {
+        let Some(sample) = ClockEstimate::from_heartbeat(clock_ms, sent_ms, received_ms) else {
             return;
+        };
+        if let Ok(mut clock) = self.clock.lock() {
+            let keep_old = clock.as_ref().is_some_and(|(old, at)| {
+                old.error_ms < sample.error_ms && at.elapsed() < CLOCK_SAMPLE_KEPT
+            });
+            if !keep_old {
+                *clock = Some((sample, std::time::Instant::now()));
+            }
         }
-        let midpoint = (sent_ms / 2 + received_ms / 2) as i64;
-        self.clock_offset_ms
-            .store(clock_ms as i64 - midpoint, Ordering::Release);
     }
 
-    /// How far its clock is ahead of ours (ms), once a heartbeat said.
-    pub fn clock_offset_ms(&self) -> Option<i64> {
-        Some(self.clock_offset_ms.load(Ordering::Acquire)).filter(|o| *o != i64::MIN)
+    /// Where its clock stands against ours, once a heartbeat said.
+    pub fn clock(&self) -> Option<ClockEstimate> {
+        self.clock
+            .lock()
+            .ok()?
+            .as_ref()
+            .map(|(estimate, _)| *estimate)
     }
 
     /// Our highest sequence number the peer has applied.
@@ -297,7 +335,7 @@ impl Peers {
                     url: url.trim_end_matches('/').to_string(),
                     up: AtomicBool::new(false),
                     refuses_us: AtomicBool::new(false),
-                    clock_offset_ms: AtomicI64::new(i64::MIN),
+                    clock: std::sync::Mutex::new(None),
                     missed_heartbeats: AtomicU32::new(0),
                     last_heartbeat_ms: AtomicU64::new(0),
                     acked,
@@ -457,17 +495,24 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_clock_is_read_at_the_heartbeats_midpoint() {
+    fn a_peer_clock_is_read_at_the_heartbeats_midpoint_and_a_slow_sample_keeps_the_better() {
         let peer = a_peer();
-        assert_eq!(peer.clock_offset_ms(), None, "unknown before a heartbeat");
+        assert_eq!(peer.clock(), None, "unknown before a heartbeat");
+        let estimate = |offset_ms, error_ms| {
+            Some(ClockEstimate {
+                offset_ms,
+                error_ms,
+            })
+        };
         // Ahead by 5 s: it read 1_005_050 while we sent at 1_000_000 and heard at 1_000_100.
         peer.observe_clock(1_005_050, 1_000_000, 1_000_100);
-        assert_eq!(peer.clock_offset_ms(), Some(5_000));
-        // Behind by 2 s.
-        peer.observe_clock(998_050, 1_000_000, 1_000_100);
-        assert_eq!(peer.clock_offset_ms(), Some(-2_000));
-        // A version that did not say leaves the estimate as it was.
-        peer.observe_clock(0, 1_000_000, 1_000_100);
-        assert_eq!(peer.clock_offset_ms(), Some(-2_000));
+        assert_eq!(peer.clock(), estimate(5_000, 50));
+        // A better sample replaces it: behind by 2 s, within 5 ms.
+        peer.observe_clock(998_005, 1_000_000, 1_000_010);
+        assert_eq!(peer.clock(), estimate(-2_000, 5));
+        // A slower one does not spoil it, nor does a version that did not say.
+        peer.observe_clock(1_500_000, 1_000_000, 1_001_000);
+        peer.observe_clock(0, 1_000_000, 1_000_002);
+        assert_eq!(peer.clock(), estimate(-2_000, 5));
     }
 }

@@ -436,6 +436,7 @@ mod rows {
         ] {
             let reply = region.get(&format!("/v1/kv/{REG}?{query}")).await;
             reply.expect(200);
+            assert!(reply.header("x-meridian-session").is_some(), "{reply:?}");
         }
         // A value that is not UTF-8 once decoded is refused, not turned into U+FFFD.
         for query in ["after=%FF", "prefix=%C3", "consistency=%FFlocal"] {

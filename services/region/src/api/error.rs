@@ -172,8 +172,8 @@ impl From<WriteError> for ApiError {
             ),
             WriteError::Stopped => Self::unavailable("the region is shutting down"),
             WriteError::Late { late_ms } => Self::unavailable(format!(
-                "this forwarded write reached the home {late_ms} ms after the forwarding region \
-                 stopped waiting for it; nothing was applied"
+                "this forwarded write reached its partition at the home {late_ms} ms after its \
+                 deadline; nothing was applied"
             ))
             .nothing_applied(),
         }

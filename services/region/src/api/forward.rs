@@ -25,9 +25,8 @@ use std::time::Duration;
 use tracing::Instrument;
 
 /// Share (in quarters) of `forward_timeout_ms` within which the home must start applying a
-/// forwarded write: the rest covers its commit and answer, and the error in the estimate of
-/// its clock (half a heartbeat's round trip), so that it never applies one after the
-/// forwarder gave up on it.
+/// forwarded write: the rest covers its commit and answer, so that it never starts applying
+/// one the forwarder has given up on.
 const APPLY_BY_QUARTERS: u64 = 3;
 
 /// The HTTP client an actix worker uses for forwards (one per worker).
@@ -116,6 +115,27 @@ pub fn forwarded_bucket(region: &Region, req: &HttpRequest, bucket: &str) -> Opt
     (def.name == bucket && home_known).then_some(def)
 }
 
+/// A forwarded write's deadline on the home's clock, as its heartbeats showed it: early by the
+/// estimate's error, so the home never starts applying it later than meant. None before a
+/// heartbeat said, or while the estimate is too rough to leave the home time to apply it.
+fn apply_by(region: &Region, home: &crate::peers::Peer) -> Option<u64> {
+    let clock = home.clock()?;
+    let budget = region
+        .config
+        .forward_timeout_ms
+        .saturating_mul(APPLY_BY_QUARTERS)
+        / 4;
+    if clock.error_ms > budget / 4 {
+        return None;
+    }
+    let home_now = crate::clock::now_ms().saturating_add_signed(clock.offset_ms);
+    Some(
+        home_now
+            .saturating_sub(clock.error_ms)
+            .saturating_add(budget),
+    )
+}
+
 /// What to forward: the client's request, its body and the bucket it names.
 pub struct Forward<'a> {
     /// The client's request (method, path, passed-on headers).
@@ -183,10 +203,7 @@ pub async fn forward(
     meridian_observability::propagation::inject(&span, &mut trace_headers);
     request = request.headers(trace_headers);
     let is_read = req.method() == actix_web::http::Method::GET;
-    // The deadline is on the home's clock, as its heartbeats showed it (none before one did).
-    if let Some(offset) = peer.clock_offset_ms().filter(|_| !is_read) {
-        let budget = region.config.forward_timeout_ms * APPLY_BY_QUARTERS / 4;
-        let apply_by = crate::clock::now_ms().saturating_add_signed(offset) + budget;
+    if let Some(apply_by) = (!is_read).then(|| apply_by(region, peer)).flatten() {
         request = request.header(APPLY_BY_HEADER, apply_by.to_string());
     }
     let unknown = |error: String| {

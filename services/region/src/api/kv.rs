@@ -90,6 +90,8 @@ pub struct ListQuery {
     prefix: String,
     after: Option<String>,
     limit: Option<usize>,
+    // Flattened fields arrive as text: fine for `consistency`, an enum of names, but a number
+    // or bool added to `ReadQuery` would no longer parse here (serde#1183).
     #[serde(flatten)]
     read: ReadQuery,
 }
@@ -580,7 +582,6 @@ pub async fn get(
     responses((status = 200, body = KeyListBody), (status = 404, body = super::error::ErrorBody)))]
 pub async fn list(region: web::Data<Region>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let bucket = extract::name_at(&req, 3)?;
-    let def = region.bucket(&bucket)?;
     let q: ListQuery = extract::query(&req)?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -589,10 +590,11 @@ pub async fn list(region: web::Data<Region>, req: HttpRequest) -> Result<HttpRes
             "limit must be between 1 and 1000",
         ));
     }
+    let session = extract::session(&req)?;
     match q.read.consistency {
         ReadConsistency::Local => {}
+        // Before the bucket is looked up: the session may have seen it created elsewhere.
         ReadConsistency::Session => {
-            let session = extract::session(&req)?;
             region.await_session(&session).await;
             region.check_read(ReadConsistency::Session, &session)?;
         }
@@ -603,11 +605,15 @@ pub async fn list(region: web::Data<Region>, req: HttpRequest) -> Result<HttpRes
             ))
         }
     }
+    let def = region.bucket(&bucket)?;
     let page = region
         .storage
         .list_keys(&def.name, &q.prefix, q.after.as_deref(), limit)?;
-    Ok(HttpResponse::Ok().json(KeyListBody {
-        keys: page.keys,
-        next: page.next,
-    }))
+    const SESSION: HeaderName = HeaderName::from_static(SESSION_HEADER);
+    Ok(HttpResponse::Ok()
+        .insert_header((SESSION, region.session_after(session).encode()))
+        .json(KeyListBody {
+            keys: page.keys,
+            next: page.next,
+        }))
 }

@@ -133,7 +133,7 @@ pub async fn cluster(region: web::Data<Region>) -> HttpResponse {
             last_anti_entropy: peer.last_exchange(),
             needs_anti_entropy: peer.ae_needed(),
             last_contact_ms_ago: peer.silent_for_ms(),
-            clock_offset_ms: peer.clock_offset_ms(),
+            clock_offset_ms: peer.clock().map(|clock| clock.offset_ms),
         }
     }));
     regions.sort_by(|a, b| a.name.cmp(&b.name));

@@ -565,8 +565,30 @@ fn toml_str(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// A loopback port that was free a moment ago (bound to port 0, then released).
+/// A loopback port that was free a moment ago, below the kernel's range of ephemeral ports: a
+/// region restarts on its port, and meanwhile any outgoing connection (every test's clients
+/// and regions make them) may be given a port from that range (a restart once failed with
+/// "Address already in use" so).
 fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let ephemeral_from = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let from = ephemeral_from.saturating_sub(12_000).max(1024);
+    let span = ephemeral_from.saturating_sub(from);
+    for attempt in 0..1000u64 {
+        if span < 1000 {
+            break;
+        }
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(attempt);
+        let port = from + (hasher.finish() % u64::from(span)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    // No room below the range: any free port.
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local addr").port()
 }
