@@ -513,6 +513,17 @@ async fn forward_headers_sent_by_a_client_are_not_trusted() {
     east.get("/v1/buckets/forged").await.expect(404);
 }
 
+/// Asserts that `region`'s `/v1/cluster` shows `peer` down.
+async fn assert_sees_down(region: &common::Region, peer: &str) {
+    let view = region.get("/v1/cluster").await;
+    let entry = view.body["regions"]
+        .as_array()
+        .and_then(|all| all.iter().find(|r| r["name"] == peer))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(entry["status"], json!("down"), "{view:?}");
+}
+
 #[tokio::test]
 async fn a_peer_url_that_answers_as_another_region_is_refused() {
     let other = common::Region::start("ap-south").await;
@@ -525,13 +536,7 @@ async fn a_peer_url_that_answers_as_another_region_is_refused() {
         region.log().contains("answers as another region")
     })
     .await;
-    let view = region.get("/v1/cluster").await;
-    let peer = view.body["regions"]
-        .as_array()
-        .and_then(|all| all.iter().find(|r| r["name"] == "eu-west"))
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(peer["status"], json!("down"), "{view:?}");
+    assert_sees_down(&region, "eu-west").await;
 }
 
 #[tokio::test]
@@ -559,13 +564,7 @@ async fn a_peer_of_another_cluster_is_reported_once_as_a_misconfiguration() {
         "{}",
         lines[0]
     );
-    let view = region.get("/v1/cluster").await;
-    let peer = view.body["regions"]
-        .as_array()
-        .and_then(|all| all.iter().find(|r| r["name"] == "eu-west"))
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(peer["status"], json!("down"), "{view:?}");
+    assert_sees_down(&region, "eu-west").await;
 }
 
 #[tokio::test]
