@@ -25,15 +25,18 @@ pub const DEFAULT_SAMPLE_RATIO: f64 = 0.01;
 /// Name of a request's root span when its trace is sampled.
 pub const SAMPLED_REQUEST: &str = "request";
 /// Spans admitted as roots: sampled requests; commit and replication spans, which exist only
-/// when they carry a sampled write; hint drains, anti-entropy exchanges and storage
-/// checkpoints (background work worth a trace of its own; a checkpoint pauses the writer).
-const SAMPLED_ROOTS: [&str; 6] = [
+/// when they carry a sampled write; hint drains, anti-entropy exchanges, storage checkpoints,
+/// tombstone GC rounds and bucket sweeps (background work worth a trace of its own; a
+/// checkpoint pauses the writer).
+const SAMPLED_ROOTS: [&str; 8] = [
     SAMPLED_REQUEST,
     "group_commit",
     "replicate_send",
     "hint_drain",
     "anti_entropy",
     "checkpoint",
+    "tombstone_gc",
+    "bucket_sweep",
 ];
 
 /// Head-sampling ratio in millionths, set once by [`init`]; 0 when traces are not exported.

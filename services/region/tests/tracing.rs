@@ -290,28 +290,31 @@ async fn an_anti_entropy_exchange_is_a_trace_continued_at_the_peer() {
     assert_eq!(top.parent, exchange.span_id, "{remote:#?}");
 }
 
-/// A checkpoint pauses the storage writer, so each one is a trace of its own in Jaeger.
+/// A checkpoint pauses the storage writer, so each one is a trace of its own in Jaeger; so
+/// are tombstone GC rounds (README "Operations").
 #[tokio::test]
-async fn a_checkpoint_is_a_trace_of_its_own() {
+async fn a_checkpoint_and_a_tombstone_gc_round_are_traces_of_their_own() {
     let (endpoint, spans) = start_receiver();
     let env = [
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
     ];
-    let cluster =
-        Cluster::start_with_env(&["us-east"], "checkpoint_interval_ms = 200\n", &env).await;
+    let config = "checkpoint_interval_ms = 200\ntombstone_gc_interval_ms = 200\n";
+    let cluster = Cluster::start_with_env(&["us-east"], config, &env).await;
     // Creating a bucket is journaled, so a checkpoint becomes due.
     cluster
         .create_buckets("us-east", &[("checkpointed", "register")], None)
         .await;
-    eventually(
-        Duration::from_secs(20),
-        "a checkpoint span is exported as a root",
-        || async {
-            spans.lock().expect("spans").iter().any(|s| {
-                s.name == "checkpoint" && s.parent.is_empty() && s.service == "meridian-us-east"
-            })
-        },
-    )
-    .await;
+    for name in ["checkpoint", "tombstone_gc"] {
+        eventually(
+            Duration::from_secs(20),
+            &format!("a {name} span is exported as a root"),
+            || async {
+                spans.lock().expect("spans").iter().any(|s| {
+                    s.name == name && s.parent.is_empty() && s.service == "meridian-us-east"
+                })
+            },
+        )
+        .await;
+    }
 }
