@@ -20,8 +20,9 @@ pub struct Peer {
     up: AtomicBool,
     /// Where its clock stands against ours, as the best recent heartbeat showed it.
     clock: std::sync::Mutex<Option<(ClockEstimate, std::time::Instant)>>,
-    /// It refuses our heartbeats (401/403: another `peer_token` or `cluster_id`), as last heard.
-    refuses_us: AtomicBool,
+    /// Its last answer showed a misconfiguration: it refused our heartbeat (401/403: another
+    /// `peer_token` or `cluster_id`), or its URL answers as another region or cluster.
+    misconfigured: AtomicBool,
     missed_heartbeats: AtomicU32,
     last_heartbeat_ms: AtomicU64,
     /// Highest of our sequence numbers it has durably applied (its cursor in our log).
@@ -114,7 +115,7 @@ impl Peer {
 
     /// Records a successful contact: the peer is up (and waiters are woken if it was down).
     pub fn heard_from(&self) {
-        self.refuses_us.store(false, Ordering::Release);
+        self.misconfigured.store(false, Ordering::Release);
         self.missed_heartbeats.store(0, Ordering::Release);
         self.last_heartbeat_ms.store(now_ms(), Ordering::Release);
         if !self.up.swap(true, Ordering::AcqRel) {
@@ -123,10 +124,10 @@ impl Peer {
         }
     }
 
-    /// Records that the peer refused our heartbeat as from outside its cluster; returns whether
-    /// that is news (so a misconfiguration is logged once, not at every heartbeat).
-    pub fn refused_us(&self) -> bool {
-        !self.refuses_us.swap(true, Ordering::AcqRel)
+    /// Records that the peer's answer showed a misconfiguration; returns whether that is news
+    /// (so it is logged once, not at every heartbeat).
+    pub fn misconfigured(&self) -> bool {
+        !self.misconfigured.swap(true, Ordering::AcqRel)
     }
 
     /// Records a missed heartbeat; returns whether the peer is now down.
@@ -334,7 +335,7 @@ impl Peers {
                     name: name.clone(),
                     url: url.trim_end_matches('/').to_string(),
                     up: AtomicBool::new(false),
-                    refuses_us: AtomicBool::new(false),
+                    misconfigured: AtomicBool::new(false),
                     clock: std::sync::Mutex::new(None),
                     missed_heartbeats: AtomicU32::new(0),
                     last_heartbeat_ms: AtomicU64::new(0),

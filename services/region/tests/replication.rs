@@ -532,10 +532,14 @@ async fn a_peer_url_that_answers_as_another_region_is_refused() {
         other.url()
     );
     let region = common::Region::start_with("us-east", &config).await;
+    let said = "answers as another region";
     support::eventually(CONVERGE, "the mismatch is reported", || async {
-        region.log().contains("answers as another region")
+        region.log().contains(said)
     })
     .await;
+    // Ten more such heartbeats say nothing new.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(region.log().matches(said).count(), 1, "{}", region.log());
     assert_sees_down(&region, "eu-west").await;
 }
 

@@ -96,10 +96,12 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
         }
         Ok(beat) => {
             // Counting another region's commits or applied marks under this peer's name would
-            // corrupt what it is owed (a peer URL pointing at the wrong region).
-            tracing::error!(peer = %peer.name, url = %peer.url, answers_as = %beat.region,
+            // corrupt what it is owed (a peer URL pointing at the wrong region). Said once.
+            if peer.misconfigured() {
+                tracing::error!(peer = %peer.name, url = %peer.url, answers_as = %beat.region,
                 their_cluster = %beat.cluster_id, version = beat.version,
                 "the peer's URL answers as another region, cluster or protocol version; refusing it");
+            }
             peer.mark_down("wrong region, cluster or protocol");
         }
         Err((status, error)) => {
@@ -113,7 +115,7 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
                 Some(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
             );
             // A misconfiguration, not an outage: no retry mends it, so say so loudly (once).
-            if refused && peer.refused_us() {
+            if refused && peer.misconfigured() {
                 tracing::error!(peer = %peer.name, url = %peer.url, %error,
                     "the peer refuses this region: its peer_token or cluster_id differs from \
                      ours; it stays down until they match");
