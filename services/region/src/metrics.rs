@@ -64,7 +64,7 @@ pub struct Metrics {
     pub replication_pending_entries: IntGaugeVec,
     /// Hints (unacknowledged entries) of down peers, by peer.
     pub hints_pending: IntGaugeVec,
-    /// Entries sent to a peer while it drained a backlog, by peer.
+    /// Hints delivered: entries a peer lacked while it was down, sent once it returned, by peer.
     pub hints_drained: IntCounterVec,
     /// Peers whose hints overflowed or expired (handed to anti-entropy), by peer.
     pub hints_overflowed: IntCounterVec,

@@ -78,6 +78,14 @@ async fn a_region_killed_for_a_while_receives_everything_it_missed() {
         },
     )
     .await;
+    // The drain is counted whatever its batch sizes (before: only full batches, so 0 here).
+    let metrics = cluster.region("us-east").get("/metrics").await.text;
+    let drained = support::sample(
+        &metrics,
+        "meridian_hints_drained_entries_total",
+        &[("peer", "eu-west")],
+    );
+    assert!(drained > 0.0 && drained <= 801.0, "{drained}");
 }
 
 /// Increments with Idempotency-Keys, retrying any whose outcome is unknown at the same region

@@ -55,6 +55,9 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
     let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
     let poll = Duration::from_millis(region.config.heartbeat_interval_ms);
     let labels = [peer.name.as_str()];
+    // Hints not yet delivered: what the peer lacked while it was down (the metric counts them
+    // out as they go, whatever the batch sizes).
+    let mut hints_left: u64 = 0;
     loop {
         let cursor = peer.acked();
         let last = *last_seq.borrow_and_update();
@@ -71,6 +74,7 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
                 .with_label_values(&labels)
                 .set(pending as i64);
             enforce_hint_bounds(&region, &peer, cursor, last);
+            hints_left = pending;
             tokio::select! {
                 _ = peer.came_up.notified() => {}
                 _ = tokio::time::sleep(poll) => {}
@@ -89,6 +93,8 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
             }
             continue;
         }
+        // Less if the peer caught up otherwise (anti-entropy, a heartbeat's applied mark).
+        hints_left = hints_left.min(pending);
         let draining = pending > region.config.replication_batch_entries as u64;
         // A returning peer's backlog drains as its own background trace, batch by batch.
         let drain_span = if draining {
@@ -102,13 +108,15 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
         {
             Ok(sent) => {
                 backoff.reset();
+                let drained = sent.min(hints_left);
+                hints_left -= drained;
+                region
+                    .metrics
+                    .hints_drained
+                    .with_label_values(&labels)
+                    .inc_by(drained);
                 if draining {
                     // Draining a backlog: pace it so a returning peer does not starve live work.
-                    region
-                        .metrics
-                        .hints_drained
-                        .with_label_values(&labels)
-                        .inc_by(sent);
                     let pause = sent as f64 / region.config.hint_drain_rate as f64;
                     tokio::time::sleep(Duration::from_secs_f64(pause)).await;
                 }
