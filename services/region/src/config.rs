@@ -334,6 +334,10 @@ impl Config {
                 "replication_batch_entries and hint_drain_rate must be positive".into(),
             );
         }
+        // Zero would forget every answer at once: a retry would apply again.
+        if self.idempotency_ttl_secs == 0 {
+            return invalid("idempotency_ttl_secs must be positive".into());
+        }
         if self.anti_entropy_scan_rate == 0 {
             return invalid("anti_entropy_scan_rate must be positive".into());
         }
@@ -551,6 +555,23 @@ mod tests {
             "http://h:1/a\tb",
         ] {
             assert!(peer_url_problem(bad).is_some(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn settings_that_would_break_a_guarantee_are_refused() {
+        let base = "region = \"a\"\ndata_dir = \"/tmp/x\"\n";
+        for (setting, refused) in [
+            // Every Idempotency-Key answer forgotten at once: retries apply again.
+            ("idempotency_ttl_secs = 0", true),
+            ("idempotency_ttl_secs = 1", false),
+            // The forward deadline's sums must not overflow.
+            ("forward_timeout_ms = 0", true),
+            ("forward_timeout_ms = 600001", true),
+            ("forward_timeout_ms = 600000", false),
+        ] {
+            let loaded = Config::load_from_str(&format!("{base}{setting}"));
+            assert_eq!(loaded.is_err(), refused, "{setting}: {loaded:?}");
         }
     }
 
