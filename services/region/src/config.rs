@@ -243,6 +243,18 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Why a text field's value cannot be used, if it cannot.
+fn text_field_problem(field: &str, value: &str) -> Option<String> {
+    match field {
+        "region" => RegionName::new(value).err().map(|e| e.to_string()),
+        "listen" => value
+            .parse::<SocketAddr>()
+            .err()
+            .map(|e| format!("{e} (expected IP:PORT)")),
+        _ => None,
+    }
+}
+
 impl Config {
     /// Loads `path` (if given), then applies `MERIDIAN_*` environment overrides, then validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
@@ -276,7 +288,12 @@ impl Config {
             .collect();
         figment = figment.merge(Env::prefixed("MERIDIAN_").only(&parsed));
         for field in TEXT_FIELDS {
-            if let Some(value) = Env::var(&format!("MERIDIAN_{}", field.to_uppercase())) {
+            let variable = format!("MERIDIAN_{}", field.to_uppercase());
+            if let Some(value) = Env::var(&variable) {
+                // Checked here, so that a bad value names the variable it came from.
+                text_field_problem(field, &value).map_or(Ok(()), |why| {
+                    Err(ConfigError::Invalid(format!("{variable}={value:?}: {why}")))
+                })?;
                 figment = figment.merge(Serialized::default(field, value));
             }
         }
@@ -517,6 +534,18 @@ mod tests {
         assert!(none.is_err_and(|e| e.contains("nothing to load")));
         let dir = Config::load(Some(Path::new("/"))).map_err(|e| e.to_string());
         assert!(dir.is_err_and(|e| e.contains("is a directory")));
+        // A bad text value names the variable it came from.
+        for (name, value) in [("REGION", "US_EAST"), ("LISTEN", "garbage")] {
+            std::env::set_var("MERIDIAN_REGION", "a");
+            std::env::set_var("MERIDIAN_DATA_DIR", "/d");
+            std::env::set_var(format!("MERIDIAN_{name}"), value);
+            let bad = Config::load(None).map_err(|e| e.to_string());
+            for name in ["REGION", "DATA_DIR", "LISTEN"] {
+                std::env::remove_var(format!("MERIDIAN_{name}"));
+            }
+            let said = format!("MERIDIAN_{name}=\"{value}\"");
+            assert!(bad.as_ref().is_err_and(|e| e.contains(&said)), "{bad:?}");
+        }
     }
 
     #[test]
