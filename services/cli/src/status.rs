@@ -3,13 +3,15 @@
 use serde_json::Value;
 
 /// Column titles of the per-region table, in order.
-const COLUMNS: [&str; 7] = [
+const COLUMNS: [&str; 9] = [
     "REGION",
     "URL",
     "STATUS",
     "LAG_MS",
     "PENDING",
     "HINTS",
+    "CLOCK_MS",
+    "NEEDS_AE",
     "LAST_ANTI_ENTROPY",
 ];
 
@@ -41,7 +43,7 @@ pub fn render_status(cluster: &Value) -> Result<String, String> {
         None | Some(Value::Null) => &[],
         Some(_) => return Err("`regions` in GET /v1/cluster is not an array".to_owned()),
     };
-    let mut rows: Vec<[String; 7]> = vec![COLUMNS.map(str::to_owned)];
+    let mut rows: Vec<[String; 9]> = vec![COLUMNS.map(str::to_owned)];
     for region in regions {
         let field = |name: &str| cell(region.get(name));
         rows.push([
@@ -51,6 +53,8 @@ pub fn render_status(cluster: &Value) -> Result<String, String> {
             field("replication_lag_ms"),
             field("pending_entries"),
             field("hints"),
+            field("clock_offset_ms"),
+            flag(region.get("needs_anti_entropy")),
             exchange(region.get("last_anti_entropy")),
         ]);
     }
@@ -71,6 +75,15 @@ fn exchange(value: Option<&Value>) -> String {
     match report.get("complete") {
         Some(Value::Bool(false)) => format!("{at} incomplete"),
         _ => format!("{at} repaired {repaired}"),
+    }
+}
+
+/// A yes/no cell (`-` when not said).
+fn flag(value: Option<&Value>) -> String {
+    match value {
+        Some(Value::Bool(true)) => "yes".to_owned(),
+        Some(Value::Bool(false)) => "no".to_owned(),
+        other => cell(other),
     }
 }
 
@@ -121,12 +134,15 @@ mod tests {
             "regions": [
                 {"name": "us-east", "url": "http://127.0.0.1:7001", "status": "up",
                  "replication_lag_ms": 0, "pending_entries": 0, "hints": 0,
+                 "clock_offset_ms": 0, "needs_anti_entropy": false,
                  "last_anti_entropy": "2025-01-01T00:00:00Z"},
                 {"name": "eu-west", "url": "http://127.0.0.1:7002", "status": "down",
                  "replication_lag_ms": 1520, "pending_entries": 42, "hints": 7,
+                 "clock_offset_ms": null, "needs_anti_entropy": true,
                  "last_anti_entropy": null},
                 {"name": "ap-south", "url": "http://127.0.0.1:7003", "status": "up",
                  "replication_lag_ms": 1, "pending_entries": 0, "hints": 0,
+                 "clock_offset_ms": -3, "needs_anti_entropy": false,
                  "last_anti_entropy": {"at": "2025-01-01T00:00:01Z", "complete": true,
                                        "keys_repaired": 3}}
             ],
@@ -135,10 +151,10 @@ mod tests {
         });
         let expected = "\
 region: us-east  cluster: demo  incarnation: 0190c8a4-7d0e-7cc1-9a53-0d3f1e9c2b11  caught up: yes
-REGION    URL                    STATUS  LAG_MS  PENDING  HINTS  LAST_ANTI_ENTROPY
-us-east   http://127.0.0.1:7001  up      0       0        0      2025-01-01T00:00:00Z
-eu-west   http://127.0.0.1:7002  down    1520    42       7      -
-ap-south  http://127.0.0.1:7003  up      1       0        0      2025-01-01T00:00:01Z repaired 3
+REGION    URL                    STATUS  LAG_MS  PENDING  HINTS  CLOCK_MS  NEEDS_AE  LAST_ANTI_ENTROPY
+us-east   http://127.0.0.1:7001  up      0       0        0      0         no        2025-01-01T00:00:00Z
+eu-west   http://127.0.0.1:7002  down    1520    42       7      -         yes       -
+ap-south  http://127.0.0.1:7003  up      1       0        0      -3        no        2025-01-01T00:00:01Z repaired 3
 ";
         assert_eq!(render_status(&sample).expect("renders"), expected);
     }
@@ -151,8 +167,8 @@ ap-south  http://127.0.0.1:7003  up      1       0        0      2025-01-01T00:0
             text.lines().collect::<Vec<_>>(),
             [
                 "region: r1  cluster: -",
-                "REGION  URL  STATUS  LAG_MS  PENDING  HINTS  LAST_ANTI_ENTROPY",
-                "r1      -    -       -       -        -      -",
+                "REGION  URL  STATUS  LAG_MS  PENDING  HINTS  CLOCK_MS  NEEDS_AE  LAST_ANTI_ENTROPY",
+                "r1      -    -       -       -        -      -         -         -",
             ]
         );
         let empty = render_status(&json!({"region": "r1", "cluster_id": "c"})).expect("renders");
