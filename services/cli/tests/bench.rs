@@ -181,6 +181,36 @@ fn bench_reports_the_regions_refusals() {
 }
 
 #[test]
+fn a_request_unanswered_within_the_timeout_counts_as_a_timeout() {
+    let region = Region::start(&format!("[security]\nclient_tokens = [\"{TOKEN}\"]"));
+    // The region hangs for a second and a half in the middle of the run.
+    let pid = region.child.id().to_string();
+    let signal = move |which: &str| {
+        let sent = Command::new("kill").args([which, &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill {which}");
+    };
+    let hang = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(800));
+        signal("-STOP");
+        std::thread::sleep(Duration::from_millis(1500));
+        signal("-CONT");
+    });
+    let (_, report) = bench(
+        &region,
+        "--workload put --concurrency 2 --duration 3s --timeout 300ms",
+    );
+    hang.join().expect("signals sent");
+    // Before: --timeout bounded only the setup, and these waited out the hang (max 1.5 s).
+    assert!(
+        report["timeouts"].as_u64().is_some_and(|n| n >= 2),
+        "{report}"
+    );
+    assert!(report["ops"].as_u64().is_some_and(|n| n > 0), "{report}");
+    let first = report["first_error"].as_str().unwrap_or_default();
+    assert!(first.contains("--timeout"), "{report}");
+}
+
+#[test]
 fn a_paced_bench_sends_on_schedule_not_as_fast_as_it_can() {
     let (_region, report) = clean_bench("--workload put --concurrency 4 --rate 200 --duration 2s");
     assert_eq!(report["rate_per_sec"], 200, "{report}");

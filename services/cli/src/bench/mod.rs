@@ -120,7 +120,7 @@ pub async fn run(
             args.concurrency
         ),
     );
-    let timing = Timing::starting_now(args.warmup, args.duration, GRACE);
+    let timing = Timing::starting_now(args.warmup, args.duration, GRACE, timeout);
     let handles: Vec<_> = (0..u64::from(args.concurrency))
         .map(|id| {
             // Round-robin by worker spreads connections evenly over the regions.

@@ -69,6 +69,14 @@ impl BenchStats {
         }
     }
 
+    /// Counts a request that got no answer within the request timeout.
+    pub fn record_timeout(&mut self, describe: impl FnOnce() -> String) {
+        self.timeouts += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(describe());
+        }
+    }
+
     /// Successful operations.
     pub fn ops(&self) -> u64 {
         self.latency_us.len()

@@ -67,11 +67,20 @@ pub struct Timing {
     pub end: Instant,
     /// Workers still waiting on an answer at this point are abandoned.
     pub hard_deadline: Instant,
+    /// Longest one request waits for its answer (`--timeout`): then it counts as a timeout
+    /// and its connection is dropped.
+    pub request_timeout: Duration,
 }
 
 impl Timing {
-    /// Warmup from now, then `duration` measured, then `grace` for the last answers.
-    pub fn starting_now(warmup: Duration, duration: Duration, grace: Duration) -> Self {
+    /// Warmup from now, then `duration` measured, then `grace` for the last answers; each
+    /// request waits at most `request_timeout`.
+    pub fn starting_now(
+        warmup: Duration,
+        duration: Duration,
+        grace: Duration,
+        request_timeout: Duration,
+    ) -> Self {
         let start = Instant::now();
         let measure_start = start + warmup;
         let end = measure_start + duration;
@@ -80,6 +89,7 @@ impl Timing {
             measure_start,
             end,
             hard_deadline: end + grace,
+            request_timeout,
         }
     }
 }
@@ -204,20 +214,35 @@ async fn drive(
 
         let start = latency_start(paced);
         *in_flight = true;
-        let result = send(open, target, requests, op, path, Keep::STATUS).await;
+        let sent = send(open, target, requests, op, path, Keep::STATUS);
+        let result = tokio::time::timeout(timing.request_timeout, sent).await;
         *in_flight = false;
         let done = Instant::now();
         last_answer = done;
         let measured = counted_from >= timing.measure_start;
         match result {
-            Ok(answer) if measured && answer.is_success() => stats.record_ok(done - start, done),
-            Ok(answer) if measured => {
+            Ok(Ok(answer)) if measured && answer.is_success() => {
+                stats.record_ok(done - start, done)
+            }
+            Ok(Ok(answer)) if measured => {
                 stats.record_http_error(answer.status, done, || {
                     describe_failure(&target.url, &answer)
                 });
             }
-            Ok(_) => {}
-            Err(e) => {
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                // The answer may still come: this connection cannot carry the next request.
+                connection = None;
+                if measured {
+                    stats.record_timeout(|| {
+                        format!(
+                            "no answer from {} within {:?} (--timeout)",
+                            target.url, timing.request_timeout
+                        )
+                    });
+                }
+            }
+            Ok(Err(e)) => {
                 connection = None;
                 if measured {
                     stats.record_connection_error(|| {
