@@ -63,19 +63,35 @@ pub fn traceparent_sampled(traceparent: &str) -> bool {
             .is_some_and(|flags| flags & 1 == 1)
 }
 
-/// The head-sampling ratio the standard `OTEL_TRACES_SAMPLER(_ARG)` variables ask for.
-fn sample_ratio() -> f64 {
-    let arg = || {
-        std::env::var("OTEL_TRACES_SAMPLER_ARG")
-            .ok()
-            .and_then(|a| a.parse::<f64>().ok())
-            .map_or(1.0, |a| a.clamp(0.0, 1.0))
-    };
-    match std::env::var("OTEL_TRACES_SAMPLER").as_deref() {
-        Err(_) => DEFAULT_SAMPLE_RATIO,
-        Ok("always_off" | "parentbased_always_off") => 0.0,
-        Ok("traceidratio" | "parentbased_traceidratio") => arg(),
-        Ok(_) => 1.0,
+/// The head-sampling ratio the standard `OTEL_TRACES_SAMPLER(_ARG)` variables ask for, and
+/// what was wrong with them, if anything (then the default stands in, as the spec says).
+fn sample_ratio(sampler: Option<&str>, arg: Option<&str>) -> (f64, Option<String>) {
+    match sampler {
+        None => (DEFAULT_SAMPLE_RATIO, None),
+        Some("always_on" | "parentbased_always_on") => (1.0, None),
+        Some("always_off" | "parentbased_always_off") => (0.0, None),
+        Some("traceidratio" | "parentbased_traceidratio") => {
+            match arg.map(|a| a.trim().parse::<f64>()) {
+                None => (1.0, None),
+                Some(Ok(ratio)) if (0.0..=1.0).contains(&ratio) => (ratio, None),
+                _ => (
+                    1.0,
+                    Some(format!(
+                        "OTEL_TRACES_SAMPLER_ARG={:?} is not a ratio in [0, 1]; sampling every \
+                         new trace",
+                        arg.unwrap_or_default()
+                    )),
+                ),
+            }
+        }
+        Some(other) => (
+            DEFAULT_SAMPLE_RATIO,
+            Some(format!(
+                "unknown OTEL_TRACES_SAMPLER={other:?} (known: always_on, always_off, \
+                 traceidratio, their parentbased_ forms); sampling {}% of new traces",
+                DEFAULT_SAMPLE_RATIO * 100.0
+            )),
+        ),
     }
 }
 
@@ -182,6 +198,8 @@ pub fn init(
     .iter()
     .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()));
     let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    // Said once logging runs.
+    let mut warnings = Vec::new();
     let (provider, note) = match (configured, disabled) {
         (Some(endpoint), false) => match opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -192,7 +210,16 @@ pub fn init(
                 resource.extend(attributes.iter().map(|(k, v)| KeyValue::new(*k, v.clone())));
                 // Sampling is decided once, at the request root (see `sample_new_trace`), so
                 // that unsampled requests never reach the layer; what reaches it is kept.
-                let ratio = sample_ratio();
+                let sampler = std::env::var("OTEL_TRACES_SAMPLER").ok();
+                let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok();
+                let (ratio, problem) = sample_ratio(sampler.as_deref(), arg.as_deref());
+                warnings.extend(problem);
+                if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                    warnings.push(format!(
+                        "the OTLP endpoint {endpoint:?} is not an http:// or https:// URL: \
+                         exports will fail"
+                    ));
+                }
                 SAMPLE_PER_MILLION.store((ratio * 1e6).round() as u64, Ordering::Relaxed);
                 let provider = SdkTracerProvider::builder()
                     .with_batch_exporter(exporter)
@@ -232,6 +259,9 @@ pub fn init(
         .with(otel)
         .try_init();
     tracing::info!("{note}");
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
     TelemetryGuard { provider }
 }
 
@@ -268,5 +298,27 @@ where
             }
         }
         self.0.format_event(ctx, writer, event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sampler_variables_are_read_and_a_bad_one_is_said() {
+        let ratio = |sampler, arg| sample_ratio(sampler, arg);
+        assert_eq!(ratio(None, None), (DEFAULT_SAMPLE_RATIO, None));
+        assert_eq!(ratio(Some("always_on"), None), (1.0, None));
+        assert_eq!(ratio(Some("parentbased_always_off"), None), (0.0, None));
+        assert_eq!(ratio(Some("traceidratio"), Some("0.25")), (0.25, None));
+        assert_eq!(ratio(Some("parentbased_traceidratio"), None), (1.0, None));
+        for (sampler, arg) in [("traceidratio", Some("2")), ("traceidratio", Some("x"))] {
+            let (_, problem) = ratio(Some(sampler), arg);
+            assert!(problem.is_some(), "{sampler} {arg:?}");
+        }
+        let (unknown, problem) = ratio(Some("bogus"), None);
+        assert_eq!(unknown, DEFAULT_SAMPLE_RATIO, "the default stands in");
+        assert!(problem.is_some_and(|p| p.contains("bogus")));
     }
 }
