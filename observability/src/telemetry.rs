@@ -210,11 +210,15 @@ pub fn init(
                 resource.extend(attributes.iter().map(|(k, v)| KeyValue::new(*k, v.clone())));
                 // Sampling is decided once, at the request root (see `sample_new_trace`), so
                 // that unsampled requests never reach the layer; what reaches it is kept.
-                let sampler = std::env::var("OTEL_TRACES_SAMPLER").ok();
-                let arg = std::env::var("OTEL_TRACES_SAMPLER_ARG").ok();
+                // Empty is unset, as the OpenTelemetry spec reads it.
+                let set = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+                let (sampler, arg) = (set("OTEL_TRACES_SAMPLER"), set("OTEL_TRACES_SAMPLER_ARG"));
                 let (ratio, problem) = sample_ratio(sampler.as_deref(), arg.as_deref());
                 warnings.extend(problem);
-                if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                let scheme = endpoint
+                    .split_once("://")
+                    .map(|(s, _)| s.to_ascii_lowercase());
+                if !matches!(scheme.as_deref(), Some("http" | "https")) {
                     warnings.push(format!(
                         "the OTLP endpoint {endpoint:?} is not an http:// or https:// URL: \
                          exports will fail"

@@ -18,11 +18,14 @@ pub struct Peer {
     /// Its base URL.
     pub url: String,
     up: AtomicBool,
+    /// Times it went down since start (a replicator that never saw it down learns so here).
+    downs: AtomicU64,
     /// Where its clock stands against ours, as the best recent heartbeat showed it.
     clock: std::sync::Mutex<Option<(ClockEstimate, std::time::Instant)>>,
-    /// Its last answer showed a misconfiguration: it refused our heartbeat (401/403: another
-    /// `peer_token` or `cluster_id`), or its URL answers as another region or cluster.
-    misconfigured: AtomicBool,
+    /// The misconfiguration its answers last showed, if any: it refused our heartbeat
+    /// (401/403: another `peer_token` or `cluster_id`), or its URL answers as another region,
+    /// cluster or protocol version.
+    misconfigured: std::sync::Mutex<Option<String>>,
     missed_heartbeats: AtomicU32,
     last_heartbeat_ms: AtomicU64,
     /// Highest of our sequence numbers it has durably applied (its cursor in our log).
@@ -113,9 +116,16 @@ impl Peer {
         self.up.load(Ordering::Acquire)
     }
 
+    /// Times it went down since start.
+    pub fn downs(&self) -> u64 {
+        self.downs.load(Ordering::Acquire)
+    }
+
     /// Records a successful contact: the peer is up (and waiters are woken if it was down).
     pub fn heard_from(&self) {
-        self.misconfigured.store(false, Ordering::Release);
+        if let Ok(mut misconfigured) = self.misconfigured.lock() {
+            *misconfigured = None;
+        }
         self.missed_heartbeats.store(0, Ordering::Release);
         self.last_heartbeat_ms.store(now_ms(), Ordering::Release);
         if !self.up.swap(true, Ordering::AcqRel) {
@@ -124,10 +134,15 @@ impl Peer {
         }
     }
 
-    /// Records that the peer's answer showed a misconfiguration; returns whether that is news
-    /// (so it is logged once, not at every heartbeat).
-    pub fn misconfigured(&self) -> bool {
-        !self.misconfigured.swap(true, Ordering::AcqRel)
+    /// Records the misconfiguration `what` its answer showed; returns whether that is news
+    /// (so each is logged once, not at every heartbeat, and a different one is logged again).
+    pub fn note_misconfigured(&self, what: String) -> bool {
+        let Ok(mut misconfigured) = self.misconfigured.lock() else {
+            return true;
+        };
+        let news = misconfigured.as_ref() != Some(&what);
+        *misconfigured = Some(what);
+        news
     }
 
     /// Records a missed heartbeat; returns whether the peer is now down.
@@ -144,6 +159,7 @@ impl Peer {
     /// Marks the peer down at once: a refused connection is certain, no need to wait.
     pub fn mark_down(&self, why: &str) {
         if self.up.swap(false, Ordering::AcqRel) {
+            self.downs.fetch_add(1, Ordering::AcqRel);
             tracing::warn!(peer = %self.name, why, "peer is down");
         }
     }
@@ -335,7 +351,8 @@ impl Peers {
                     name: name.clone(),
                     url: url.trim_end_matches('/').to_string(),
                     up: AtomicBool::new(false),
-                    misconfigured: AtomicBool::new(false),
+                    downs: AtomicU64::new(0),
+                    misconfigured: std::sync::Mutex::new(None),
                     clock: std::sync::Mutex::new(None),
                     missed_heartbeats: AtomicU32::new(0),
                     last_heartbeat_ms: AtomicU64::new(0),

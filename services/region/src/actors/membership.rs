@@ -97,7 +97,8 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
         Ok(beat) => {
             // Counting another region's commits or applied marks under this peer's name would
             // corrupt what it is owed (a peer URL pointing at the wrong region). Said once.
-            if peer.misconfigured() {
+            let what = format!("{} {} {}", beat.region, beat.cluster_id, beat.version);
+            if peer.note_misconfigured(what) {
                 tracing::error!(peer = %peer.name, url = %peer.url, answers_as = %beat.region,
                 their_cluster = %beat.cluster_id, version = beat.version,
                 "the peer's URL answers as another region, cluster or protocol version; refusing it");
@@ -115,7 +116,7 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
                 Some(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
             );
             // A misconfiguration, not an outage: no retry mends it, so say so loudly (once).
-            if refused && peer.misconfigured() {
+            if refused && peer.note_misconfigured(error.clone()) {
                 tracing::error!(peer = %peer.name, url = %peer.url, %error,
                     "the peer refuses this region: its peer_token or cluster_id differs from \
                      ours; it stays down until they match");

@@ -56,8 +56,9 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
     let poll = Duration::from_millis(region.config.heartbeat_interval_ms);
     let labels = [peer.name.as_str()];
     // Hints not yet delivered: what the peer lacked while it was down (the metric counts them
-    // out as they go, whatever the batch sizes).
+    // out as they go, whatever the batch sizes), and the peer's down count they were taken at.
     let mut hints_left: u64 = 0;
+    let mut downs_seen = peer.downs();
     loop {
         let cursor = peer.acked();
         let last = *last_seq.borrow_and_update();
@@ -74,7 +75,9 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
                 .with_label_values(&labels)
                 .set(pending as i64);
             enforce_hint_bounds(&region, &peer, cursor, last);
-            hints_left = pending;
+            // After the bounds: hints they dropped are anti-entropy's now.
+            hints_left = last.saturating_sub(peer.acked());
+            downs_seen = peer.downs();
             tokio::select! {
                 _ = peer.came_up.notified() => {}
                 _ = tokio::time::sleep(poll) => {}
@@ -86,6 +89,14 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
             .hints_pending
             .with_label_values(&labels)
             .set(0);
+        if peer.downs() != downs_seen {
+            // It went down and came back while this loop was busy sending: all it lacks now
+            // accumulated meanwhile.
+            downs_seen = peer.downs();
+            hints_left = pending;
+        }
+        // Less if the peer caught up otherwise (anti-entropy, a heartbeat's applied mark).
+        hints_left = hints_left.min(pending);
         if pending == 0 {
             tokio::select! {
                 changed = last_seq.changed() => if changed.is_err() { return },
@@ -93,8 +104,6 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
             }
             continue;
         }
-        // Less if the peer caught up otherwise (anti-entropy, a heartbeat's applied mark).
-        hints_left = hints_left.min(pending);
         let draining = pending > region.config.replication_batch_entries as u64;
         // A returning peer's backlog drains as its own background trace, batch by batch.
         let drain_span = if draining {

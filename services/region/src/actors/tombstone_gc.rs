@@ -54,17 +54,34 @@ async fn collect_forever(region: Arc<Region>) {
     let mut after: Option<KeyName> = None;
     loop {
         tokio::time::sleep(interval.mul_f64(0.5 + crate::peers::jitter())).await;
+        let names = match region
+            .storage
+            .tombstone_candidates(after.as_ref(), CANDIDATES_PER_ROUND)
+        {
+            Ok(names) => names,
+            Err(why) => {
+                tracing::debug!(%why, "tombstone GC round skipped");
+                continue;
+            }
+        };
+        let next = (names.len() == CANDIDATES_PER_ROUND)
+            .then(|| names.last().cloned())
+            .flatten();
+        if names.is_empty() {
+            after = None;
+            continue;
+        }
+        // Only a round with candidates is a trace: an idle one every few seconds is noise.
         let span = tracing::info_span!(
             "tombstone_gc",
-            candidates = tracing::field::Empty,
+            candidates = names.len(),
             removed = tracing::field::Empty
         );
-        match round(&region, &client, after.as_ref())
+        match round(&region, &client, names)
             .instrument(span.clone())
             .await
         {
-            Ok((next, examined, removed)) => {
-                span.record("candidates", examined);
+            Ok(removed) => {
                 span.record("removed", removed);
                 after = next;
             }
@@ -73,23 +90,14 @@ async fn collect_forever(region: Arc<Region>) {
     }
 }
 
-/// One round over up to [`CANDIDATES_PER_ROUND`] candidates after `after`; returns where the
-/// next round starts, how many were examined and how many removed.
+/// One round over the candidates `names` (up to [`CANDIDATES_PER_ROUND`]); returns how many
+/// were removed.
 async fn round(
     region: &Region,
     client: &reqwest::Client,
-    after: Option<&KeyName>,
-) -> Result<(Option<KeyName>, u64, u64), String> {
+    names: Vec<KeyName>,
+) -> Result<u64, String> {
     let storage = &region.storage;
-    let names = storage
-        .tombstone_candidates(after, CANDIDATES_PER_ROUND)
-        .map_err(|e| e.to_string())?;
-    let next = (names.len() == CANDIDATES_PER_ROUND)
-        .then(|| names.last().cloned())
-        .flatten();
-    if names.is_empty() {
-        return Ok((None, 0, 0));
-    }
     if region.peers.iter().any(|p| !p.is_up()) {
         return Err("a peer is down: stability cannot be established".into());
     }
@@ -141,13 +149,12 @@ async fn round(
     if !ours.is_empty() {
         await_horizon(region).await?;
     }
-    let examined = names.len() as u64;
     purge.remove = ours
         .into_iter()
         .map(|((bucket, key), bytes)| (bucket, key, bytes))
         .collect();
     if purge.remove.is_empty() && purge.forget.is_empty() {
-        return Ok((next, examined, 0));
+        return Ok(0);
     }
     let purged: Vec<KeyName> = purge
         .remove
@@ -158,7 +165,7 @@ async fn round(
     let removed = ticket.await.map_err(|e| e.to_string())?;
     region.partitions.evict(purged);
     region.metrics.tombstones_removed.inc_by(removed);
-    Ok((next, examined, removed))
+    Ok(removed)
 }
 
 /// Waits until every region's applied vector covers the horizon: the highest sequence number
