@@ -25,8 +25,8 @@ pub const STARTUP_QUESTION_HEADER: &str = "x-meridian-startup-question";
 pub const STARTING_HEADER: &str = "x-meridian-starting";
 /// On a forwarded write: the time (Unix ms on the home's clock, as the forwarder estimates it
 /// from heartbeats) after which the home must not start applying it, as the forwarder will
-/// soon stop waiting; past it, the home refuses it with [`NOT_APPLIED_HEADER`]. So a forward that reaches a home that hung holds no
-/// surprise for a retry that failed over meanwhile.
+/// soon stop waiting; past it, the home refuses it with [`NOT_APPLIED_HEADER`]. So a forward
+/// that reaches a home that hung holds no surprise for a retry that failed over meanwhile.
 pub const APPLY_BY_HEADER: &str = "x-meridian-apply-by";
 /// On an error: this request applied nothing (a forwarder's retry of it need not wait for the
 /// home; a proxy's own 503 never carries it).

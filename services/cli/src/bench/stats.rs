@@ -56,25 +56,19 @@ impl BenchStats {
     ) {
         *self.http_errors.entry(status).or_insert(0) += 1;
         self.last_done = self.last_done.max(Some(done));
-        if self.first_error.is_none() {
-            self.first_error = Some(describe());
-        }
+        self.first_error.get_or_insert_with(describe);
     }
 
     /// Counts a connection failure.
     pub fn record_connection_error(&mut self, describe: impl FnOnce() -> String) {
         self.connection_errors += 1;
-        if self.first_error.is_none() {
-            self.first_error = Some(describe());
-        }
+        self.first_error.get_or_insert_with(describe);
     }
 
     /// Counts a request that got no answer within the request timeout.
     pub fn record_timeout(&mut self, describe: impl FnOnce() -> String) {
         self.timeouts += 1;
-        if self.first_error.is_none() {
-            self.first_error = Some(describe());
-        }
+        self.first_error.get_or_insert_with(describe);
     }
 
     /// Successful operations.

@@ -117,10 +117,7 @@ pub async fn run_worker(
     // The hard deadline bounds a server that stops answering; the loop bounds everything else.
     let finished = tokio::time::timeout_at(timing.hard_deadline.into(), drive).await;
     if finished.is_err() && in_flight {
-        stats.timeouts += 1;
-        if stats.first_error.is_none() {
-            stats.first_error = Some(format!("no answer from {} by the deadline", target.url));
-        }
+        stats.record_timeout(|| format!("no answer from {} by the deadline", target.url));
     }
     stats
 }

@@ -100,8 +100,9 @@ async fn heartbeat(region: &Region, client: &reqwest::Client, peer: &Peer) {
             let what = format!("{} {} {}", beat.region, beat.cluster_id, beat.version);
             if peer.note_misconfigured(what) {
                 tracing::error!(peer = %peer.name, url = %peer.url, answers_as = %beat.region,
-                their_cluster = %beat.cluster_id, version = beat.version,
-                "the peer's URL answers as another region, cluster or protocol version; refusing it");
+                    their_cluster = %beat.cluster_id, version = beat.version,
+                    "the peer's URL answers as another region, cluster or protocol version; \
+                     refusing it");
             }
             peer.mark_down("wrong region, cluster or protocol");
         }

@@ -488,17 +488,15 @@ impl<M> Queued<M> {
             _depth: Depth(gauge.clone()),
         }
     }
-}
 
-impl<M: Message> Message for Queued<M> {
-    type Result = M::Result;
-}
-
-impl<M> Queued<M> {
     /// The message, its place in the mailbox given back.
     fn take(self) -> M {
         self.msg
     }
+}
+
+impl<M: Message> Message for Queued<M> {
+    type Result = M::Result;
 }
 
 /// Each counted message is handled as itself once taken out of the mailbox.

@@ -134,6 +134,9 @@ fn respond_members(state: &KeyState) -> (u16, Vec<u8>) {
     )
 }
 
+/// `X-Meridian-Session`, named once: parsing a name from a string allocates, on every answer.
+const SESSION: HeaderName = HeaderName::from_static(SESSION_HEADER);
+
 /// Headers every key answer carries.
 fn key_response(
     region: &Region,
@@ -145,7 +148,6 @@ fn key_response(
     // Static names: parsing one from a string allocates, on every answer.
     const REGION: HeaderName = HeaderName::from_static(extract::REGION_HEADER);
     const HOME: HeaderName = HeaderName::from_static(extract::HOME_HEADER);
-    const SESSION: HeaderName = HeaderName::from_static(SESSION_HEADER);
     const FAILOVER: HeaderName = HeaderName::from_static(extract::FAILOVER_HEADER);
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     let mut response = HttpResponse::build(status);
@@ -609,7 +611,6 @@ pub async fn list(region: web::Data<Region>, req: HttpRequest) -> Result<HttpRes
     let page = region
         .storage
         .list_keys(&def.name, &q.prefix, q.after.as_deref(), limit)?;
-    const SESSION: HeaderName = HeaderName::from_static(SESSION_HEADER);
     Ok(HttpResponse::Ok()
         .insert_header((SESSION, region.session_after(session).encode()))
         .json(KeyListBody {

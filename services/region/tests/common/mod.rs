@@ -577,10 +577,8 @@ fn free_port() -> u16 {
         .unwrap_or(32768);
     let from = ephemeral_from.saturating_sub(12_000).max(1024);
     let span = ephemeral_from.saturating_sub(from);
-    for attempt in 0..1000u64 {
-        if span < 1000 {
-            break;
-        }
+    let attempts = if span >= 1000 { 1000u64 } else { 0 };
+    for attempt in 0..attempts {
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
         hasher.write_u64(attempt);
         let port = from + (hasher.finish() % u64::from(span)) as u16;
