@@ -81,13 +81,21 @@ async fn a_region_killed_for_a_while_receives_everything_it_missed() {
     )
     .await;
     // Every hint is counted, whatever the batch sizes (before: only full batches, so 0 here).
-    let metrics = cluster.region("us-east").get("/metrics").await.text;
-    let drained = support::sample(
-        &metrics,
-        "meridian_hints_drained_entries_total",
-        &[("peer", "eu-west")],
-    );
-    assert_eq!(drained, 800.0, "400 increments and 400 adds");
+    // Waited for: a heartbeat can carry eu-west's applied mark (pending 0 above) before the
+    // last batch's answer reaches the replicator that counts it.
+    let drained = || async {
+        let metrics = cluster.region("us-east").get("/metrics").await.text;
+        support::sample(
+            &metrics,
+            "meridian_hints_drained_entries_total",
+            &[("peer", "eu-west")],
+        )
+    };
+    eventually(CONVERGE, "us-east counts 800 drained hints", || async {
+        drained().await >= 800.0
+    })
+    .await;
+    assert_eq!(drained().await, 800.0, "400 increments and 400 adds");
 }
 
 /// Increments with Idempotency-Keys, retrying any whose outcome is unknown at the same region
