@@ -112,7 +112,7 @@ async fn failover_writes_during_a_partition_merge_exactly_after_heal() {
 
 #[tokio::test]
 async fn a_forward_with_an_unknown_outcome_is_refused_not_applied_twice() {
-    let cluster = Cluster::start(&REGIONS, "").await;
+    let cluster = Cluster::start(&REGIONS, support::SLOW_DOWN).await;
     cluster
         .create_buckets("us-east", &[("cnt", "counter")], None)
         .await;

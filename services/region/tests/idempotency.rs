@@ -300,7 +300,7 @@ async fn a_retry_after_a_forward_with_an_unknown_outcome_waits_for_the_home_not_
     // outcome is unknown to the forwarder (the home refuses it once it resumes, too late, but
     // it might have applied it just before it hung). A retry with the same key must not fail
     // over meanwhile, or the increment could count twice.
-    let cluster = Cluster::start(&["us-east", "eu-west", "ap-south"], "").await;
+    let cluster = Cluster::start(&["us-east", "eu-west", "ap-south"], support::SLOW_DOWN).await;
     cluster
         .create_buckets("us-east", &[("idd", "counter")], None)
         .await;
@@ -362,7 +362,7 @@ async fn a_forward_that_reaches_a_hung_home_too_late_is_not_applied_after_a_fail
     // The first attempt's forward waits unread in the hung home's socket; the retry goes to a
     // third region, which sees the home down and fails over. When the home resumes it reads
     // the old forward: applying it then would count the increment twice (it did: 201).
-    let cluster = Cluster::start(&["us-east", "eu-west", "ap-south"], "").await;
+    let cluster = Cluster::start(&["us-east", "eu-west", "ap-south"], support::SLOW_DOWN).await;
     cluster
         .create_buckets("us-east", &[("late", "counter")], None)
         .await;

@@ -138,7 +138,9 @@ async fn a_write_right_after_creating_its_bucket_reaches_a_home_that_has_not_see
 
 #[tokio::test]
 async fn ack_all_returns_only_once_every_region_has_applied_the_write() {
-    let cluster = Cluster::start(&REGIONS, "ack_timeout_ms = 1500\n").await;
+    // Slow failure detection: the first write after the cut must find the victim still up.
+    let extra = format!("ack_timeout_ms = 1500\n{}", support::SLOW_DOWN);
+    let cluster = Cluster::start(&REGIONS, &extra).await;
     cluster
         .region("us-east")
         .create_bucket("acks", "counter")

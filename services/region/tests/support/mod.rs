@@ -13,9 +13,27 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-/// Settings every cluster test region gets: fast failure detection keeps tests short.
+/// Settings every cluster test region gets unless it sets them itself: fast failure detection
+/// keeps tests short.
 pub const FAST: &str =
     "heartbeat_interval_ms = 100\ndown_after_missed = 3\nforward_timeout_ms = 1000\n";
+
+/// For tests whose first request after a fault must find the peer still up (outcome unknown,
+/// not failover): a second of missed heartbeats, not 0.3 s, before it is declared down.
+pub const SLOW_DOWN: &str = "down_after_missed = 10\n";
+
+/// Setting in a line of TOML `key = value`.
+fn key_of(line: &str) -> &str {
+    line.split('=').next().unwrap_or_default().trim()
+}
+
+/// [`FAST`] without the settings `extra` gives itself (TOML refuses a key set twice).
+fn fast_unless_set(extra: &str) -> String {
+    FAST.lines()
+        .filter(|fast| !extra.lines().any(|line| key_of(line) == key_of(fast)))
+        .map(|line| format!("{line}\n"))
+        .collect()
+}
 
 /// Three (or more) regions, fully meshed through test-owned proxies.
 pub struct Cluster {
@@ -40,7 +58,7 @@ impl Cluster {
         }
         let mut regions = Vec::new();
         for name in names {
-            let mut config = format!("{FAST}{extra}\n[peers]\n");
+            let mut config = format!("{}{extra}\n[peers]\n", fast_unless_set(extra));
             for peer in names.iter().filter(|p| *p != name) {
                 let link = &links[&(name.to_string(), peer.to_string())];
                 config.push_str(&format!("{peer} = \"{}\"\n", link.url()));
