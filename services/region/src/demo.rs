@@ -2,8 +2,9 @@
 
 use anyhow::{bail, Context};
 use std::fs;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,6 +17,8 @@ struct DemoRegion {
     port: u16,
     config: PathBuf,
     log: PathBuf,
+    /// Where this run's part of the log starts (earlier runs' lines are kept above it).
+    log_from: u64,
 }
 
 /// The ports of `count` regions from `base`, if they all fit (port 0 would be any free port,
@@ -49,12 +52,13 @@ pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> 
     let data_dir = data_dir.canonicalize()?;
     let ports = ports(base_port, count)
         .with_context(|| format!("--base-port {base_port} leaves no port for {count} regions"))?;
-    let regions: Vec<DemoRegion> = region_names(count)
+    let mut regions: Vec<DemoRegion> = region_names(count)
         .into_iter()
         .zip(ports)
         .map(|(name, port)| DemoRegion {
             config: data_dir.join(format!("{name}.toml")),
             log: data_dir.join(format!("{name}.log")),
+            log_from: 0,
             name,
             port,
         })
@@ -69,6 +73,17 @@ pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> 
             )
         })?;
     }
+    // A demo on other ports but this directory would rewrite the running one's configs and
+    // then fail on its databases: refused before that. Held until this demo ends.
+    let lock_path = data_dir.join("demo.lock");
+    let lock = fs::File::create(&lock_path)
+        .with_context(|| format!("cannot create {}", lock_path.display()))?;
+    lock.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "another demo is using {} (stop it first, or pass another --data-dir)",
+            data_dir.display()
+        )
+    })?;
     let workers = workers_per_region(count);
     for region in &regions {
         fs::write(
@@ -79,9 +94,26 @@ pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> 
 
     let exe = std::env::current_exe().context("cannot find the meridian binary")?;
     let mut children: Vec<Child> = Vec::new();
-    for region in &regions {
-        let log = fs::File::create(&region.log)?;
-        let child = Command::new(&exe)
+    for region in regions.iter_mut() {
+        // Appended to: a region that died in the last run keeps its log for reading.
+        let mut log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&region.log)?;
+        region.log_from = log.seek(SeekFrom::End(0))?;
+        let mut command = Command::new(&exe);
+        // SAFETY: prctl only sets a flag of the child about to exec; it allocates nothing.
+        unsafe {
+            command.pre_exec(|| {
+                // A demo killed outright (SIGKILL) still stops its regions instead of
+                // orphaning them on its ports.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .arg("serve")
             .arg("--config")
             .arg(&region.config)
@@ -135,7 +167,7 @@ fn wait_ready(regions: &[DemoRegion], children: &mut [Child]) -> anyhow::Result<
     for (region, child) in regions.iter().zip(children.iter_mut()) {
         loop {
             if let Some(status) = child.try_wait()? {
-                let log = fs::read_to_string(&region.log).unwrap_or_default();
+                let log = this_runs_log(region);
                 bail!(
                     "region {} exited ({status}) before it was ready:\n{log}",
                     region.name
@@ -155,6 +187,13 @@ fn wait_ready(regions: &[DemoRegion], children: &mut [Child]) -> anyhow::Result<
         }
     }
     Ok(())
+}
+
+/// The part of a region's log written in this run.
+fn this_runs_log(region: &DemoRegion) -> String {
+    let log = fs::read(&region.log).unwrap_or_default();
+    let from = usize::try_from(region.log_from).map_or(log.len(), |from| from.min(log.len()));
+    String::from_utf8_lossy(&log[from..]).into_owned()
 }
 
 /// A one-shot `GET /readyz` over a plain socket (the server crate has no HTTP client).
@@ -177,12 +216,16 @@ fn wait_for_stop(regions: &[DemoRegion], children: &mut [Child]) -> anyhow::Resu
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        // A closed terminal stops the demo as Ctrl-C does.
+        let mut hangup = signal(SignalKind::hangup())?;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return Ok(()),
                 _ = term.recv() => return Ok(()),
+                _ = hangup.recv() => return Ok(()),
                 _ = tick.tick() => {
                     for (region, child) in regions.iter().zip(children.iter_mut()) {
                         if let Some(status) = child.try_wait()? {
@@ -214,10 +257,11 @@ fn stop(children: &mut [Child]) {
 }
 
 fn print_banner(regions: &[DemoRegion], data_dir: &Path) {
-    println!(
-        "Meridian demo: {} regions on 127.0.0.1 (cluster \"demo\")",
-        regions.len()
-    );
+    let count = match regions.len() {
+        1 => "1 region".to_string(),
+        n => format!("{n} regions"),
+    };
+    println!("Meridian demo: {count} on 127.0.0.1 (cluster \"demo\")");
     for region in regions {
         println!(
             "  {:<10} http://127.0.0.1:{}   log: {}",
@@ -256,6 +300,27 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_another_demo_uses_is_refused_before_any_file_is_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = fs::File::create(dir.path().join("demo.lock")).expect("lock file");
+        held.lock().expect("lock");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let refused = run(1, port, dir.path()).map_err(|e| format!("{e:#}"));
+        assert!(
+            refused.as_ref().is_err_and(|e| e.contains("another demo")),
+            "{refused:?}"
+        );
+        let written: Vec<_> = fs::read_dir(dir.path())
+            .expect("read dir")
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        assert_eq!(written, vec![std::ffi::OsString::from("demo.lock")]);
+    }
+
+    #[test]
     fn ports_that_do_not_fit_are_refused() {
         assert_eq!(ports(7001, 3), Some(vec![7001, 7002, 7003]));
         assert_eq!(ports(65533, 3), Some(vec![65533, 65534, 65535]));
@@ -273,6 +338,7 @@ mod tests {
                 port: 7001 + i as u16,
                 config: dir.join(format!("{name}.toml")),
                 log: dir.join(format!("{name}.log")),
+                log_from: 0,
                 name,
             })
             .collect();

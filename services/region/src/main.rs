@@ -67,7 +67,7 @@ enum Command {
     },
     /// Run N regions on 127.0.0.1, ready to curl; Ctrl-C stops them.
     Demo {
-        /// How many regions (us-east, eu-west, ap-south, then region-4, ...).
+        /// How many regions, 1 to 9 (us-east, eu-west, ap-south, then region-4, ...).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
         regions: u16,
         /// Port of the first region; the others follow.
@@ -97,6 +97,9 @@ fn main() -> ExitCode {
                 let service = format!("meridian-{}", config.region);
                 let _telemetry =
                     meridian_observability::telemetry::init(&service, &attributes, LOG_FILTER);
+                for variable in meridian_region::config::unknown_env_vars() {
+                    tracing::warn!(%variable, "ignored: no config field has this name");
+                }
                 actix_web::rt::System::new().block_on(server::serve(config))
             }),
         Command::Demo {
