@@ -167,9 +167,23 @@ pub fn init(
     default_filter: &str,
 ) -> TelemetryGuard {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let json = std::env::var("MERIDIAN_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    // Said once logging runs.
+    let mut warnings = Vec::new();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|error| {
+        if std::env::var_os("RUST_LOG").is_some_and(|v| !v.is_empty()) {
+            warnings.push(format!(
+                "RUST_LOG is not a valid filter ({error}); logging with {default_filter:?}"
+            ));
+        }
+        EnvFilter::new(default_filter)
+    });
+    let format = std::env::var("MERIDIAN_LOG_FORMAT").unwrap_or_default();
+    let json = format.eq_ignore_ascii_case("json");
+    if !json && !format.is_empty() && !format.eq_ignore_ascii_case("text") {
+        warnings.push(format!(
+            "MERIDIAN_LOG_FORMAT={format:?} is neither json nor text; logging as text"
+        ));
+    }
     let logs = if json {
         // The span list carries the request span's `trace_id` field into every JSON line.
         tracing_subscriber::fmt::layer()
@@ -198,8 +212,6 @@ pub fn init(
     .iter()
     .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()));
     let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
-    // Said once logging runs.
-    let mut warnings = Vec::new();
     let (provider, note) = match (configured, disabled) {
         (Some(endpoint), false) => match opentelemetry_otlp::SpanExporter::builder()
             .with_http()

@@ -46,6 +46,30 @@ const ENV_FIELDS: [&str; 30] = [
     "tombstone_gc_interval_ms",
 ];
 
+/// `MERIDIAN_*` variables that other parts read (the config path, the log format, the CLI,
+/// the test suites): not config fields, yet not typos either.
+const OTHER_ENV: [&str; 7] = [
+    "CONFIG",
+    "LOG_FORMAT",
+    "URL",
+    "TOKEN",
+    "SESSION",
+    "CHAOS_SECS",
+    "CHAOS_SEED",
+];
+
+/// `MERIDIAN_*` variables in this environment that name no config field (a misspelt one
+/// would otherwise be ignored without a word).
+pub fn unknown_env_vars() -> Vec<String> {
+    let known = |suffix: &str| {
+        OTHER_ENV.contains(&suffix) || ENV_FIELDS.contains(&suffix.to_ascii_lowercase().as_str())
+    };
+    std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| name.strip_prefix("MERIDIAN_").is_some_and(|s| !known(s)))
+        .collect()
+}
+
 /// Everything a region needs to start. Defaults are documented in the README.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -320,6 +344,24 @@ impl Config {
     /// Checks what serde cannot: relations between fields.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        // An unset shell variable would otherwise put the data in the working directory.
+        if self.data_dir.as_os_str().is_empty() {
+            return invalid("data_dir must not be empty".into());
+        }
+        // An empty token would lock every client out (or, for peers, vouch for nothing).
+        if self.security.client_tokens.iter().any(String::is_empty) {
+            return invalid("security.client_tokens must not contain an empty token".into());
+        }
+        if self
+            .security
+            .peer_token
+            .as_ref()
+            .is_some_and(String::is_empty)
+        {
+            return invalid(
+                "security.peer_token must not be empty (leave it out for no peer token)".into(),
+            );
+        }
         if self.cluster_id.is_empty() || self.cluster_id.len() > 64 {
             return invalid("cluster_id must be 1 to 64 characters".into());
         }
@@ -343,27 +385,26 @@ impl Config {
         {
             return invalid("max_state_bytes must be at least twice max_body_bytes".into());
         }
-        if self.heartbeat_interval_ms == 0 || self.down_after_missed == 0 {
-            return invalid("heartbeat_interval_ms and down_after_missed must be positive".into());
-        }
-        if self.replication_batch_entries == 0 || self.hint_drain_rate == 0 {
-            return invalid(
-                "replication_batch_entries and hint_drain_rate must be positive".into(),
-            );
-        }
-        // Zero would forget every answer at once: a retry would apply again.
-        if self.idempotency_ttl_secs == 0 {
-            return invalid("idempotency_ttl_secs must be positive".into());
-        }
-        if self.anti_entropy_scan_rate == 0 {
-            return invalid("anti_entropy_scan_rate must be positive".into());
+        for (field, value) in [
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+            ("down_after_missed", u64::from(self.down_after_missed)),
+            (
+                "replication_batch_entries",
+                self.replication_batch_entries as u64,
+            ),
+            ("hint_drain_rate", self.hint_drain_rate),
+            // Zero would forget every answer at once: a retry would apply again.
+            ("idempotency_ttl_secs", self.idempotency_ttl_secs),
+            ("anti_entropy_scan_rate", self.anti_entropy_scan_rate),
+            ("checkpoint_interval_ms", self.checkpoint_interval_ms),
+        ] {
+            if value == 0 {
+                return invalid(format!("{field} must be positive"));
+            }
         }
         // A forward's deadline is reckoned from it: in range, the sums cannot overflow.
         if !(1..=600_000).contains(&self.forward_timeout_ms) {
             return invalid("forward_timeout_ms must be between 1 and 600000".into());
-        }
-        if self.checkpoint_interval_ms == 0 {
-            return invalid("checkpoint_interval_ms must be positive".into());
         }
         // Upper bounds too: the batch is allocated up front, and each worker is a thread.
         if !(1..=1_000_000).contains(&self.commit_max_batch) {
@@ -598,10 +639,26 @@ mod tests {
             ("forward_timeout_ms = 0", true),
             ("forward_timeout_ms = 600001", true),
             ("forward_timeout_ms = 600000", false),
+            // An empty token locks every client out, or vouches for nothing between peers.
+            ("[security]\nclient_tokens = [\"\"]", true),
+            ("[security]\nclient_tokens = [\"t\"]", false),
+            ("[security]\npeer_token = \"\"", true),
+            ("[security]\npeer_token = \"p\"", false),
         ] {
             let loaded = Config::load_from_str(&format!("{base}{setting}"));
             assert_eq!(loaded.is_err(), refused, "{setting}: {loaded:?}");
         }
+        // An unset shell variable must not put the data in the working directory.
+        let empty = Config::load_from_str("region = \"a\"\ndata_dir = \"\"");
+        let empty = empty.map_err(|e| e.to_string());
+        assert!(empty.is_err_and(|e| e.contains("data_dir")));
+        // The message names the one field that is zero.
+        let zero = Config::load_from_str(&format!("{base}down_after_missed = 0"));
+        let zero = zero.map_err(|e| e.to_string());
+        assert!(
+            zero.is_err_and(|e| e.contains("down_after_missed must be positive")
+                && !e.contains("heartbeat_interval_ms"))
+        );
     }
 
     #[test]
