@@ -8,7 +8,14 @@ use std::time::Duration;
 
 /// `meridianctl`: talk to a Meridian region over its public REST API.
 #[derive(Debug, Parser)]
-#[command(name = "meridianctl", version, about, propagate_version = true)]
+#[command(
+    name = "meridianctl",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "Exit status: 0 success, 1 the server refused or failed the request, \
+                  2 bad usage or input, 3 the server was unreachable or too slow."
+)]
 pub struct Cli {
     /// Base URL of the region to talk to.
     #[arg(
@@ -50,7 +57,7 @@ pub enum Command {
         bucket: String,
         /// Key name.
         key: String,
-        /// The value, as JSON text (quote strings: '"hello"').
+        /// The value, as JSON text (quote strings: '"hello"'); `-` reads it from standard input.
         #[arg(allow_negative_numbers = true)]
         json_value: String,
         /// Context from an earlier read: the write replaces the siblings it saw.
@@ -143,6 +150,9 @@ pub enum Command {
         /// Start after this key (the `next` of the previous page).
         #[arg(long)]
         after: Option<String>,
+        /// Read consistency (a listing is served by one region); the server's default when absent.
+        #[arg(long, value_enum)]
+        consistency: Option<ListConsistency>,
     },
     /// Show the cluster as this region sees it.
     Status {
@@ -210,6 +220,25 @@ pub enum Consistency {
     Quorum,
     /// Merged from every region.
     All,
+}
+
+/// Read consistency of a listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ListConsistency {
+    /// Whatever this region has.
+    Local,
+    /// At least what the session token covers.
+    Session,
+}
+
+impl ListConsistency {
+    /// The value used in the query string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListConsistency::Local => "local",
+            ListConsistency::Session => "session",
+        }
+    }
 }
 
 impl Ack {
@@ -543,25 +572,38 @@ mod tests {
     }
 
     #[test]
-    fn list_takes_prefix_limit_and_after() {
+    fn list_takes_prefix_limit_after_and_a_listings_consistency() {
         match command(&[
-            "list", "b", "--prefix", "user:", "--limit", "10", "--after", "user:9",
+            "list",
+            "b",
+            "--prefix",
+            "user:",
+            "--limit",
+            "10",
+            "--after",
+            "user:9",
+            "--consistency",
+            "session",
         ]) {
             Command::List {
                 bucket,
                 prefix,
                 limit,
                 after,
+                consistency,
             } => {
                 assert_eq!(bucket, "b");
                 assert_eq!(prefix.as_deref(), Some("user:"));
                 assert_eq!(limit, Some(10));
                 assert_eq!(after.as_deref(), Some("user:9"));
+                assert_eq!(consistency.map(ListConsistency::as_str), Some("session"));
             }
             other => panic!("unexpected {other:?}"),
         }
         assert!(parse(&["list", "b", "--limit", "0"]).is_err());
         assert!(parse(&["list", "b", "--limit", "1001"]).is_err());
+        // A listing is served by one region: home, quorum and all are not its levels.
+        assert!(parse(&["list", "b", "--consistency", "home"]).is_err());
     }
 
     #[test]

@@ -19,6 +19,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             context,
             write,
         } => {
+            let json_value = if json_value == "-" {
+                // Values too large for a command line come this way.
+                std::io::read_to_string(std::io::stdin()).map_err(|e| {
+                    CliError::Usage(format!("cannot read the value from stdin: {e}"))
+                })?
+            } else {
+                json_value
+            };
             let value: Value = serde_json::from_str(&json_value).map_err(|e| {
                 CliError::Usage(format!(
                     "JSON_VALUE is not valid JSON ({e}); quote strings, e.g. '\"hello\"'"
@@ -114,11 +122,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             prefix,
             limit,
             after,
+            consistency,
         } => {
             let call = Call::new(Method::GET, &["v1", "kv", &bucket])
                 .query("prefix", prefix)
                 .query("limit", limit)
-                .query("after", after);
+                .query("after", after)
+                .query("consistency", consistency.map(|c| c.as_str()));
             print_body(&client.send(call).await?)
         }
         Command::Status { json } => {
