@@ -46,26 +46,30 @@ const ENV_FIELDS: [&str; 30] = [
     "tombstone_gc_interval_ms",
 ];
 
-/// `MERIDIAN_*` variables that other parts read (the config path, the log format, the CLI,
-/// the test suites): not config fields, yet not typos either.
-const OTHER_ENV: [&str; 7] = [
-    "CONFIG",
-    "LOG_FORMAT",
-    "URL",
-    "TOKEN",
-    "SESSION",
-    "CHAOS_SECS",
-    "CHAOS_SEED",
+/// `MERIDIAN_*` variables that other parts read: not config fields, yet not typos either.
+const OTHER_ENV: [&str; 8] = [
+    "CONFIG",     // main.rs, the Dockerfile
+    "LOG_FORMAT", // observability/src/telemetry.rs
+    "URL",        // meridianctl (services/cli/src/args.rs)
+    "TOKEN",      // meridianctl
+    "SESSION",    // meridianctl
+    "BIN",        // scripts/bench-replication
+    "CHAOS_SECS", // services/region/tests/chaos.rs
+    "CHAOS_SEED", // services/region/tests/chaos.rs
 ];
 
 /// `MERIDIAN_*` variables in this environment that name no config field (a misspelt one
 /// would otherwise be ignored without a word).
 pub fn unknown_env_vars() -> Vec<String> {
+    unknown_among(std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()))
+}
+
+/// The `MERIDIAN_*` names among `names` that name no config field.
+fn unknown_among(names: impl Iterator<Item = String>) -> Vec<String> {
     let known = |suffix: &str| {
         OTHER_ENV.contains(&suffix) || ENV_FIELDS.contains(&suffix.to_ascii_lowercase().as_str())
     };
-    std::env::vars_os()
-        .filter_map(|(name, _)| name.into_string().ok())
+    names
         .filter(|name| name.strip_prefix("MERIDIAN_").is_some_and(|s| !known(s)))
         .collect()
 }
@@ -275,6 +279,10 @@ fn text_field_problem(field: &str, value: &str) -> Option<String> {
             .parse::<SocketAddr>()
             .err()
             .map(|e| format!("{e} (expected IP:PORT)")),
+        "data_dir" => value
+            .trim()
+            .is_empty()
+            .then(|| "must not be empty".to_string()),
         _ => None,
     }
 }
@@ -348,7 +356,7 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return invalid("data_dir must not be empty".into());
         }
-        // An empty token would lock every client out (or, for peers, vouch for nothing).
+        // An empty token is no secret: anyone could present it.
         if self.security.client_tokens.iter().any(String::is_empty) {
             return invalid("security.client_tokens must not contain an empty token".into());
         }
@@ -576,7 +584,11 @@ mod tests {
         let dir = Config::load(Some(Path::new("/"))).map_err(|e| e.to_string());
         assert!(dir.is_err_and(|e| e.contains("is a directory")));
         // A bad text value names the variable it came from.
-        for (name, value) in [("REGION", "US_EAST"), ("LISTEN", "garbage")] {
+        for (name, value) in [
+            ("REGION", "US_EAST"),
+            ("LISTEN", "garbage"),
+            ("DATA_DIR", ""),
+        ] {
             std::env::set_var("MERIDIAN_REGION", "a");
             std::env::set_var("MERIDIAN_DATA_DIR", "/d");
             std::env::set_var(format!("MERIDIAN_{name}"), value);
@@ -602,6 +614,21 @@ mod tests {
         assert_eq!(threads(2), Some(1));
         assert_eq!(threads(3), Some(1));
         assert_eq!(threads(8), Some(4));
+    }
+
+    #[test]
+    fn only_meridian_variables_that_name_nothing_are_unknown() {
+        let names = [
+            "MERIDIAN_LISTEN",
+            "MERIDIAN_HINT_DRAIN_RATE",
+            "MERIDIAN_CONFIG",
+            "MERIDIAN_BIN",
+            "MERIDIAN_PARTITION",
+            "MERIDIAN_LISTEN_ADDR",
+            "PATH",
+        ];
+        let unknown = unknown_among(names.iter().map(|n| n.to_string()));
+        assert_eq!(unknown, ["MERIDIAN_PARTITION", "MERIDIAN_LISTEN_ADDR"]);
     }
 
     #[test]

@@ -45,7 +45,7 @@ pub fn region_names(count: usize) -> Vec<String> {
         .collect()
 }
 
-/// Starts the regions, prints how to use them, and stops them on Ctrl-C / SIGTERM.
+/// Starts the regions, prints how to use them, and stops them on Ctrl-C, SIGTERM or SIGHUP.
 pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> {
     fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
@@ -78,12 +78,16 @@ pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> 
     let lock_path = data_dir.join("demo.lock");
     let lock = fs::File::create(&lock_path)
         .with_context(|| format!("cannot create {}", lock_path.display()))?;
-    lock.try_lock().map_err(|_| {
-        anyhow::anyhow!(
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => bail!(
             "another demo is using {} (stop it first, or pass another --data-dir)",
             data_dir.display()
-        )
-    })?;
+        ),
+        Err(fs::TryLockError::Error(error)) => {
+            return Err(error).with_context(|| format!("cannot lock {}", lock_path.display()))
+        }
+    }
     let workers = workers_per_region(count);
     for region in &regions {
         fs::write(
@@ -102,13 +106,22 @@ pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> 
             .open(&region.log)?;
         region.log_from = log.seek(SeekFrom::End(0))?;
         let mut command = Command::new(&exe);
-        // SAFETY: prctl only sets a flag of the child about to exec; it allocates nothing.
+        // Their own process group: a terminal's Ctrl-C or hangup reaches the demo alone, which
+        // stops every region gracefully (a hangup would otherwise kill them outright).
+        command.process_group(0);
+        let demo = std::process::id();
+        // SAFETY: prctl and getppid are plain system calls (async-signal-safe); nothing is
+        // allocated between fork and exec.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 // A demo killed outright (SIGKILL) still stops its regions instead of
                 // orphaning them on its ports.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // Gone before the flag was set: no signal would come.
+                if u32::try_from(libc::getppid()) != Ok(demo) {
+                    return Err(std::io::Error::other("the demo exited"));
                 }
                 Ok(())
             });
@@ -134,7 +147,12 @@ pub fn run(count: usize, base_port: u16, data_dir: &Path) -> anyhow::Result<()> 
 
     let outcome = wait_for_stop(&regions, &mut children);
     stop(&mut children);
-    println!("demo stopped; data kept in {}", data_dir.display());
+    // Not println!: after a hangup the terminal is gone, and a failed write would panic.
+    let _ = writeln!(
+        std::io::stdout(),
+        "demo stopped; data kept in {}",
+        data_dir.display()
+    );
     outcome
 }
 
