@@ -13,8 +13,9 @@ use std::time::Duration;
     version,
     about,
     propagate_version = true,
-    after_help = "Exit status: 0 success, 1 the server refused or failed the request, \
-                  2 bad usage or input, 3 the server was unreachable or too slow."
+    after_help = "Exit status: 0 success, 1 the request failed (the server refused it, or \
+                  its answer could not be used), 2 bad usage or input, 3 the server was \
+                  unreachable or too slow."
 )]
 pub struct Cli {
     /// Base URL of the region to talk to.
@@ -150,9 +151,10 @@ pub enum Command {
         /// Start after this key (the `next` of the previous page).
         #[arg(long)]
         after: Option<String>,
-        /// Read consistency (a listing is served by one region); the server's default when absent.
-        #[arg(long, value_enum)]
-        consistency: Option<ListConsistency>,
+        /// Read consistency, local or session (a listing is served by one region); the
+        /// server's default when absent.
+        #[arg(long, value_parser = parse_list_consistency)]
+        consistency: Option<Consistency>,
     },
     /// Show the cluster as this region sees it.
     Status {
@@ -222,22 +224,11 @@ pub enum Consistency {
     All,
 }
 
-/// Read consistency of a listing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ListConsistency {
-    /// Whatever this region has.
-    Local,
-    /// At least what the session token covers.
-    Session,
-}
-
-impl ListConsistency {
-    /// The value used in the query string.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ListConsistency::Local => "local",
-            ListConsistency::Session => "session",
-        }
+/// A listing's consistency: the levels one region can serve alone.
+fn parse_list_consistency(text: &str) -> Result<Consistency, String> {
+    match Consistency::from_str(text, false)? {
+        level @ (Consistency::Local | Consistency::Session) => Ok(level),
+        _ => Err("a listing reads one region: local or session".to_owned()),
     }
 }
 
@@ -596,7 +587,7 @@ mod tests {
                 assert_eq!(prefix.as_deref(), Some("user:"));
                 assert_eq!(limit, Some(10));
                 assert_eq!(after.as_deref(), Some("user:9"));
-                assert_eq!(consistency.map(ListConsistency::as_str), Some("session"));
+                assert_eq!(consistency, Some(Consistency::Session));
             }
             other => panic!("unexpected {other:?}"),
         }

@@ -3,6 +3,7 @@
 mod common;
 
 use common::Region;
+use meridian_shared::session::SessionToken;
 use serde_json::Value;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -41,14 +42,42 @@ fn put_reads_a_value_too_long_for_a_command_line_from_stdin() {
 }
 
 #[test]
-fn list_reads_at_either_consistency_a_listing_has() {
+fn list_reads_at_the_consistency_it_is_given() {
     let region = Region::start("");
     json(&region.ctl(&["bucket", "create", "users", "--type", "register"]));
-    json(&region.ctl(&["put", "users", "alice", "1"]));
-    // The region accepts both levels the CLI offers (it answers 400 to any other value).
-    let listed = json(&region.ctl(&["list", "users", "--consistency", "session"]));
-    assert_eq!(listed["keys"], serde_json::json!(["alice"]));
-    let local = json(&region.ctl(&["list", "users", "--consistency", "local"]));
+    let put = region.ctl(&["-v", "put", "users", "alice", "1"]);
+    json(&put);
+    // A session that has seen far more than this region holds: a session listing must refuse
+    // it at once, a local one ignores it.
+    let stderr = String::from_utf8_lossy(&put.stderr);
+    let issued = stderr
+        .lines()
+        .find_map(|line| line.strip_prefix("< x-meridian-session: "))
+        .unwrap_or_else(|| panic!("no session token in {stderr}"));
+    let mut ahead = SessionToken::decode(issued).expect("the region's own token");
+    for seq in ahead.seen.values_mut() {
+        *seq += 1_000_000;
+    }
+    let ahead = ahead.encode();
+    let session = region.ctl(&[
+        "--session",
+        &ahead,
+        "list",
+        "users",
+        "--consistency",
+        "session",
+    ]);
+    assert_eq!(session.status.code(), Some(1), "{session:?}");
+    let said = String::from_utf8_lossy(&session.stderr);
+    assert!(said.contains("session_ahead_of_region"), "{said}");
+    let local = json(&region.ctl(&[
+        "--session",
+        &ahead,
+        "list",
+        "users",
+        "--consistency",
+        "local",
+    ]));
     assert_eq!(local["keys"], serde_json::json!(["alice"]));
     // Not a listing's level: refused by the CLI itself, before any request.
     let refused = region.ctl(&["list", "users", "--consistency", "home"]);

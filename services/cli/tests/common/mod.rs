@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 /// How long a region may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The client token the tests' regions may require.
-pub const TOKEN: &str = "bench-test-token";
+pub const TOKEN: &str = "cli-test-token";
 
 /// A region process, killed when dropped.
 pub struct Region {
