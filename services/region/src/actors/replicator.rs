@@ -55,9 +55,10 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
     let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
     let poll = Duration::from_millis(region.config.heartbeat_interval_ms);
     let labels = [peer.name.as_str()];
-    // Hints not yet delivered: what the peer lacked while it was down (the metric counts them
-    // out as they go, whatever the batch sizes), and the peer's down count they were taken at.
+    // Hints not yet delivered: what the peer lacked when it was seen up again (the metric
+    // counts them out as they go, whatever the batch sizes), and the peer's down count then.
     let mut hints_left: u64 = 0;
+    let mut was_down = false;
     let mut downs_seen = peer.downs();
     loop {
         let cursor = peer.acked();
@@ -74,10 +75,9 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
                 .hints_pending
                 .with_label_values(&labels)
                 .set(pending as i64);
+            // Hints dropped here are anti-entropy's: the cursor moves past them.
             enforce_hint_bounds(&region, &peer, cursor, last);
-            // After the bounds: hints they dropped are anti-entropy's now.
-            hints_left = last.saturating_sub(peer.acked());
-            downs_seen = peer.downs();
+            was_down = true;
             tokio::select! {
                 _ = peer.came_up.notified() => {}
                 _ = tokio::time::sleep(poll) => {}
@@ -89,9 +89,11 @@ async fn replicate_forever(region: Arc<Region>, peer: Arc<Peer>) {
             .hints_pending
             .with_label_values(&labels)
             .set(0);
-        if peer.downs() != downs_seen {
-            // It went down and came back while this loop was busy sending: all it lacks now
-            // accumulated meanwhile.
+        if was_down || peer.downs() != downs_seen {
+            // Back from down: all it lacks now accumulated while it was away (taken now, not
+            // at the last poll while down, which missed the writes after it). Or it went down
+            // and came back while this loop was busy sending.
+            was_down = false;
             downs_seen = peer.downs();
             hints_left = pending;
         }
