@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Region, TOKEN};
+use common::{stdout_json, Region, TOKEN};
 use serde_json::Value;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -17,7 +17,7 @@ fn bench(region: &Region, args: &str) -> (Output, Value) {
     all.extend(args.split_whitespace());
     all.extend_from_slice(&["--warmup", "0s", "--json"]);
     let output = region.ctl(&all);
-    let report = report(&output);
+    let report = stdout_json(&output);
     (output, report)
 }
 
@@ -29,16 +29,6 @@ fn clean_bench(args: &str) -> (Region, Value) {
     assert!(output.status.success(), "bench failed: {report}");
     assert_eq!(report["errors"], 0, "{report}");
     (region, report)
-}
-
-fn report(output: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "no JSON report ({e}); stdout: {stdout}; stderr: {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })
 }
 
 #[test]

@@ -2,20 +2,16 @@
 
 mod common;
 
-use common::Region;
+use common::{stdout_json, Region};
 use meridian_shared::session::SessionToken;
 use serde_json::Value;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
+/// A successful run's output, as JSON.
 fn json(output: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "meridianctl failed: {stdout} {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+    assert!(output.status.success(), "meridianctl failed: {output:?}");
+    stdout_json(output)
 }
 
 #[test]

@@ -294,24 +294,35 @@ async fn a_retry_at_another_region_while_the_home_is_down_is_replayed_not_applie
     assert_eq!(value["value"], json!(10), "applied once each: {value}");
 }
 
+/// Three regions whose failure detection is slow (the first request after a hang must find
+/// the home still up), and a counter in `bucket` homed at `home` that reads 1 everywhere;
+/// the cluster and the counter's path.
+async fn counted_once_everywhere(bucket: &str, home: &str) -> (Cluster, String) {
+    let cluster = Cluster::start(&["us-east", "eu-west", "ap-south"], support::SLOW_DOWN).await;
+    cluster
+        .create_buckets("us-east", &[(bucket, "counter")], None)
+        .await;
+    let hits = kv(bucket, &cluster.key_homed_at(bucket, home, "hits"));
+    let east = cluster.region("us-east");
+    east.post(&format!("{hits}/increment"), &json!({ "by": 1 }))
+        .await
+        .expect(200);
+    cluster.converged(&hits, Duration::from_secs(15)).await;
+    (cluster, hits)
+}
+
 #[tokio::test]
 async fn a_retry_after_a_forward_with_an_unknown_outcome_waits_for_the_home_not_failover() {
     // The home hangs (SIGSTOP) with the forward unread in its socket: the first attempt's
     // outcome is unknown to the forwarder (the home refuses it once it resumes, too late, but
     // it might have applied it just before it hung). A retry with the same key must not fail
     // over meanwhile, or the increment could count twice.
-    let cluster = Cluster::start(&["us-east", "eu-west", "ap-south"], support::SLOW_DOWN).await;
-    cluster
-        .create_buckets("us-east", &[("idd", "counter")], None)
-        .await;
     let home = "ap-south";
-    let hits = kv("idd", &cluster.key_homed_at("idd", home, "hits"));
+    let (cluster, hits) = counted_once_everywhere("idd", home).await;
     let path = format!("{hits}/increment");
     let key = uuid::Uuid::new_v4().to_string();
     let headers = [("Idempotency-Key", key.as_str())];
     let east = cluster.region("us-east");
-    east.post(&path, &json!({ "by": 1 })).await.expect(200);
-    cluster.converged(&hits, Duration::from_secs(15)).await;
 
     cluster.region(home).pause();
     let first = east.post_with(&path, &json!({ "by": 100 }), &headers).await;
@@ -362,18 +373,12 @@ async fn a_forward_that_reaches_a_hung_home_too_late_is_not_applied_after_a_fail
     // The first attempt's forward waits unread in the hung home's socket; the retry goes to a
     // third region, which sees the home down and fails over. When the home resumes it reads
     // the old forward: applying it then would count the increment twice (it did: 201).
-    let cluster = Cluster::start(&["us-east", "eu-west", "ap-south"], support::SLOW_DOWN).await;
-    cluster
-        .create_buckets("us-east", &[("late", "counter")], None)
-        .await;
     let home = "eu-west";
-    let hits = kv("late", &cluster.key_homed_at("late", home, "hits"));
+    let (cluster, hits) = counted_once_everywhere("late", home).await;
     let path = format!("{hits}/increment");
     let key = uuid::Uuid::new_v4().to_string();
     let headers = [("Idempotency-Key", key.as_str())];
     let (east, south) = (cluster.region("us-east"), cluster.region("ap-south"));
-    east.post(&path, &json!({ "by": 1 })).await.expect(200);
-    cluster.converged(&hits, Duration::from_secs(15)).await;
     // The deadline is set on the home's clock, which heartbeats show (one machine here).
     let view = east.get("/v1/cluster").await;
     let offset = view.body["regions"]

@@ -4,6 +4,7 @@
 //! test binary includes this module and uses a different subset of it.
 #![allow(dead_code)]
 
+use serde_json::Value;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -107,4 +108,15 @@ impl Drop for Region {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// What a `meridianctl` run printed on stdout, as JSON.
+pub fn stdout_json(output: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "no JSON on stdout ({e}); stdout: {stdout}; stderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
 }
